@@ -1,0 +1,101 @@
+"""The domain-agnostic core of the write model: events, commands, aggregates and rule errors.
+
+Pure Python: nothing here knows about databases, brokers or search. A user's own domain uses
+these types exactly as the reference shop (``domain.shop``) does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class RuleViolation(Exception):
+    """A business rule refused the command. Final: the command is recorded ``rejected``, never retried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Event(BaseModel):
+    """A fact that happened to one aggregate. Subclasses set ``type`` and, when their shape
+    changes, bump ``schema_version`` and register an upcaster for the older shapes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+
+
+class Command(BaseModel):
+    """The payload of a command. ``aggregate`` names the aggregate type its envelope's
+    ``aggregate_id`` refers to. Unknown fields are refused (G10)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+    type: ClassVar[str]
+    aggregate: ClassVar[type[Aggregate[Any]]]
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+class Aggregate(Generic[S]):
+    """A consistency boundary: a stream of events folded into a state.
+
+    Subclasses set ``stream_type`` and ``State`` (a pydantic model with defaults for a stream
+    that does not exist yet) and implement ``apply``. Decisions call ``record`` with new events;
+    the unit of work appends the pending events with the version the aggregate was loaded at,
+    so two concurrent decisions on one aggregate can never both commit (G4).
+    Bump ``state_version`` when ``apply`` changes meaning: stored snapshots of older versions are
+    then ignored and the state is folded again from the events.
+    """
+
+    stream_type: ClassVar[str]
+    State: ClassVar[type[BaseModel]]
+    state_version: ClassVar[int] = 1
+
+    def __init__(self, aggregate_id: str, version: int = 0, state: S | None = None) -> None:
+        self.id = aggregate_id
+        self.version = version
+        self.state: S = state if state is not None else self.State()  # type: ignore[assignment]
+        self.pending: list[Event] = []
+
+    @property
+    def exists(self) -> bool:
+        return self.version > 0 or bool(self.pending)
+
+    @property
+    def stream_id(self) -> str:
+        return stream_id(self.stream_type, self.id)
+
+    def apply(self, event: Event) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def record(self, event: Event) -> None:
+        """Apply a new event and keep it for the unit of work to append."""
+        self.apply(event)
+        self.pending.append(event)
+
+    def replay(self, events: list[Event], version: int) -> None:
+        """Fold stored events into the state (loading); ``version`` is the last one's version."""
+        for event in events:
+            self.apply(event)
+        self.version = version
+
+    def require(self, condition: bool, reason: str) -> None:
+        """Raise RuleViolation(reason) unless condition holds."""
+        if not condition:
+            raise RuleViolation(reason)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.state.model_dump(mode="json")
+
+    @classmethod
+    def restore(cls, aggregate_id: str, version: int, snapshot: dict[str, Any]) -> Aggregate[Any]:
+        return cls(aggregate_id, version, cls.State.model_validate(snapshot))
+
+
+def stream_id(stream_type: str, aggregate_id: str) -> str:
+    """The write store's identity of an aggregate's stream: ``<stream_type>:<aggregate_id>``."""
+    return f"{stream_type}:{aggregate_id}"

@@ -1,0 +1,91 @@
+"""An in-memory implementation of the handler port, for unit tests of a domain's handlers.
+
+It is a real implementation of ``HandlerContext`` (aggregates are stored as snapshots and
+versions, claims as a dict), not a mock; ``commit`` behaves like the write store's unit of work
+minus durability: it raises ``ConcurrencyConflict`` when a stream moved since it was loaded.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from domain.model import Aggregate, Event, RuleViolation
+from domain.registry import Registry
+
+A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
+
+
+class ConcurrencyConflict(Exception):
+    pass
+
+
+class InMemoryStore:
+    """Streams as lists of events plus unique claims; shared by successive contexts."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, list[Event]] = {}
+        self.claims: dict[tuple[str, str], str] = {}
+
+    def context(self, clock: datetime | None = None) -> InMemoryContext:
+        return InMemoryContext(self, clock)
+
+    def execute(self, registry: Registry, name: str, aggregate_id: str, payload: dict[str, Any]) -> list[Event]:
+        """Decide one command and commit it; returns the new events. Raises RuleViolation."""
+        command = registry.command_type(name).model_validate(payload)
+        ctx = self.context()
+        registry.handler(name)(command, aggregate_id, ctx)
+        return ctx.commit()
+
+
+class InMemoryContext:
+    def __init__(self, store: InMemoryStore, clock: datetime | None = None) -> None:
+        self.store = store
+        self.loaded: dict[str, Aggregate[Any]] = {}
+        self.claimed: dict[tuple[str, str], str | None] = {}
+        self.clock = clock or datetime.now(UTC)
+
+    def load(self, cls: type[A], aggregate_id: str) -> A:
+        aggregate = cls(aggregate_id)
+        if aggregate.stream_id in self.loaded:
+            return self.loaded[aggregate.stream_id]  # type: ignore[return-value]
+        events = self.store.streams.get(aggregate.stream_id, [])
+        aggregate.replay(list(events), len(events))
+        self.loaded[aggregate.stream_id] = aggregate
+        return aggregate
+
+    def owner_of(self, scope: str, key: str) -> str | None:
+        if (scope, key) in self.claimed:
+            return self.claimed[(scope, key)]
+        return self.store.claims.get((scope, key))
+
+    def claim(self, scope: str, key: str, owner: str) -> None:
+        if self.owner_of(scope, key) not in (None, owner):
+            raise RuleViolation(f"{scope} {key!r} is already taken")
+        self.claimed[(scope, key)] = owner
+
+    def release(self, scope: str, key: str, owner: str) -> None:
+        if self.owner_of(scope, key) == owner:
+            self.claimed[(scope, key)] = None
+
+    def now(self) -> datetime:
+        return self.clock
+
+    def commit(self) -> list[Event]:
+        """Append every loaded aggregate's pending events if no stream moved; apply claims."""
+        for sid, aggregate in self.loaded.items():
+            if aggregate.pending and len(self.store.streams.get(sid, [])) != aggregate.version:
+                raise ConcurrencyConflict(sid)
+        for key, owner in self.claimed.items():
+            if owner is not None and self.store.claims.get(key, owner) != owner:
+                raise ConcurrencyConflict(f"claim {key} taken meanwhile")
+        new: list[Event] = []
+        for sid, aggregate in self.loaded.items():
+            self.store.streams.setdefault(sid, []).extend(aggregate.pending)
+            new.extend(aggregate.pending)
+        for key, owner in self.claimed.items():
+            if owner is None:
+                self.store.claims.pop(key, None)
+            else:
+                self.store.claims[key] = owner
+        return new

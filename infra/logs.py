@@ -1,0 +1,59 @@
+"""structlog configured once per process: JSON in production, readable on a terminal.
+
+Context (command_id, correlation_id, causation_id, type, aggregate_id) is bound with
+``structlog.contextvars`` by the worker middleware, so every line logged while a command runs
+carries it, whichever module logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from infra.settings import LogFormat, Settings
+
+_configured = False
+
+
+def configure_logging(settings: Settings, *, stream=None) -> None:
+    """Configure structlog and the stdlib root logger. Idempotent: later calls reconfigure."""
+    global _configured
+    stream = stream or sys.stderr
+    use_json = settings.log_format == LogFormat.json or (
+        settings.log_format == LogFormat.auto and not stream.isatty()
+    )
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.add_logger_name,
+    ]
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if use_json else (lambda _l, _m, e: e),
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for noisy in ("pika", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _configured = True

@@ -1,0 +1,75 @@
+"""The write store's tables (SQLAlchemy Core). Alembic migrations create them; this module is
+the one description the code and the migrations share.
+
+- ``events``: the append-only log. ``position`` is global and increasing (not gap-free: a rolled
+  back transaction burns positions), ``(stream_id, version)`` is unique, so two writers can never
+  both append version N of a stream (G4).
+- ``streams``: one row per aggregate stream: its version and a snapshot of its state at that
+  version, written in the same transaction as the events (loading is one primary-key read).
+- ``command_outcomes``: the dedup record and the outcome of each command id (G2, G3).
+- ``unique_claims``: cross-aggregate uniqueness (customer email, product sku) (G4).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData()
+
+Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Position = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Timestamp = sa.DateTime(timezone=True)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("position", Position, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("stream_id", sa.String(300), nullable=False),
+    sa.Column("stream_type", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("schema_version", sa.Integer, nullable=False),
+    sa.Column("data", Json, nullable=False),
+    sa.Column("metadata", Json, nullable=False),
+    sa.Column("recorded_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("stream_id", "version", name="uq_events_stream_version"),
+)
+
+streams = sa.Table(
+    "streams",
+    metadata,
+    sa.Column("stream_id", sa.String(300), primary_key=True),
+    sa.Column("stream_type", sa.String(64), nullable=False),
+    sa.Column("aggregate_id", sa.String(200), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("state", Json, nullable=True),
+    sa.Column("state_version", sa.Integer, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+command_outcomes = sa.Table(
+    "command_outcomes",
+    metadata,
+    sa.Column("command_id", sa.String(128), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("type", sa.String(200), nullable=True),
+    sa.Column("aggregate_id", sa.String(200), nullable=True),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("errors", Json, nullable=True),
+    sa.Column("aggregate_version", sa.Integer, nullable=True),
+    sa.Column("positions", Json, nullable=True),
+    sa.Column("correlation_id", sa.String(128), nullable=True),
+    sa.Column("causation_id", sa.String(128), nullable=True),
+    sa.Column("recorded_at", Timestamp, nullable=False),
+    sa.Index("ix_command_outcomes_status", "status"),
+)
+
+unique_claims = sa.Table(
+    "unique_claims",
+    metadata,
+    sa.Column("scope", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("owner", sa.String(200), nullable=False),
+)

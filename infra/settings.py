@@ -1,0 +1,93 @@
+"""One typed settings object, read from the environment (prefix ``CQRSKIT_``) in one place.
+
+Nothing here connects to anything: the URLs are parsed and validated, the engines, brokers and
+clients are made later, at start-up, by the process that needs them.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BROKER = "memory://"
+EMBEDDED_SEARCH = "embedded"
+
+
+class LogFormat(str, Enum):
+    auto = "auto"  # readable on a terminal, JSON otherwise
+    json = "json"
+    console = "console"
+
+
+class QueueType(str, Enum):
+    quorum = "quorum"
+    classic = "classic"
+
+
+class Settings(BaseSettings):
+    """Every knob of cqrskit. Environment variables win over defaults; CLI flags win over both."""
+
+    model_config = SettingsConfigDict(env_prefix="CQRSKIT_", extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///./var/cqrskit.db",
+        description="SQLAlchemy URL of the write store: postgresql+psycopg://... or sqlite:///path.",
+    )
+    broker_url: str = Field(
+        default=EMBEDDED_BROKER,
+        description="amqp:// URL of RabbitMQ, or memory:// for the embedded in-process broker.",
+    )
+    elasticsearch_url: str = Field(
+        default=EMBEDDED_SEARCH,
+        description="http(s):// URL of Elasticsearch, or 'embedded' for an osmem server started on demand.",
+    )
+    max_command_bytes: int = Field(default=64 * 1024, gt=0, description="Largest command body accepted.")
+    log_format: LogFormat = LogFormat.auto
+    log_level: str = "INFO"
+
+    commands_exchange: str = "cqrskit.commands"
+    commands_queue: str = "commands"
+    queue_type: QueueType = Field(
+        default=QueueType.quorum,
+        description="quorum (replicated, parks messages that crash workers after delivery_limit) or classic.",
+    )
+    delivery_limit: int = Field(default=20, gt=0, description="Quorum queues: deliveries before parking.")
+    max_retries: int = Field(default=5, ge=0, description="Retries for infrastructure failures.")
+    min_backoff_ms: int = Field(default=500, ge=0)
+    max_backoff_ms: int = Field(default=30_000, ge=0)
+    conflict_retries: int = Field(default=30, ge=0, description="In-worker retries on version conflicts.")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://", EMBEDDED_BROKER)):
+            raise ValueError(f"broker_url must be amqp://, amqps:// or {EMBEDDED_BROKER}, got {value!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        if not value.startswith(("postgresql", "sqlite")):
+            raise ValueError(f"database_url must be a postgresql or sqlite SQLAlchemy URL, got {value!r}")
+        return value
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url == EMBEDDED_BROKER
+
+    @cached_property
+    def sqlite_path(self) -> Path | None:
+        """The file of a SQLite write store (None for PostgreSQL or an in-memory SQLite)."""
+        if not self.database_url.startswith("sqlite:///"):
+            return None
+        path = self.database_url.removeprefix("sqlite:///")
+        return Path(path) if path and path != ":memory:" else None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (CLI flags) applied on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

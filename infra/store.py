@@ -1,0 +1,253 @@
+"""The event store on SQLAlchemy (PostgreSQL or SQLite) and its unit of work.
+
+``EventStore.unit_of_work()`` opens ONE transaction and yields a ``UnitOfWork`` that implements
+the domain's ``HandlerContext``: aggregates are loaded from their snapshot row (falling back to
+folding events), decisions record events on them, and ``commit`` appends every pending event
+with the version its aggregate was loaded at, moves each stream's version and snapshot, writes
+the unique claims and the command outcome, all in that one transaction.
+
+Raised: ``ConcurrencyConflict`` when another transaction moved a stream, took a claim or
+recorded the same command id first (retry the whole command); SQLAlchemy's ``OperationalError``
+and friends for infrastructure failures (let the broker's retries see them).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from domain.model import Aggregate, RuleViolation, stream_id
+from domain.registry import Registry
+from infra.outcomes import Outcome
+from infra.schema import command_outcomes, events, streams, unique_claims
+
+A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
+
+
+class ConcurrencyConflict(Exception):
+    """Another transaction got there first; the command should be decided again."""
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    position: int
+    event_id: str
+    stream_id: str
+    stream_type: str
+    version: int
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+
+
+@dataclass
+class _Claims:
+    taken: dict[tuple[str, str], str] = field(default_factory=dict)
+    released: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+class EventStore:
+    def __init__(self, engine: Engine, registry: Registry) -> None:
+        self.engine = engine
+        self.registry = registry
+
+    @contextmanager
+    def unit_of_work(self, now: datetime | None = None) -> Iterator[UnitOfWork]:
+        """One write transaction; committed only by ``UnitOfWork.commit``, else rolled back."""
+        with self.engine.connect() as conn:
+            with conn.begin():
+                yield UnitOfWork(self, conn, now or datetime.now(UTC))
+
+    def outcome(self, command_id: str) -> Outcome | None:
+        with self.engine.connect() as conn:
+            return read_outcome(conn, command_id)
+
+    def record_outcome(self, outcome: Outcome) -> Outcome:
+        """Record an outcome on its own (invalid, rejected, dead). The first outcome of a command
+        id wins: returns the stored one, which is ``outcome`` unless another was there first."""
+        with self.engine.connect() as conn:
+            with conn.begin():
+                existing = read_outcome(conn, outcome.command_id)
+                if existing is not None:
+                    return existing.as_duplicate()
+                try:
+                    with conn.begin_nested():
+                        conn.execute(command_outcomes.insert(), outcome.row())
+                except IntegrityError:
+                    return (read_outcome(conn, outcome.command_id) or outcome).as_duplicate()
+        return outcome
+
+    def read_stream(self, sid: str, after_version: int = 0) -> list[StoredEvent]:
+        with self.engine.connect() as conn:
+            return _read_stream(conn, sid, after_version)
+
+    def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Events in position order after ``after_position`` (at most ``limit``)."""
+        query = (
+            sa.select(events).where(events.c.position > after_position).order_by(events.c.position).limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [StoredEvent(**row._mapping) for row in conn.execute(query)]
+
+    def last_position(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.position), 0))).scalar_one()
+
+
+class UnitOfWork:
+    """The handler context of one command, inside one transaction (see module docstring)."""
+
+    def __init__(self, store: EventStore, conn: Connection, now: datetime) -> None:
+        self.store = store
+        self.conn = conn
+        self.clock = now
+        self.loaded: dict[str, Aggregate[Any]] = {}
+        self.claims = _Claims()
+
+    # -- HandlerContext ---------------------------------------------------------------------
+    def load(self, cls: type[A], aggregate_id: str) -> A:
+        sid = stream_id(cls.stream_type, aggregate_id)
+        if sid in self.loaded:
+            return self.loaded[sid]  # type: ignore[return-value]
+        row = self.conn.execute(
+            sa.select(streams.c.version, streams.c.state, streams.c.state_version).where(streams.c.stream_id == sid)
+        ).first()
+        if row is None:
+            aggregate = cls(aggregate_id)
+        elif row.state is not None and row.state_version == cls.state_version:
+            aggregate = cls.restore(aggregate_id, row.version, row.state)  # type: ignore[assignment]
+        else:
+            aggregate = cls(aggregate_id)
+            stored = _read_stream(self.conn, sid, 0)
+            decoded = [self.store.registry.decode_event(e.type, e.schema_version, e.data) for e in stored]
+            aggregate.replay(decoded, row.version)
+        self.loaded[sid] = aggregate
+        return aggregate
+
+    def owner_of(self, scope: str, key: str) -> str | None:
+        if (scope, key) in self.claims.taken:
+            return self.claims.taken[(scope, key)]
+        if (scope, key) in self.claims.released:
+            return None
+        return self.conn.execute(
+            sa.select(unique_claims.c.owner).where(unique_claims.c.scope == scope, unique_claims.c.key == key)
+        ).scalar_one_or_none()
+
+    def claim(self, scope: str, key: str, owner: str) -> None:
+        if self.claims.released.get((scope, key)) == owner:
+            del self.claims.released[(scope, key)]  # given up and taken back in one command
+            return
+        holder = self.owner_of(scope, key)
+        if holder == owner:
+            return
+        if holder is not None:
+            raise RuleViolation(f"{scope} {key!r} is already taken")
+        self.claims.taken[(scope, key)] = owner
+
+    def release(self, scope: str, key: str, owner: str) -> None:
+        if self.owner_of(scope, key) == owner:
+            self.claims.taken.pop((scope, key), None)
+            self.claims.released[(scope, key)] = owner
+
+    def now(self) -> datetime:
+        return self.clock
+
+    # -- commit -----------------------------------------------------------------------------
+    def commit(self, metadata: dict[str, Any], outcome: Outcome | None = None) -> list[int]:
+        """Append all pending events, move the streams, apply claims, record ``outcome``.
+        Returns the positions of the new events in order. Raises ConcurrencyConflict."""
+        try:
+            with self.conn.begin_nested():
+                positions = self._append_all(metadata)
+                self._write_claims()
+                if outcome is not None:
+                    self.conn.execute(command_outcomes.insert(), outcome.row(positions=positions))
+        except IntegrityError as exc:
+            raise ConcurrencyConflict(str(exc.orig)) from exc
+        for aggregate in self.loaded.values():
+            aggregate.version += len(aggregate.pending)
+            aggregate.pending.clear()
+        return positions
+
+    def _append_all(self, metadata: dict[str, Any]) -> list[int]:
+        rows: list[dict[str, Any]] = []
+        for sid, aggregate in self.loaded.items():
+            if not aggregate.pending:
+                continue
+            self._move_stream(sid, aggregate)
+            for offset, event in enumerate(aggregate.pending, start=1):
+                rows.append(self._event_row(sid, aggregate, aggregate.version + offset, event, metadata))
+        if not rows:
+            return []
+        result = self.conn.execute(events.insert().returning(events.c.position, sort_by_parameter_order=True), rows)
+        return [row.position for row in result]
+
+    def _event_row(self, sid: str, agg: Aggregate[Any], version: int, event: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "event_id": str(uuid.uuid4()),
+            "stream_id": sid,
+            "stream_type": agg.stream_type,
+            "version": version,
+            "type": event.type,
+            "schema_version": event.schema_version,
+            "data": event.model_dump(mode="json"),
+            "metadata": metadata,
+            "recorded_at": self.clock,
+        }
+
+    def _move_stream(self, sid: str, aggregate: Aggregate[Any]) -> None:
+        new_version = aggregate.version + len(aggregate.pending)
+        values = {
+            "version": new_version,
+            "state": aggregate.snapshot(),
+            "state_version": aggregate.state_version,
+            "updated_at": self.clock,
+        }
+        if aggregate.version == 0:
+            self.conn.execute(
+                streams.insert(),
+                {"stream_id": sid, "stream_type": aggregate.stream_type, "aggregate_id": aggregate.id, **values},
+            )
+            return
+        moved = self.conn.execute(
+            streams.update().where(streams.c.stream_id == sid, streams.c.version == aggregate.version).values(values)
+        )
+        if moved.rowcount != 1:
+            raise ConcurrencyConflict(f"stream {sid} moved past version {aggregate.version}")
+
+    def _write_claims(self) -> None:
+        for (scope, key), owner in self.claims.released.items():
+            self.conn.execute(
+                unique_claims.delete().where(
+                    unique_claims.c.scope == scope, unique_claims.c.key == key, unique_claims.c.owner == owner
+                )
+            )
+        if self.claims.taken:
+            self.conn.execute(
+                unique_claims.insert(),
+                [{"scope": s, "key": k, "owner": o} for (s, k), o in self.claims.taken.items()],
+            )
+
+
+def read_outcome(conn: Connection, command_id: str) -> Outcome | None:
+    row = conn.execute(sa.select(command_outcomes).where(command_outcomes.c.command_id == command_id)).first()
+    return None if row is None else Outcome.from_row(row._mapping)
+
+
+def _read_stream(conn: Connection, sid: str, after_version: int) -> list[StoredEvent]:
+    query = (
+        sa.select(events)
+        .where(events.c.stream_id == sid, events.c.version > after_version)
+        .order_by(events.c.version)
+    )
+    return [StoredEvent(**row._mapping) for row in conn.execute(query)]

@@ -1,0 +1,31 @@
+"""The command actor: thin by design (decode the transport, call the executor, return)."""
+
+from __future__ import annotations
+
+import base64
+
+import dramatiq
+
+from workers.broker import COMMAND_ACTOR
+from workers.execution import BadCommand
+from workers.runtime import Runtime
+
+
+def declare_command_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq.Actor:
+    """Declare ``execute_command`` on ``broker``'s commands queue. Retries: Dramatiq's, for
+    infrastructure failures only; ``BadCommand`` goes straight to the dead-letter queue."""
+    settings = runtime.settings
+
+    def execute_command(body_b64: str) -> None:
+        runtime.executor.execute(base64.b64decode(body_b64))
+
+    return dramatiq.actor(
+        execute_command,
+        broker=broker,
+        actor_name=COMMAND_ACTOR,
+        queue_name=settings.commands_queue,
+        max_retries=settings.max_retries,
+        min_backoff=settings.min_backoff_ms,
+        max_backoff=settings.max_backoff_ms,
+        throws=(BadCommand,),
+    )
