@@ -1,7 +1,8 @@
 """Engines for the write store, made at start-up (never at import).
 
-SQLite (the embedded default) gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` so that its one
-writer at a time queues instead of failing; PostgreSQL gets a pool sized for the worker threads.
+SQLite (the embedded default) gets WAL and a busy timeout; a writer whose read snapshot went
+stale fails with "database is locked" (SQLITE_BUSY_SNAPSHOT), which the event store reports as a
+concurrency conflict. PostgreSQL gets a pool sized for the worker threads.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN")
 
     return engine
 

@@ -25,7 +25,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     config = alembic_config()
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(74_616_263)")
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(74616263)")
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
 

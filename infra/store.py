@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from domain.model import Aggregate, RuleViolation, stream_id
 from domain.registry import Registry
@@ -174,6 +174,10 @@ class UnitOfWork:
                     self.conn.execute(command_outcomes.insert(), outcome.row(positions=positions))
         except IntegrityError as exc:
             raise ConcurrencyConflict(str(exc.orig)) from exc
+        except OperationalError as exc:
+            if self.conn.dialect.name == "sqlite" and "locked" in str(exc.orig):
+                raise ConcurrencyConflict(f"sqlite: {exc.orig}") from exc
+            raise
         for aggregate in self.loaded.values():
             aggregate.version += len(aggregate.pending)
             aggregate.pending.clear()

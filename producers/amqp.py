@@ -109,6 +109,7 @@ class AmqpPublisher:
         self._params.blocked_connection_timeout = blocked_connection_timeout
         self._params.connection_attempts = 1  # retries are ours, counted against reconnect_attempts
         self._params.client_properties = {"connection_name": self.connection_name}
+        self.republished = 0  # messages requeued for republishing after a connection loss (observability)
         self._window, self._confirm_timeout = window, confirm_timeout
         self._reconnect_attempts = reconnect_attempts
         self._lock = threading.Lock()  # guards start, close and appends to the outbox
@@ -363,7 +364,9 @@ class AmqpPublisher:
             self._ioloop.stop()
             return
         returned = [e for e in self._pending.values() if e.failure is not None]
-        self._retry.extendleft(reversed([e for e in self._pending.values() if e.failure is None]))
+        requeue = [e for e in self._pending.values() if e.failure is None]
+        self._retry.extendleft(reversed(requeue))
+        self.republished += len(requeue)
         self._pending.clear()
         self._settle(returned, None)
         if not (self._retry or self._outbox):

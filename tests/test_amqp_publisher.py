@@ -71,12 +71,15 @@ def close_broker_connection(pid: str) -> None:
                    capture_output=True, text=True, timeout=30, check=True)
 
 
-def paced(batch: list[OutgoingMessage], chunk: int = 100, pause: float = 0.02):
-    """Yield the batch with a short pause every `chunk` messages, so the stream lasts a few seconds."""
+def killing_at(batch: list[OutgoingMessage], at: int, pid: str):
+    """Yield the batch; on reaching `at`, start closing connection `pid` from the broker side without
+    waiting, so the kill lands while the stream runs at full speed with a full window in flight."""
     for i, message in enumerate(batch):
-        if i and i % chunk == 0:
-            time.sleep(pause)
+        if i == at:
+            killer = subprocess.Popen(["rabbitmqctl", "-q", "close_connection", pid, "test"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         yield message
+    assert killer.wait(timeout=30) == 0
 
 
 @pytest.mark.timeout(60)
@@ -142,31 +145,15 @@ def test_connection_killed_mid_stream_republishes_unconfirmed(admin, topology):
     """G1 at-least-once: the broker kills the publisher's connection while 20,000 messages stream; the
     publisher reconnects and republishes everything unconfirmed, so every message is confirmed and every
     message id reaches the queue at least once (duplicates allowed: consumers deduplicate by id)."""
-    batch = messages(20_000, "killed")
-    confirmed = [0]
-    result: dict = {}
-    publisher = AmqpPublisher(URL, topology, window=1000).__enter__()  # connects in the background
-    deadline = time.monotonic() + 10
-    while not (pids := broker_connection_pids(publisher.connection_name)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(pids) == 1
-
-    def stream():
-        def progress(n: int) -> None:
-            confirmed[0] += n
-        result["report"] = publisher.publish_many(paced(batch), on_confirmed=progress)
-
-    worker = threading.Thread(target=stream)
-    worker.start()
-    while confirmed[0] < 2000 and worker.is_alive():
-        time.sleep(0.01)
-    close_broker_connection(pids[0])
-    assert worker.is_alive(), "the stream finished before the kill: slow down paced()"
-    worker.join(timeout=90)
-    assert not worker.is_alive()
-    assert broker_connection_pids(publisher.connection_name) not in ([], pids)  # it reconnected
-    publisher.close()
-    report = result["report"]
+    batch = [OutgoingMessage(BODY * 20, "cmd", message_id=f"killed-{i}") for i in range(20_000)]
+    with AmqpPublisher(URL, topology, window=1000) as publisher:  # connects in the background
+        deadline = time.monotonic() + 10
+        while not (pids := broker_connection_pids(publisher.connection_name)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(pids) == 1
+        report = publisher.publish_many(killing_at(batch, 2000, pids[0]))
+        assert publisher.republished > 0, "the kill did not land mid-stream; kill earlier or stream longer"
+        assert broker_connection_pids(publisher.connection_name) not in ([], pids)  # it reconnected
     assert report.failed == []
     assert report.confirmed == 20_000
     ids = [props.message_id for props, _ in drain(admin, topology)]

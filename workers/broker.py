@@ -78,15 +78,17 @@ class CqrsRabbitmqBroker(RabbitmqBroker):
 
 def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] | None = None) -> dramatiq.Broker:
     """The broker for ``settings`` (RabbitMQ with publisher confirms, or the in-process stub),
-    installed as Dramatiq's global broker and encoder. Connects lazily, on first use."""
+    installed as Dramatiq's global broker and encoder. Connects lazily, on first use.
+    ``extra_middleware`` goes first: Dramatiq runs ``after_*`` hooks in reverse order, so theirs
+    run after Retries has decided whether a message failed."""
     middleware = [
+        *(extra_middleware or []),
         AgeLimit(),
         TimeLimit(time_limit=120_000),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
         Retries(max_retries=settings.max_retries),
-        *(extra_middleware or []),
     ]
     broker: dramatiq.Broker
     if settings.embedded_broker:

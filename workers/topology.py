@@ -14,9 +14,10 @@ from infra.settings import Settings
 
 def declare_command_topology(broker: dramatiq.Broker, settings: Settings) -> None:
     """Declare the commands exchange and Dramatiq's queues, and bind them. No-op in memory."""
-    broker.declare_queue(settings.commands_queue, ensure=not settings.embedded_broker)
     if settings.embedded_broker:
+        broker.declare_queue(settings.commands_queue)
         return
+    broker.declare_queue(settings.commands_queue, ensure=True)  # type: ignore[call-arg]
     channel = broker.channel  # type: ignore[attr-defined]
     channel.exchange_declare(settings.commands_exchange, exchange_type="topic", durable=True)
     channel.queue_bind(settings.commands_queue, settings.commands_exchange, routing_key="#")

@@ -1,0 +1,194 @@
+"""The ``cqrskit`` command line. Every command has ``--help``; settings come from the
+environment (``CQRSKIT_*``) and the global options override them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.logs import configure_logging
+from infra.settings import LogFormat, Settings, load_settings
+
+app = typer.Typer(help="cqrskit: message-queue driven CQRS workers.", no_args_is_help=True, add_completion=False)
+console = Console()
+err = Console(stderr=True)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    database_url: Annotated[Optional[str], typer.Option(help="Write store URL (env CQRSKIT_DATABASE_URL).")] = None,
+    broker_url: Annotated[Optional[str], typer.Option(help="amqp:// URL or memory:// (env CQRSKIT_BROKER_URL).")] = None,
+    elasticsearch_url: Annotated[Optional[str], typer.Option(help="Search URL (env CQRSKIT_ELASTICSEARCH_URL).")] = None,
+    log_format: Annotated[Optional[LogFormat], typer.Option(help="auto, json or console.")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING...")] = None,
+) -> None:
+    try:
+        settings = load_settings(
+            database_url=database_url, broker_url=broker_url, elasticsearch_url=elasticsearch_url,
+            log_format=log_format, log_level=log_level,
+        )
+    except ValueError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    configure_logging(settings)
+    ctx.obj = settings
+
+
+@app.command()
+def setup(ctx: typer.Context) -> None:
+    """Migrate the write store and declare the broker topology (idempotent)."""
+    from infra.db import make_engine
+    from infra.migrate import current_revision, upgrade
+    from workers.broker import make_broker
+    from workers.topology import declare_command_topology
+
+    settings: Settings = ctx.obj
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    console.print(f"write store at revision [bold]{current_revision(engine)}[/bold]")
+    engine.dispose()
+    broker = make_broker(settings)
+    declare_command_topology(broker, settings)
+    broker.close()
+    where = "embedded broker (nothing to declare)" if settings.embedded_broker else settings.commands_exchange
+    console.print(f"broker topology ready: {where} -> queue {settings.commands_queue}")
+
+
+@app.command()
+def send(
+    ctx: typer.Context,
+    type: Annotated[Optional[str], typer.Argument(help="Command type, e.g. RegisterCustomer.")] = None,
+    aggregate: Annotated[Optional[str], typer.Option("--aggregate", "-a", help="Aggregate id.")] = None,
+    data: Annotated[str, typer.Option("--data", "-d", help="Payload as a JSON object.")] = "{}",
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="JSON Lines file of envelopes.")] = None,
+    command_id: Annotated[Optional[str], typer.Option(help="Command id (default: a new UUID).")] = None,
+    expected_version: Annotated[Optional[int], typer.Option(help="Reject unless the aggregate is at it.")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome (0: don't).")] = 0.0,
+) -> None:
+    """Publish one command (TYPE --aggregate ID --data JSON) or a file of envelopes (--file)."""
+    from infra.sending import envelopes_from_file, one_envelope, send_envelopes
+
+    settings: Settings = ctx.obj
+    if file is not None:
+        envelopes = envelopes_from_file(file, err)
+    elif type and aggregate:
+        envelopes = [one_envelope(type, aggregate, data, command_id, expected_version, err)]
+    else:
+        err.print("[red]give TYPE and --aggregate, or --file[/red] (see cqrskit send --help)")
+        raise typer.Exit(2)
+    confirmed, failed, outcomes = send_envelopes(settings, envelopes, wait=wait, console=console)
+    for command_id_, reason in failed[:20]:
+        err.print(f"[red]not confirmed[/red] {command_id_}: {reason}")
+    if len(envelopes) == 1 and not failed:
+        console.print(envelopes[0].command_id)
+    console.print(f"{confirmed} of {len(envelopes)} commands confirmed by the broker")
+    if outcomes:
+        print_outcomes(outcomes)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def outcome(
+    ctx: typer.Context,
+    command_id: Annotated[str, typer.Argument(help="The command id.")],
+    wait: Annotated[float, typer.Option(help="Seconds to wait for an outcome to appear.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show what became of a command: status, reason, aggregate version, event positions."""
+    from infra.db import make_engine
+    from infra.store import EventStore
+    from workers.runtime import default_registry
+
+    store = EventStore(make_engine(ctx.obj.database_url), default_registry())
+    deadline = time.monotonic() + wait
+    found = store.outcome(command_id)
+    while found is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        found = store.outcome(command_id)
+    if found is None:
+        err.print(f"no outcome for {command_id} (yet)")
+        raise typer.Exit(3)
+    if as_json:
+        print(found.model_dump_json(exclude={"duplicate"}, indent=2))
+    else:
+        print_outcomes([found])
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    processes: Annotated[int, typer.Option("--processes", "-p", help="Worker processes.")] = 1,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 8,
+) -> None:
+    """Run command workers on the commands queue (Dramatiq), until interrupted."""
+    import os
+
+    settings: Settings = ctx.obj
+    if settings.embedded_broker:
+        err.print("[red]the command worker needs a real broker:[/red] set CQRSKIT_BROKER_URL=amqp://...")
+        raise typer.Exit(2)
+    os.environ.update(CQRSKIT_DATABASE_URL=settings.database_url, CQRSKIT_BROKER_URL=settings.broker_url)
+    args = ["dramatiq", "workers.app", "--processes", str(processes), "--threads", str(threads),
+            "--queues", settings.commands_queue, f"{settings.commands_queue}.DQ"]
+    os.execvp(sys.executable, [sys.executable, "-m", *args])
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    size: Annotated[int, typer.Option(help="Roughly how many commands to send.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Random seed of the shop load.")] = 7,
+) -> None:
+    """Run the whole pipeline on the embedded default (or the configured services) with a shop load."""
+    from infra.demo import run_demo
+
+    settings: Settings = ctx.obj
+    if "log_level" not in settings.model_fields_set:  # the tables tell the story; keep worker logs quiet
+        configure_logging(settings.model_copy(update={"log_level": "WARNING"}))
+    raise typer.Exit(run_demo(settings, size=size, seed=seed, console=console))
+
+
+@app.command()
+def schema(
+    check: Annotated[bool, typer.Option(help="Fail if the file differs from the models.")] = False,
+    path: Annotated[Path, typer.Option(help="Where the schema lives.")] = Path("docs/command-envelope.schema.json"),
+) -> None:
+    """Write (or --check) the JSON Schema of the command envelope."""
+    from infra.envelope import envelope_json_schema_text
+
+    text = envelope_json_schema_text()
+    if check:
+        same = path.exists() and path.read_text() == text
+        console.print("schema up to date" if same else f"[red]{path} differs from the models[/red]")
+        raise typer.Exit(0 if same else 1)
+    path.write_text(text)
+    console.print(f"wrote {path}")
+
+
+def print_outcomes(outcomes: list) -> None:  # type: ignore[type-arg]
+    table = Table("command id", "type", "aggregate", "status", "version", "positions", "reason")
+    colours = {"succeeded": "green", "rejected": "yellow", "invalid": "magenta", "dead": "red"}
+    for o in outcomes:
+        status = o.status.value
+        table.add_row(
+            o.command_id, o.type or "", o.aggregate_id or "", f"[{colours[status]}]{status}[/]",
+            "" if o.aggregate_version is None else str(o.aggregate_version),
+            ",".join(map(str, o.positions)), (o.reason or "") + _errors_text(o.errors),
+        )
+    console.print(table)
+
+
+def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
+    return "".join(f"\n  {e['loc']}: {e['msg']}" for e in (errors or [])[:10])
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,92 @@
+"""``cqrskit demo``: the command side of the pipeline on a realistic shop load, shown stage by
+stage. On the embedded default it needs nothing installed; given service URLs it runs against
+them (commands over RabbitMQ, PostgreSQL as the write store)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from infra.envelope import CommandEnvelope
+from infra.schema import command_outcomes, events
+from infra.settings import Settings
+from producers.shopload import ShopLoad
+from workers.local import LocalPipeline
+
+
+def run_demo(settings: Settings, *, size: int, seed: int, console: Console) -> int:
+    """Runs the demo; returns the exit status (0 when every command reached its expected fate)."""
+    load = ShopLoad(size=size, seed=seed)
+    console.rule("[bold]cqrskit demo[/bold]: commands in, events and outcomes out")
+    console.print(f"write store [cyan]{_where(settings.database_url)}[/cyan], broker [cyan]{settings.broker_url}[/cyan]")
+    sent: list[CommandEnvelope] = []
+    started = time.perf_counter()
+    with LocalPipeline(settings, threads=2 if settings.sqlite_path else 8) as pipeline:
+        for name, envelopes in load.phases():
+            _run_phase(pipeline, name, envelopes, console)
+            sent += envelopes
+        elapsed = time.perf_counter() - started
+        statuses = _statuses(pipeline, [e.command_id for e in sent])
+        event_counts = _event_counts(pipeline, [e.command_id for e in sent])
+    _print_summary(console, load, sent, statuses, event_counts, elapsed)
+    ok = statuses.get("rejected", 0) >= load.expected["rejected"] and statuses.get("invalid", 0) == load.expected[
+        "invalid"] and statuses.get("dead", 0) == 0 and sum(statuses.values()) == len(sent)
+    console.print("[green]every command reached a terminal outcome[/green]" if ok else "[red]unexpected outcomes[/red]")
+    return 0 if ok else 1
+
+
+def _run_phase(pipeline: LocalPipeline, name: str, envelopes: list[CommandEnvelope], console: Console) -> None:
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        published = progress.add_task(f"{name}: publish", total=len(envelopes))
+        executed = progress.add_task(f"{name}: execute", total=len(envelopes))
+        report = pipeline.producer.send_many(envelopes, on_confirmed=lambda n: progress.advance(published, n))
+        if report.failed:
+            raise RuntimeError(f"{len(report.failed)} commands not confirmed, first: {report.failed[0]}")
+        pipeline.wait_for([e.command_id for e in envelopes], on_progress=lambda n: progress.advance(executed, n))
+
+
+def _statuses(pipeline: LocalPipeline, ids: list[str]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    with pipeline.store.engine.connect() as conn:
+        for start in range(0, len(ids), 500):
+            query = (sa.select(command_outcomes.c.status, sa.func.count())
+                     .where(command_outcomes.c.command_id.in_(ids[start:start + 500]))
+                     .group_by(command_outcomes.c.status))
+            counts.update(dict(conn.execute(query).all()))
+    return counts
+
+
+def _event_counts(pipeline: LocalPipeline, ids: list[str]) -> Counter[str]:
+    """Events by type appended by this run's commands."""
+    counts: Counter[str] = Counter()
+    mine = set(ids)
+    with pipeline.store.engine.connect() as conn:
+        for type_, meta in conn.execute(sa.select(events.c.type, events.c.metadata)):
+            if meta.get("command_id") in mine:
+                counts[type_] += 1
+    return counts
+
+
+def _print_summary(console: Console, load: ShopLoad, sent: list[CommandEnvelope], statuses: Counter[str],
+                   event_counts: Counter[str], elapsed: float) -> None:
+    table = Table("outcome", "commands", "of which on purpose", title="Outcomes by status")
+    for status in ("succeeded", "rejected", "invalid", "dead"):
+        table.add_row(status, str(statuses.get(status, 0)), str(load.expected.get(status, "")))
+    table.add_row("[bold]total[/bold]", f"[bold]{sum(statuses.values())}[/bold] of {len(sent)} sent", "")
+    console.print(table)
+    evs = Table("event type", "events", title="Events appended")
+    for type_, count in sorted(event_counts.items()):
+        evs.add_row(type_, str(count))
+    console.print(evs)
+    console.print(f"{len(sent)} commands in {elapsed:.1f} s: [bold]{len(sent) / elapsed:,.0f} commands/s[/bold] "
+                  f"end to end (publish, execute, record), {sum(event_counts.values())} events")
+
+
+def _where(url: str) -> str:
+    return sa.make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,120 @@
+"""Real services for the tests: PostgreSQL and RabbitMQ on this machine (started by .ci/run),
+each test in its own database and its own exchange and queues, so tests never see each other.
+A missing service fails the run (never a skip: a green run must mean the tests ran)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import psycopg
+import pytest
+from sqlalchemy import make_url
+
+from domain.shop import registry
+from infra.db import make_engine
+from infra.migrate import upgrade
+from infra.settings import QueueType, Settings
+from infra.store import EventStore
+
+PG_ADMIN = os.environ.get("CQRSKIT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+AMQP_URL = os.environ.get("CQRSKIT_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+def _admin_dsn() -> str:
+    url = make_url(PG_ADMIN)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> str:
+    try:
+        with psycopg.connect(_admin_dsn(), connect_timeout=5):
+            pass
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}")
+    return PG_ADMIN
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    try:
+        pika.BlockingConnection(pika.URLParameters(AMQP_URL + "?connection_attempts=2&socket_timeout=5")).close()
+    except pika.exceptions.AMQPError as exc:
+        pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL}: {exc!r}")
+    return AMQP_URL
+
+
+@pytest.fixture
+def pg_url(pg_admin: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for one test, dropped afterwards."""
+    name = f"cqrskit_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(pg_admin).set(database=name).render_as_string(hide_password=False)
+    _migrate(url)
+    yield url
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'write.db'}"
+    _migrate(url)
+    return url
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The same test against each write-store adapter (the contract suite)."""
+    return request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[EventStore]:
+    engine = make_engine(store_url)
+    yield EventStore(engine, registry)
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[EventStore]:
+    engine = make_engine(pg_url)
+    yield EventStore(engine, registry)
+    engine.dispose()
+
+
+@pytest.fixture
+def amqp_settings(pg_url: str, amqp_url: str) -> Iterator[Settings]:
+    """Settings for a test on real PostgreSQL and RabbitMQ, with its own exchange and queues."""
+    tag = uuid.uuid4().hex[:10]
+    settings = Settings(
+        database_url=pg_url,
+        broker_url=amqp_url,
+        commands_exchange=f"test.{tag}.commands",
+        commands_queue=f"test.{tag}.commands",
+        queue_type=QueueType.quorum,
+        min_backoff_ms=50,
+        max_backoff_ms=500,
+    )
+    yield settings
+    delete_topology(settings)
+
+
+def delete_topology(settings: Settings) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
+    channel = connection.channel()
+    for queue in (settings.commands_queue, f"{settings.commands_queue}.DQ", f"{settings.commands_queue}.XQ"):
+        channel.queue_delete(queue)
+    channel.exchange_delete(settings.commands_exchange)
+    connection.close()
+
+
+def _migrate(url: str) -> None:
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
