@@ -74,18 +74,14 @@ class EventStore:
 
     def record_outcome(self, outcome: Outcome) -> Outcome:
         """Record an outcome on its own (invalid, rejected, dead). The first outcome of a command
-        id wins: returns the stored one, which is ``outcome`` unless another was there first."""
-        with self.engine.connect() as conn:
-            with conn.begin():
-                existing = read_outcome(conn, outcome.command_id)
-                if existing is not None:
-                    return existing.as_duplicate()
-                try:
-                    with conn.begin_nested():
-                        conn.execute(command_outcomes.insert(), outcome.row())
-                except IntegrityError:
-                    return (read_outcome(conn, outcome.command_id) or outcome).as_duplicate()
-        return outcome
+        id wins: returns the stored one, marked ``duplicate`` when another was there first.
+        Inserts before reading, so that on SQLite the write lock is taken first."""
+        with self.engine.begin() as conn:
+            insert = _insert(conn).values(outcome.row()).on_conflict_do_nothing(index_elements=["command_id"])
+            if conn.execute(insert).rowcount == 1:
+                return outcome
+            stored = read_outcome(conn, outcome.command_id)
+        return (stored or outcome).as_duplicate()
 
     def read_stream(self, sid: str, after_version: int = 0) -> list[StoredEvent]:
         with self.engine.connect() as conn:
@@ -241,6 +237,13 @@ class UnitOfWork:
                 unique_claims.insert(),
                 [{"scope": s, "key": k, "owner": o} for (s, k), o in self.claims.taken.items()],
             )
+
+
+def _insert(conn: Connection):  # type: ignore[no-untyped-def]
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(command_outcomes)
 
 
 def read_outcome(conn: Connection, command_id: str) -> Outcome | None:

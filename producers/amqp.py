@@ -28,11 +28,8 @@ from pika.adapters.select_connection import IOLoop
 
 log = structlog.get_logger(__name__)
 
-_FATAL_CONNECT_ERRORS = (
-    pika_exc.ProbableAuthenticationError,
-    pika_exc.AuthenticationError,
-    pika_exc.ProbableAccessDeniedError,
-)
+_FATAL_CONNECT_ERRORS = (pika_exc.ProbableAuthenticationError, pika_exc.AuthenticationError,
+                         pika_exc.ProbableAccessDeniedError)  # retrying these cannot help
 
 
 class CommandNotConfirmed(Exception):
@@ -84,14 +81,12 @@ class _Entry:
     __slots__ = ("message", "batch", "sent_at", "failure")
 
     def __init__(self, message: OutgoingMessage, batch: _Batch) -> None:
-        self.message = message
-        self.batch = batch
-        self.sent_at = 0.0
+        self.message, self.batch, self.sent_at = message, batch, 0.0
         self.failure: str | None = None  # set when the broker returned the message as unroutable
 
 
 class AmqpPublisher:
-    """Publishes to one exchange with confirms; ``publish`` and ``publish_many`` may be used from many threads.
+    """Publishes to one exchange with confirms; publish and publish_many may be called from many threads.
 
     Nothing connects before the first publish (or ``__enter__``). Every message handed to the publisher is
     eventually settled exactly once: confirmed, or failed with a reason.
@@ -112,19 +107,16 @@ class AmqpPublisher:
         self.republished = 0  # messages requeued for republishing after a connection loss (observability)
         self._window, self._confirm_timeout = window, confirm_timeout
         self._reconnect_attempts = reconnect_attempts
+        self._tick = min(1.0, confirm_timeout / 4)  # how often confirm timeouts are checked
         self._lock = threading.Lock()  # guards start, close and appends to the outbox
         self._slots = threading.Condition()  # guards _in_flight (queued + unconfirmed messages)
-        self._in_flight = 0
+        self._in_flight, self._wake_pending, self._closed = 0, False, False
         self._outbox: collections.deque[_Entry] = collections.deque()
-        self._wake_pending = False
-        self._closed = False
         self._ioloop: IOLoop | None = None
         self._thread: threading.Thread | None = None
         # State below is owned by the IO thread.
         self._connection: pika.SelectConnection | None = None
-        self._channel = None
-        self._ready = False
-        self._stopping = False
+        self._channel, self._ready, self._stopping = None, False, False
         self._pending: dict[int, _Entry] = {}  # delivery tag -> entry, in tag order
         self._retry: collections.deque[_Entry] = collections.deque()
         self._next_tag, self._low_tag, self._failures = 0, 1, 0
@@ -253,7 +245,7 @@ class AmqpPublisher:
     # ------------------------------------------------------------------ IO thread
     def _run(self) -> None:
         try:
-            self._ioloop.call_later(self._timeout_interval(), self._check_timeouts)
+            self._ioloop.call_later(self._tick, self._check_timeouts)
             self._ioloop.start()
         except Exception:
             log.exception("amqp_publisher.ioloop_crashed", connection_name=self.connection_name)
@@ -270,6 +262,7 @@ class AmqpPublisher:
                 self._connect()
         elif self._connection.is_open and self._channel is None:
             self._channel = self._connection.channel(on_open_callback=self._on_channel_open)
+            self._channel.add_on_close_callback(self._on_channel_closed)  # also covers a failed open
 
     def _connect(self) -> None:
         log.info("amqp_publisher.connecting", connection_name=self.connection_name, failures=self._failures)
@@ -279,7 +272,6 @@ class AmqpPublisher:
             custom_ioloop=self._ioloop)
 
     def _on_channel_open(self, channel) -> None:
-        channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_selected)
 
@@ -326,7 +318,7 @@ class AmqpPublisher:
         self._settle(entries, None if ok else "nacked by broker")
 
     def _on_return(self, _channel, method, props, body) -> None:
-        """Mark the returned message; its ack follows and settles it as failed (RabbitMQ sends return first)."""
+        """Mark a returned message; RabbitMQ sends its ack after the return, which settles it as failed."""
         reason = (f"unroutable: exchange {method.exchange!r} routed routing key {method.routing_key!r} to "
                   f"no queue ({method.reply_code} {method.reply_text})")
         for entry in self._pending.values():
@@ -339,7 +331,7 @@ class AmqpPublisher:
                     message_id=props.message_id)
 
     def _on_channel_closed(self, channel, exc) -> None:
-        """A channel error (404 no exchange, 403...) fails the unconfirmed messages; the link reopens lazily."""
+        """A channel error (404 no exchange, 403...) fails the unconfirmed messages; reopens lazily."""
         if channel is not self._channel:
             return
         self._channel, self._ready = None, False
@@ -355,10 +347,12 @@ class AmqpPublisher:
         self._pending.clear()
         self._settle(entries, reason)
         if self._retry or self._outbox:
-            self._ensure_link()
+            self._ensure_link()  # queued messages get a fresh channel
 
-    def _on_link_down(self, _conn, exc) -> None:
-        """Connection failed or dropped: requeue unconfirmed messages, then reconnect with backoff or give up."""
+    def _on_link_down(self, conn, exc) -> None:
+        """Connection failed or dropped: requeue unconfirmed messages; reconnect with backoff or give up."""
+        if conn is not self._connection:
+            return  # a stale callback from a connection already replaced
         self._connection, self._channel, self._ready = None, None, False
         if self._stopping:
             self._ioloop.stop()
@@ -388,9 +382,6 @@ class AmqpPublisher:
         self._reconnect_timer = None
         self._ensure_link()
 
-    def _timeout_interval(self) -> float:
-        return min(1.0, self._confirm_timeout / 4)
-
     def _check_timeouts(self) -> None:
         if self._stopping:
             return
@@ -400,7 +391,7 @@ class AmqpPublisher:
             log.warning("amqp_publisher.confirm_timeout", expired=len(expired))
             self._settle([self._pending.pop(t) for t in expired],
                          f"no confirm within {self._confirm_timeout}s")
-        self._ioloop.call_later(self._timeout_interval(), self._check_timeouts)
+        self._ioloop.call_later(self._tick, self._check_timeouts)
 
     def _settle(self, entries: list[_Entry], reason: str | None) -> None:
         """Confirm entries (reason None and not returned) or fail them; release their window slots."""

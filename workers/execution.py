@@ -19,6 +19,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -67,8 +68,17 @@ class CommandExecutor:
             envelope = CommandEnvelope.model_validate_json(body)
         except ValidationError as exc:
             raw = _loads(body)
-            return self._invalid_or_bad(_id_of(raw), "invalid command envelope", _errors(exc), raw)
-        nul = _find_nul(envelope.payload, "payload")
+            try:
+                surrogate = _find_char(raw, "", _is_surrogate)
+            except RecursionError:  # deeper than any command; pydantic's error says so
+                surrogate = None
+            if surrogate is not None:
+                errors = [{"loc": surrogate, "msg": "lone surrogate (unpaired \\ud800-\\udfff escape) in a string",
+                           "type": "lone_surrogate"}]
+                return self._invalid_or_bad(_id_of(raw), "invalid command envelope", errors, raw)
+            command_id = _id_of(raw) or _sniff_id(body[:4096])
+            return self._invalid_or_bad(command_id, "invalid command envelope", _errors(exc), raw)
+        nul = _find_char(envelope.payload, "payload", lambda text: "\x00" in text)
         if nul:
             return _invalid(envelope, "NUL character in a string", [{"loc": nul, "msg": "NUL (\\u0000) is not allowed"}])
         try:
@@ -227,19 +237,23 @@ def _text(value: Any, limit: int) -> str | None:
     return safe[:limit]
 
 
-def _find_nul(value: Any, path: str) -> str | None:
-    """The dotted path of the first string (or key) holding a NUL, if any."""
+def _is_surrogate(text: str) -> bool:
+    return any("\ud800" <= char <= "\udfff" for char in text)
+
+
+def _find_char(value: Any, path: str, bad: Callable[[str], bool]) -> str | None:
+    """The dotted path of the first string (or key) for which ``bad`` holds, if any."""
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        return path if bad(value) else None
     if isinstance(value, dict):
         for key, item in value.items():
-            where = f"{path}.{_text(key, 100)}"
-            found = where if "\x00" in key else _find_nul(item, where)
-            if found:
+            where = f"{path}.{_text(key, 100)}".lstrip(".")
+            found = where if bad(key) else _find_char(item, where, bad)
+            if found is not None:
                 return found
     if isinstance(value, list):
         for index, item in enumerate(value):
-            found = _find_nul(item, f"{path}.{index}")
-            if found:
+            found = _find_char(item, f"{path}.{index}".lstrip("."), bad)
+            if found is not None:
                 return found
     return None
