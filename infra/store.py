@@ -77,8 +77,13 @@ class EventStore:
         id wins: returns the stored one, marked ``duplicate`` when another was there first.
         Inserts before reading, so that on SQLite the write lock is taken first."""
         with self.engine.begin() as conn:
-            insert = _insert(conn).values(outcome.row()).on_conflict_do_nothing(index_elements=["command_id"])
-            if conn.execute(insert).rowcount == 1:
+            insert = (
+                _insert(conn)
+                .values(outcome.row())
+                .on_conflict_do_nothing(index_elements=["command_id"])
+                .returning(command_outcomes.c.command_id)
+            )
+            if conn.execute(insert).first() is not None:
                 return outcome
             stored = read_outcome(conn, outcome.command_id)
         return (stored or outcome).as_duplicate()
@@ -162,12 +167,11 @@ class UnitOfWork:
     def commit(self, metadata: dict[str, Any], outcome: Outcome | None = None) -> list[int]:
         """Append all pending events, move the streams, apply claims, record ``outcome``.
         Returns the positions of the new events in order. Raises ConcurrencyConflict."""
-        try:
-            with self.conn.begin_nested():
-                positions = self._append_all(metadata)
-                self._write_claims()
-                if outcome is not None:
-                    self.conn.execute(command_outcomes.insert(), outcome.row(positions=positions))
+        try:  # no savepoint: a failure here aborts the whole unit of work, which is then retried
+            positions = self._append_all(metadata)
+            self._write_claims()
+            if outcome is not None:
+                self.conn.execute(command_outcomes.insert(), outcome.row(positions=positions))
         except IntegrityError as exc:
             raise ConcurrencyConflict(str(exc.orig)) from exc
         except OperationalError as exc:
