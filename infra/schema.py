@@ -73,3 +73,48 @@ unique_claims = sa.Table(
     sa.Column("key", sa.String(300), primary_key=True),
     sa.Column("owner", sa.String(200), nullable=False),
 )
+
+# -- the read side's bookkeeping (revision 0002) --------------------------------------------
+# events.tx_id: the writing transaction's id (PostgreSQL: pg_current_xact_id()), so that the relay
+# can read in an order in which no committed event is ever skipped (G5). NULL on SQLite, whose
+# single writer commits in position order.
+events.append_column(sa.Column("tx_id", sa.BigInteger, nullable=True))
+
+relay_checkpoints = sa.Table(
+    "relay_checkpoints",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("tx_id", sa.BigInteger, nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("expires_at", Timestamp, nullable=False),
+)
+
+parked_documents = sa.Table(
+    "parked_documents",
+    metadata,
+    sa.Column("id", Position, primary_key=True, autoincrement=True),
+    sa.Column("read_model", sa.String(64), nullable=False),
+    sa.Column("doc_id", sa.String(300), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("positions", Json, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("parked_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("read_model", "doc_id", name="uq_parked_read_model_doc"),
+)
+
+read_model_indices = sa.Table(
+    "read_model_indices",
+    metadata,
+    sa.Column("read_model", sa.String(64), primary_key=True),
+    sa.Column("index_name", sa.String(200), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),  # live | building
+    sa.Column("created_at", Timestamp, nullable=False),
+)

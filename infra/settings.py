@@ -51,6 +51,11 @@ class Settings(BaseSettings):
 
     commands_exchange: str = "cqrskit.commands"
     commands_queue: str = "commands"
+    events_exchange: str = "cqrskit.events"
+    indexer_queue: str = "indexer"
+    relay_batch_size: int = Field(default=500, gt=0, description="Events per relay read and indexer batch.")
+    relay_lease_seconds: float = Field(default=5.0, gt=0, description="A dead relay's lease expires after this.")
+    index_prefix: str = Field(default="cqrskit", description="Prefix of the read models' aliases and indices.")
     queue_type: QueueType = Field(
         default=QueueType.quorum,
         description="quorum (replicated, parks messages that crash workers after delivery_limit) or classic.",

@@ -48,6 +48,7 @@ class StoredEvent:
     data: dict[str, Any]
     metadata: dict[str, Any]
     recorded_at: datetime
+    tx_id: int | None = None
 
 
 @dataclass

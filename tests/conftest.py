@@ -118,3 +118,19 @@ def _migrate(url: str) -> None:
     engine = make_engine(url)
     upgrade(engine)
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def search_url() -> Iterator[str]:
+    """One osmem server (Elasticsearch-compatible, in memory) for the session; tests isolate
+    themselves with their own index prefix."""
+    from osmem_server import OsmemServer
+
+    server = OsmemServer.start(japanese=False)
+    yield server.url
+    server.close()
+
+
+@pytest.fixture
+def index_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"

@@ -11,6 +11,7 @@ log, messages in a queue), never a sleep standing in for synchronisation.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
@@ -36,6 +38,7 @@ from infra.settings import Settings
 from infra.store import EventStore
 
 PROJECT = Path(__file__).resolve().parent.parent
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux only
 POLL = 0.05
 
 
@@ -78,6 +81,20 @@ class WorkerProcess:
                 pass
         self.popen.wait(timeout=30)
         _wait_group_gone(self.popen.pid)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+    def children(self) -> list[int]:
+        """The pids of the worker processes Dramatiq forked (the group minus the parent)."""
+        return [pid for pid in _group_members(self.popen.pid) if pid != self.popen.pid]
+
+    def threads_blocked_writing(self) -> int:
+        """How many threads of the worker processes are blocked writing to a full pipe."""
+        blocked = 0
+        for pid in self.children():
+            for wchan in _thread_wait_channels(pid):
+                blocked += "pipe_write" in wchan
+        return blocked
 
     def log_records(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far (Dramatiq's own plain lines are skipped)."""
@@ -110,18 +127,39 @@ class WorkerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
-    """Wait until no process of group ``pgid`` is left (children die asynchronously after -9)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:  # a zombie owned by someone else: gone for our purposes
-            return
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _thread_wait_channels(pid: int) -> list[str]:
+    channels = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            channels.append((task / "wchan").read_text())
+    except OSError:
+        pass
+    return channels
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Wait until no live process of group ``pgid`` is left (children die asynchronously after -9;
+    zombies left to a non-reaping init count as gone)."""
+    deadline = time.monotonic() + timeout
+    while _group_members(pgid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process group {pgid} still has processes {timeout}s after SIGKILL")
         time.sleep(POLL)
-    raise AssertionError(f"process group {pgid} still has processes {timeout}s after SIGKILL")
 
 
 @dataclass
@@ -132,15 +170,21 @@ class Workers:
     directory: Path
     started: list[WorkerProcess] = field(default_factory=list)
 
-    def start(self, threads: int = 4, processes: int = 1, **env: str) -> WorkerProcess:
+    def start(self, threads: int = 4, processes: int = 1, *, stall_logs: bool = False, **env: str) -> WorkerProcess:
+        """Start ``dramatiq workers.app`` on the commands queue and its delay queue, logging JSON
+        to a file. With ``stall_logs`` its output goes to a pipe nobody reads: once ~70 KB are
+        written every worker thread blocks on its next log line, which for a command that
+        succeeded is written after its commit and before its ack."""
         queue = self.settings.commands_queue
         log_path = self.directory / f"worker-{len(self.started)}.log"
         command = [sys.executable, "-m", "dramatiq", "workers.app", "--processes", str(processes),
                    "--threads", str(threads), "--queues", queue, f"{queue}.DQ"]
         with log_path.open("wb") as log:
             popen = subprocess.Popen(command, cwd=PROJECT, env=worker_env(self.settings, **env),
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     stdout=subprocess.PIPE if stall_logs else log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        if popen.stdout is not None:
+            fcntl.fcntl(popen.stdout.fileno(), F_SETPIPE_SZ, 4096)
         worker = WorkerProcess(popen, log_path)
         self.started.append(worker)
         return worker
@@ -300,3 +344,26 @@ class WriteStore:
     def stream_version(self, stream_id: str) -> int | None:
         with self.engine.connect() as conn:
             return conn.execute(sa.text("SELECT version FROM streams WHERE stream_id = :s"), {"s": stream_id}).scalar()
+
+
+# -- fixtures (imported by the process-level test modules) ---------------------------------------
+@pytest.fixture
+def commands_topology(amqp_settings: Settings) -> Settings:
+    """``amqp_settings`` with the command topology declared, as ``cqrskit setup`` does."""
+    declare_topology(amqp_settings)
+    return amqp_settings
+
+
+@pytest.fixture
+def workers(commands_topology: Settings, tmp_path: Path) -> Iterator[Workers]:
+    """Starts worker processes on the test's topology; every one is SIGKILLed at the end."""
+    started = Workers(commands_topology, tmp_path)
+    yield started
+    started.kill_all()
+
+
+@pytest.fixture
+def write_store(pg_url: str) -> Iterator[WriteStore]:
+    reader = WriteStore(pg_url)
+    yield reader
+    reader.close()

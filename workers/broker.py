@@ -25,6 +25,7 @@ from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, Shutdow
 from infra.settings import QueueType, Settings
 
 COMMAND_ACTOR = "execute_command"
+INDEX_ACTOR = "index_events"
 _MESSAGE_KEYS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp"})
 
 
@@ -32,7 +33,7 @@ class CommandEncoder(JSONEncoder):
     """Dramatiq messages for one of ``actors`` pass through; every other body is wrapped for the
     command actor (so a producer cannot address another actor by forging a Dramatiq message)."""
 
-    def __init__(self, commands_queue: str, actors: frozenset[str] = frozenset({COMMAND_ACTOR})) -> None:
+    def __init__(self, commands_queue: str, actors: frozenset[str] = frozenset({COMMAND_ACTOR, INDEX_ACTOR})) -> None:
         self.commands_queue = commands_queue
         self.actors = actors
 
@@ -44,6 +45,11 @@ class CommandEncoder(JSONEncoder):
         if isinstance(decoded, dict) and _MESSAGE_KEYS <= decoded.keys() and decoded["actor_name"] in self.actors:
             return decoded
         return wrap_command(data, self.commands_queue)
+
+
+def index_message(events: list[dict[str, Any]], queue_name: str) -> dramatiq.Message:
+    """The Dramatiq message asking an indexer to project a batch of events (relay -> indexer)."""
+    return dramatiq.Message(queue_name=queue_name, actor_name=INDEX_ACTOR, args=(events,), kwargs={}, options={})
 
 
 def wrap_command(body: bytes, queue_name: str) -> MessageData:

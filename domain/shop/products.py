@@ -35,6 +35,7 @@ class ProductState(BaseModel):
     description: str = ""
     price_cents: int = 0
     stock: int = 0
+    units_sold: int = 0  # reserved by orders and not released (by a cancellation)
     added: bool = False
 
 
@@ -81,6 +82,7 @@ class StockReleased(Event):
 class Product(Aggregate[ProductState]):
     stream_type = "product"
     State = ProductState
+    state_version = 2  # 2: units_sold
 
     def apply(self, event: Event) -> None:
         match event:
@@ -88,10 +90,14 @@ class Product(Aggregate[ProductState]):
                 self.state = ProductState(**event.model_dump(), added=True)
             case ProductPriceChanged(price_cents=price_cents):
                 self.state.price_cents = price_cents
-            case ProductRestocked(quantity=quantity) | StockReleased(quantity=quantity):
+            case ProductRestocked(quantity=quantity):
                 self.state.stock += quantity
+            case StockReleased(quantity=quantity):
+                self.state.stock += quantity
+                self.state.units_sold -= quantity
             case StockReserved(quantity=quantity):
                 self.state.stock -= quantity
+                self.state.units_sold += quantity
             case _:
                 raise TypeError(f"product cannot apply {type(event).__name__}")
 

@@ -1,0 +1,641 @@
+"""Command-side benchmark: every cqrskit figure beside the raw limit it should approach.
+
+    .venv/bin/python -m bench.command_side [--commands 20000] [--processes 2] [--threads 8] [--smoke]
+
+Rows (docs/benchmarks.md says why each limit is the fair one):
+- command execution: the shop mix drained by ``dramatiq workers.app`` processes, queue full first,
+  beside raw PostgreSQL one-row transactions at the same concurrency (P x T connections);
+- producer: ``AmqpPublisher.publish_many`` / ``CommandProducer.send_many`` beside raw pika with
+  1,000 confirms in flight (and raw pika with one confirm each, for reference);
+- event store: ``EventStore.unit_of_work`` appends (single client) beside pyeventsourcing's
+  PostgreSQL Application on the same server.
+
+Every figure is the median of ``--runs`` runs after a warm-up, all measured in this one run. It
+makes its own databases, exchanges and queues and removes them afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import os
+import platform
+import pstats
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+
+import pika
+import psycopg
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import make_url
+
+ADMIN_URL = os.environ.get("CQRSKIT_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+AMQP_URL = os.environ.get("CQRSKIT_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+EXECUTION = "command execution (shop mix, worker processes)"
+PUBLISH_QUORUM = "producer: AmqpPublisher.publish_many -> quorum queue"
+PUBLISH_CLASSIC = "producer: AmqpPublisher.publish_many -> classic queue"
+SEND_MANY = "producer: CommandProducer.send_many -> quorum queue"
+PUBLISH_EACH = "producer: raw pika, one confirm each (reference)"
+APPEND_NEW = "event store: append to new streams"
+APPEND_EXISTING = "event store: append to existing streams"
+APPEND_RAW = "event store: new streams vs raw (reference)"
+ROWS = (EXECUTION, PUBLISH_QUORUM, PUBLISH_CLASSIC, SEND_MANY, PUBLISH_EACH, APPEND_NEW, APPEND_EXISTING, APPEND_RAW)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    commands: int  # roughly: the shop mix's total
+    publishes: int
+    publishes_each: int
+    appends: int
+    runs: int
+    raw_seconds: float
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Sizes:
+        if args.smoke:
+            return cls(commands=300, publishes=1000, publishes_each=200, appends=500, runs=1, raw_seconds=0.5)
+        return cls(args.commands, args.publishes, min(2000, args.publishes), args.appends, args.runs, 3.0)
+
+
+@dataclass
+class Row:
+    name: str
+    ours: float | None  # per second
+    limit_name: str
+    limit: float
+    target: float | None = None  # the ratio ours/limit we aim at
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.ours is None else self.ours / self.limit
+
+
+def median_of(runs: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(runs))
+
+
+# -- services, databases, topology ----------------------------------------------------------
+def dsn(url: str) -> str:
+    """A libpq DSN for a SQLAlchemy URL."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextmanager
+def bench_database(tag: str) -> Iterator[str]:
+    """A fresh, migrated database (SQLAlchemy URL), dropped afterwards."""
+    from infra.db import make_engine
+    from infra.migrate import upgrade
+
+    name = f"cqrskit_bench_{tag}"
+    with psycopg.connect(dsn(ADMIN_URL), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with psycopg.connect(dsn(ADMIN_URL), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def amqp_channel() -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        yield connection.channel()
+    finally:
+        connection.close()
+
+
+def machine_facts() -> dict[str, str]:
+    with psycopg.connect(dsn(ADMIN_URL)) as conn:
+        pg = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        sync = conn.execute("SHOW synchronous_commit").fetchone()[0]  # type: ignore[index]
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    rabbit = connection._impl.server_properties["version"]  # noqa: SLF001 - what the broker says it is
+    connection.close()
+    libs = ", ".join(f"{p} {version(p)}" for p in ("sqlalchemy", "psycopg", "pika", "dramatiq", "eventsourcing"))
+    return {
+        "cores": str(os.cpu_count()),
+        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "PostgreSQL": f"{pg} (synchronous_commit={sync})",
+        "RabbitMQ": rabbit.decode() if isinstance(rabbit, bytes) else str(rabbit),
+        "Python": platform.python_version(),
+        "libraries": libs,
+    }
+
+
+# -- 1. command execution -------------------------------------------------------------------
+def shop_phases(commands: int) -> list[tuple[str, list]]:  # type: ignore[type-arg]
+    """ShopLoad phases sized so that their total is close to ``commands``."""
+    from producers.shopload import ShopLoad
+
+    size = max(50, int(commands / 1.3))
+    for _ in range(3):
+        phases = ShopLoad(size=size, seed=7).phases()
+        total = sum(len(envelopes) for _, envelopes in phases)
+        if abs(total - commands) <= commands * 0.02:
+            break
+        size = max(50, int(size * commands / total))
+    return phases
+
+
+def measure_execution(sizes: Sizes, processes: int, threads: int, console: Console) -> Row:
+    from infra.settings import Settings
+
+    tag = uuid.uuid4().hex[:10]
+    phases = shop_phases(sizes.commands)
+    with bench_database(f"cmd_{tag}") as url:
+        settings = Settings(database_url=url, broker_url=AMQP_URL, log_level="WARNING",
+                            commands_exchange=f"bench.{tag}.commands", commands_queue=f"bench.{tag}.commands")
+        declare_commands(settings)
+        try:
+            drained, boot, statuses = drain_phases(settings, phases, processes, threads, console)
+            raw_pg_rate(url, processes * threads, 0.3)  # warm-up
+            raw = median_of(sizes.runs, lambda: raw_pg_rate(url, processes * threads, sizes.raw_seconds))
+        finally:
+            delete_commands(settings)
+    total = sum(len(envelopes) for _, envelopes in phases)
+    note = (f"{total} commands, P={processes} T={threads}; " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
+            + f"; worker boot {boot:.1f} s/phase excluded")
+    return Row(EXECUTION, total / drained, f"PostgreSQL one-row tx, {processes * threads} connections", raw, 0.6, note)
+
+
+def declare_commands(settings) -> None:  # type: ignore[no-untyped-def]
+    from workers.broker import make_broker
+    from workers.topology import declare_command_topology
+
+    broker = make_broker(settings)
+    declare_command_topology(broker, settings)
+    broker.close()
+
+
+def delete_commands(settings) -> None:  # type: ignore[no-untyped-def]
+    with amqp_channel() as channel:
+        for queue in (settings.commands_queue, f"{settings.commands_queue}.DQ", f"{settings.commands_queue}.XQ"):
+            channel.queue_delete(queue)
+        channel.exchange_delete(settings.commands_exchange)
+
+
+def drain_phases(settings, phases, processes: int, threads: int,  # type: ignore[no-untyped-def]
+                 console: Console) -> tuple[float, float, Counter[str]]:
+    """Publish each phase, then drain it with fresh worker processes. Returns the summed drain
+    time (first consumer up to the last outcome recorded), the mean boot time, the statuses."""
+    from producers.commands import CommandProducer
+
+    drained, boots, expected = 0.0, [], 0
+    with CommandProducer.from_settings(settings) as producer:
+        for name, envelopes in phases:
+            report = producer.send_many(envelopes)
+            if report.failed:
+                raise RuntimeError(f"{len(report.failed)} commands not confirmed: {report.failed[0]}")
+            expected += len(envelopes)
+            spawned, started, finished = drain_once(settings, processes, threads, expected, len(envelopes))
+            drained += finished - started
+            boots.append(started - spawned)
+            console.log(f"{name}: {len(envelopes)} commands drained in {finished - started:.2f} s "
+                        f"({len(envelopes) / (finished - started):,.0f}/s)")
+    return drained, statistics.mean(boots), outcome_statuses(settings.database_url)
+
+
+def drain_once(settings, processes: int, threads: int, expected: int, size: int) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+    """Start workers on a full queue; wall-clock times of spawn, first consumer, last outcome."""
+    env = {**os.environ, "CQRSKIT_DATABASE_URL": settings.database_url, "CQRSKIT_BROKER_URL": settings.broker_url,
+           "CQRSKIT_COMMANDS_EXCHANGE": settings.commands_exchange,
+           "CQRSKIT_COMMANDS_QUEUE": settings.commands_queue, "CQRSKIT_QUEUE_TYPE": settings.queue_type.value,
+           "CQRSKIT_LOG_LEVEL": "WARNING"}
+    args = [sys.executable, "-m", "dramatiq", "workers.app", "--processes", str(processes), "--threads", str(threads),
+            "--queues", settings.commands_queue, f"{settings.commands_queue}.DQ"]
+    with tempfile.TemporaryFile() as log:
+        spawned = time.time()
+        workers = subprocess.Popen(args, env=env, stdout=log, stderr=log, start_new_session=True)
+        try:
+            started = first_consumer(settings.commands_queue, workers)
+            finished = last_outcome(dsn(settings.database_url), expected, timeout=max(120.0, size / 20))
+        except Exception:
+            log.seek(0)
+            sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+            raise
+        finally:
+            stop_workers(workers)
+    return spawned, started, finished
+
+
+def first_consumer(queue: str, workers: subprocess.Popen) -> float:  # type: ignore[type-arg]
+    with amqp_channel() as channel:
+        while workers.poll() is None:
+            if channel.queue_declare(queue, passive=True).method.consumer_count > 0:
+                return time.time()
+            time.sleep(0.005)
+    raise RuntimeError(f"workers exited with status {workers.returncode} before consuming")
+
+
+def last_outcome(db: str, expected: int, timeout: float) -> float:
+    """Wait until ``expected`` outcomes exist; the wall-clock time the last one was recorded."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(db, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            count, last = conn.execute("SELECT count(*), max(recorded_at) FROM command_outcomes").fetchone()  # type: ignore[misc]
+            if count >= expected:
+                return last.timestamp()
+            time.sleep(0.1)
+    raise TimeoutError(f"only {count} of {expected} outcomes after {timeout:.0f} s")
+
+
+def stop_workers(workers: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    if workers.poll() is None:
+        workers.send_signal(signal.SIGTERM)
+    try:
+        workers.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(workers.pid, signal.SIGKILL)  # our own session: the master and its children only
+        workers.wait()
+
+
+def outcome_statuses(url: str) -> Counter[str]:
+    with psycopg.connect(dsn(url)) as conn:
+        return Counter(dict(conn.execute("SELECT status, count(*) FROM command_outcomes GROUP BY status").fetchall()))
+
+
+def raw_pg_rate(url: str, connections: int, seconds: float) -> float:
+    """One-row transactions per second: ``connections`` threads, each INSERT + COMMIT in a loop."""
+    db = dsn(url)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_raw_rows (id bigserial PRIMARY KEY, body text NOT NULL)")
+    counts = [0] * connections
+    stop, ready = threading.Event(), threading.Barrier(connections + 1)
+
+    def work(slot: int) -> None:
+        with psycopg.connect(db) as conn:
+            ready.wait()
+            while not stop.is_set():
+                conn.execute("INSERT INTO bench_raw_rows (body) VALUES (%s)", ("x" * 200,))
+                conn.commit()
+                counts[slot] += 1
+
+    pool = [threading.Thread(target=work, args=(slot,)) for slot in range(connections)]
+    for thread in pool:
+        thread.start()
+    ready.wait()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for thread in pool:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+# -- 2. producer ----------------------------------------------------------------------------
+def measure_producer(sizes: Sizes) -> list[Row]:
+    from producers.commands import outgoing
+
+    envelopes = [e for _, phase in shop_phases(sizes.publishes) for e in phase][: sizes.publishes]
+    messages = [outgoing(e) for e in envelopes]
+    tag = uuid.uuid4().hex[:10]
+    rows = []
+    for kind in ("quorum", "classic"):
+        exchange = f"bench.{tag}.publish.{kind}"
+        with publish_target(exchange, kind) as purge:
+            ours = median_of(sizes.runs, lambda: publish_many_rate(exchange, messages, purge))
+            WindowedPika(exchange, messages[:200], 1000).run(purge)  # warm-up
+            raw = median_of(sizes.runs, lambda: WindowedPika(exchange, messages, 1000).run(purge))
+            name = PUBLISH_QUORUM if kind == "quorum" else PUBLISH_CLASSIC
+            rows.append(Row(name, ours, f"raw pika SelectConnection, 1,000 in flight ({kind})", raw, 0.8,
+                            f"{len(messages)} shop envelopes, {avg_bytes(messages)} B average"))
+            if kind == "quorum":
+                sent = median_of(sizes.runs, lambda: send_many_rate(exchange, envelopes, purge))
+                rows.append(Row(SEND_MANY, sent, rows[-1].limit_name, raw, 0.8, "serialises the envelopes too"))
+                each = median_of(sizes.runs, lambda: one_each_rate(exchange, messages[: sizes.publishes_each], purge))
+                rows.append(Row(PUBLISH_EACH, None, "raw pika BlockingConnection, confirm per message", each,
+                                note=f"publish_many is {ours / each:.1f}x this"))
+    return rows
+
+
+def avg_bytes(messages: Sequence) -> int:  # type: ignore[type-arg]
+    return round(sum(len(m.body) for m in messages) / len(messages))
+
+
+@contextmanager
+def publish_target(exchange: str, kind: str) -> Iterator[Callable[[], None]]:
+    """A topic exchange bound with ``#`` to one durable queue of ``kind``; yields ``purge``."""
+    with amqp_channel() as channel:
+        channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        channel.queue_declare(exchange, durable=True, arguments={"x-queue-type": kind})
+        channel.queue_bind(exchange, exchange, routing_key="#")
+        def purge() -> None:
+            channel.queue_purge(exchange)
+
+        try:
+            yield purge
+        finally:
+            channel.queue_delete(exchange)
+            channel.exchange_delete(exchange)
+
+
+def publish_many_rate(exchange: str, messages: Sequence, purge: Callable[[], None]) -> float:  # type: ignore[type-arg]
+    from producers.amqp import AmqpPublisher
+
+    with AmqpPublisher(AMQP_URL, exchange, window=1000) as publisher:
+        publisher.publish_many(messages[:200])  # warm-up: connected, confirm channel open
+        started = time.perf_counter()
+        report = publisher.publish_many(messages)
+        elapsed = time.perf_counter() - started
+    purge()
+    if report.failed or report.confirmed != len(messages):
+        raise RuntimeError(f"publish_many: {report.confirmed} confirmed, {len(report.failed)} failed")
+    return len(messages) / elapsed
+
+
+def send_many_rate(exchange: str, envelopes: Sequence, purge: Callable[[], None]) -> float:  # type: ignore[type-arg]
+    from producers.amqp import AmqpPublisher
+    from producers.commands import CommandProducer
+
+    with CommandProducer(AmqpPublisher(AMQP_URL, exchange, window=1000)) as producer:
+        producer.send_many(envelopes[:200])
+        started = time.perf_counter()
+        report = producer.send_many(envelopes)
+        elapsed = time.perf_counter() - started
+    purge()
+    if report.failed:
+        raise RuntimeError(f"send_many: {len(report.failed)} failed")
+    return len(envelopes) / elapsed
+
+
+def properties(message) -> pika.BasicProperties:  # type: ignore[no-untyped-def]
+    """The properties AmqpPublisher sets, so that raw pika sends the same frames."""
+    return pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=message.message_id)
+
+
+class WindowedPika:
+    """Raw pika (SelectConnection): publish with up to ``window`` unconfirmed messages in flight."""
+
+    def __init__(self, exchange: str, messages: Sequence, window: int) -> None:  # type: ignore[type-arg]
+        self.exchange, self.messages, self.window = exchange, messages, window
+        self.sent = self.confirmed = self.low = 0
+        self.unconfirmed: set[int] = set()
+        self.failures = 0
+        self.started = self.finished = 0.0
+
+    def run(self, purge: Callable[[], None]) -> float:
+        params = pika.URLParameters(AMQP_URL)
+        self.connection = pika.SelectConnection(params, on_open_callback=self._on_open,
+                                                on_open_error_callback=self._on_error)
+        self.connection.ioloop.start()
+        purge()
+        if self.failures or self.confirmed != len(self.messages):
+            raise RuntimeError(f"raw pika: {self.confirmed} confirmed, {self.failures} failed")
+        return len(self.messages) / (self.finished - self.started)
+
+    def _on_open(self, connection: pika.SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel)
+
+    def _on_error(self, _connection: pika.SelectConnection, error: Exception) -> None:
+        self.connection.ioloop.stop()
+        raise RuntimeError(f"raw pika could not connect: {error!r}")
+
+    def _on_channel(self, channel) -> None:  # type: ignore[no-untyped-def]
+        self.channel = channel
+        channel.add_on_return_callback(lambda *_: setattr(self, "failures", self.failures + 1))
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_selected)
+
+    def _on_selected(self, _frame) -> None:  # type: ignore[no-untyped-def]
+        self.started = time.perf_counter()
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.sent < len(self.messages) and len(self.unconfirmed) < self.window:
+            message = self.messages[self.sent]
+            self.channel.basic_publish(self.exchange, message.routing_key, message.body, properties(message),
+                                       mandatory=True)
+            self.sent += 1
+            self.unconfirmed.add(self.sent)
+
+    def _on_confirm(self, frame) -> None:  # type: ignore[no-untyped-def]
+        method = frame.method
+        tags = range(self.low + 1, method.delivery_tag + 1) if method.multiple else (method.delivery_tag,)
+        settled = [tag for tag in tags if tag in self.unconfirmed]
+        self.unconfirmed.difference_update(settled)
+        if method.multiple:
+            self.low = max(self.low, method.delivery_tag)
+        if not isinstance(method, pika.spec.Basic.Ack):
+            self.failures += len(settled)
+        self.confirmed += len(settled)
+        if self.confirmed + self.failures >= len(self.messages):
+            self.finished = time.perf_counter()
+            self.connection.close()
+            self.connection.ioloop.add_callback_threadsafe(self.connection.ioloop.stop)
+        else:
+            self._fill()
+
+
+def one_each_rate(exchange: str, messages: Sequence, purge: Callable[[], None]) -> float:  # type: ignore[type-arg]
+    with amqp_channel() as channel:
+        channel.confirm_delivery()
+        started = time.perf_counter()
+        for message in messages:  # raises on a nack or a return
+            channel.basic_publish(exchange, message.routing_key, message.body, properties(message), mandatory=True)
+        elapsed = time.perf_counter() - started
+    purge()
+    return len(messages) / elapsed
+
+
+# -- 3. event store appends -----------------------------------------------------------------
+class Appends:
+    """Single-client appends, one event per transaction: cqrskit's EventStore and pyeventsourcing."""
+
+    def __init__(self, url: str) -> None:
+        from domain.shop import registry
+        from infra.db import make_engine
+        from infra.store import EventStore
+
+        self.store = EventStore(make_engine(url, pool_size=2), registry)
+        self.app = pyeventsourcing_app(url)
+        self.ours_ids: list[str] = []
+        self.their_ids: list[uuid.UUID] = []
+        self.renames = 0
+
+    def ours_new(self, count: int) -> float:
+        from domain.shop.customers import Customer
+
+        ids = [f"bench-{uuid.uuid4().hex}" for _ in range(count)]
+        started = time.perf_counter()
+        for aggregate_id in ids:
+            with self.store.unit_of_work() as uow:
+                uow.load(Customer, aggregate_id).register("Ada Lovelace", f"{aggregate_id}@example.com")
+                uow.commit({"command_id": aggregate_id})
+        self.ours_ids = ids[:500]
+        return count / (time.perf_counter() - started)
+
+    def ours_existing(self, count: int) -> float:
+        from domain.shop.customers import Customer
+
+        started = time.perf_counter()
+        for i in range(count):
+            self.renames += 1
+            with self.store.unit_of_work() as uow:
+                uow.load(Customer, self.ours_ids[i % len(self.ours_ids)]).rename(f"Ada {self.renames}")
+                uow.commit({"command_id": f"rename-{self.renames}"})
+        return count / (time.perf_counter() - started)
+
+    def theirs_new(self, count: int) -> float:
+        customer = pyeventsourcing_aggregate()
+        started = time.perf_counter()
+        ids = []
+        for _ in range(count):
+            new = customer("Ada Lovelace", f"{uuid.uuid4().hex}@example.com")
+            self.app.save(new)
+            ids.append(new.id)
+        self.their_ids = ids[:500]
+        return count / (time.perf_counter() - started)
+
+    def theirs_existing(self, count: int) -> float:
+        started = time.perf_counter()
+        for i in range(count):
+            self.renames += 1
+            customer = self.app.repository.get(self.their_ids[i % len(self.their_ids)])
+            customer.rename(f"Ada {self.renames}")
+            self.app.save(customer)
+        return count / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.app.close()
+        self.store.engine.dispose()
+
+
+def pyeventsourcing_app(url: str):  # type: ignore[no-untyped-def]
+    from eventsourcing.application import Application
+
+    parts = make_url(url)
+    env = {"PERSISTENCE_MODULE": "eventsourcing.postgres", "POSTGRES_DBNAME": parts.database,
+           "POSTGRES_HOST": parts.host or "127.0.0.1", "POSTGRES_PORT": str(parts.port or 5432),
+           "POSTGRES_USER": parts.username or "postgres", "POSTGRES_PASSWORD": parts.password or ""}
+    return type("Customers", (Application,), {})(env=env)
+
+
+@functools.cache
+def pyeventsourcing_aggregate():  # type: ignore[no-untyped-def]
+    """pyeventsourcing's counterpart of the shop's Customer (made on first use)."""
+    from eventsourcing.domain import Aggregate, event
+
+    class Customer(Aggregate):
+        @event("Registered")
+        def __init__(self, name: str, email: str) -> None:
+            self.name, self.email = name, email
+
+        @event("Renamed")
+        def rename(self, name: str) -> None:
+            self.name = name
+
+    return Customer
+
+
+def measure_appends(sizes: Sizes, profile: bool, console: Console) -> list[Row]:
+    with bench_database(f"es_{uuid.uuid4().hex[:10]}") as url:
+        appends = Appends(url)
+        steps = (appends.ours_new, appends.ours_existing, appends.theirs_new, appends.theirs_existing)
+        try:
+            for step in steps:  # warm-up: connections, prepared statements, caches
+                step(min(200, sizes.appends))
+            results = {step.__name__: median_of(sizes.runs, lambda: step(sizes.appends)) for step in steps}
+            raw_pg_rate(url, 1, 0.3)  # warm-up
+            raw = median_of(sizes.runs, lambda: raw_pg_rate(url, 1, sizes.raw_seconds))
+            if profile:
+                profile_appends(appends, console)
+        finally:
+            appends.close()
+    note = f"{sizes.appends} appends, one event per transaction, single client"
+    return [
+        Row(APPEND_NEW, results["ours_new"], "pyeventsourcing 9.5 Application.save (new)",
+            results["theirs_new"], 1.5, note),
+        Row(APPEND_EXISTING, results["ours_existing"], "pyeventsourcing get + save (existing)",
+            results["theirs_existing"], 1.5, "500 streams round-robin; pyeventsourcing replays, cqrskit reads the snapshot"),
+        Row(APPEND_RAW, results["ours_new"], "PostgreSQL one-row tx, 1 connection", raw,
+            note=f"pyeventsourcing reaches {results['theirs_new'] / raw:.2f}x of this"),
+    ]
+
+
+def profile_appends(appends: Appends, console: Console) -> None:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    appends.ours_new(2000)
+    profiler.disable()
+    console.rule("cProfile: EventStore appends to new streams (top 25 by own time)")
+    stats = pstats.Stats(profiler, stream=console.file)
+    stats.sort_stats("tottime").print_stats(25)
+
+
+# -- the table ------------------------------------------------------------------------------
+def table(rows: list[Row]) -> Table:
+    out = Table(title="cqrskit command side vs raw limits (medians, per second)", show_lines=True)
+    for column in ("measurement", "cqrskit", "raw limit", "limit", "ratio", "target", "note"):
+        out.add_column(column, justify="right" if column in ("cqrskit", "limit", "ratio", "target") else "left",
+                       overflow="fold")
+    for row in rows:
+        ratio, met = row.ratio, row.ratio is not None and row.target is not None and row.ratio >= row.target
+        verdict = "" if row.target is None else ("[green]met[/green]" if met else "[red]below[/red]")
+        out.add_row(row.name, "—" if row.ours is None else f"{row.ours:,.0f}", row.limit_name, f"{row.limit:,.0f}",
+                    "—" if ratio is None else f"{ratio:.2f}x",
+                    "—" if row.target is None else f">= {row.target}x {verdict}", row.note)
+    return out
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.command_side", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--commands", type=int, default=20_000, help="size of the shop mix (about)")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker process")
+    parser.add_argument("--publishes", type=int, default=20_000, help="messages per producer run")
+    parser.add_argument("--appends", type=int, default=2_000, help="appends per event-store run")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is shown)")
+    parser.add_argument("--smoke", action="store_true", help="everything at a tiny size (CI)")
+    parser.add_argument("--only", choices=("execution", "producer", "appends"), action="append",
+                        help="measure only these sections (repeatable)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the event-store appends")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from infra.logs import configure_logging
+    from infra.settings import Settings
+
+    args = parse(argv)
+    sizes = Sizes.of(args)
+    configure_logging(Settings(log_level="WARNING"))  # the table tells the story
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    facts = machine_facts()
+    console.print(" | ".join(f"[bold]{key}[/bold] {value}" for key, value in facts.items()))
+    sections = args.only or ["execution", "producer", "appends"]
+    rows: list[Row] = []
+    started = time.perf_counter()
+    if "execution" in sections:
+        rows.append(measure_execution(sizes, args.processes, args.threads, console))
+    if "producer" in sections:
+        rows += measure_producer(sizes)
+    if "appends" in sections:
+        rows += measure_appends(sizes, args.profile, console)
+    console.print(table(rows))
+    console.print(f"measured in {time.perf_counter() - started:.0f} s; load average now "
+                  + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

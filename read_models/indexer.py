@@ -1,0 +1,107 @@
+"""The indexer: a batch of committed events in, fresh versioned documents out (bulk).
+
+For each read model: which documents the events touch (fan-out: a customer rename touches all
+of their orders), then those documents computed from ONE consistent snapshot of the write store,
+then one bulk request to every write target (the live alias, plus the rebuild's ``-next`` alias
+while a rebuild runs). Many events for one document in a batch become one write. Idempotent:
+running a batch twice, or two batches in any order, converges to the same index (G6).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from elasticsearch import Elasticsearch
+from sqlalchemy import Engine
+
+from domain.registry import Registry
+from read_models.indices import next_alias, write_targets
+from read_models.model import Document, ReadModel
+from read_models.parking import park, parked_models, unpark
+from read_models.source import WriteStoreSource, snapshot
+from read_models.writer import Write, write_documents
+
+log = structlog.get_logger("cqrskit.indexer")
+
+
+@dataclass
+class IndexReport:
+    events: int = 0
+    documents: int = 0
+    written: int = 0
+    stale: int = 0
+    parked: list[tuple[str, str, str]] = field(default_factory=list)  # (read model, doc id, error)
+
+
+class Indexer:
+    def __init__(self, engine: Engine, registry: Registry, es: Elasticsearch, prefix: str,
+                 models: Sequence[ReadModel]) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.es = es
+        self.prefix = prefix
+        self.models = {m.name: m for m in models}
+
+    def index_events(self, events: list[dict[str, Any]]) -> IndexReport:
+        """Project a batch of events (wire-format dicts). Raises TransientIndexError (and
+        database or connection errors) when the batch must be retried as a whole."""
+        targets = write_targets(self.engine, self.prefix, list(self.models))
+        with snapshot(self.engine) as conn:
+            source = WriteStoreSource(conn, self.registry)
+            plan = {name: model.affected(source, events) for name, model in self.models.items()}
+            built = {name: self._build(source, self.models[name], touched) for name, touched in plan.items()}
+        report = self._write(built, plan, targets)
+        report.events = len(events)
+        log.info("indexer.indexed", events=len(events), documents=report.documents, written=report.written,
+                 stale=report.stale, parked=len(report.parked),
+                 command_ids=sorted({e["command_id"] for e in events if e.get("command_id")}))
+        return report
+
+    def reindex(self, model_name: str, ids: list[str]) -> IndexReport:
+        """Compute and write the given documents now (``parked retry``, repairs)."""
+        targets = write_targets(self.engine, self.prefix, [model_name])
+        touched = {i: [] for i in ids}
+        with snapshot(self.engine) as conn:
+            built = {model_name: self._build(WriteStoreSource(conn, self.registry), self.models[model_name], touched)}
+        return self._write(built, {model_name: touched}, targets)
+
+    def _build(self, source: WriteStoreSource, model: ReadModel, touched: dict[str, list[int]]) -> tuple[
+            dict[str, Document], dict[str, str]]:
+        """Documents, and errors of documents whose projection failed (isolated one by one)."""
+        ids = sorted(touched)
+        try:
+            return model.build(source, ids), {}
+        except Exception:  # a projection bug: find the poison documents, keep the rest flowing
+            documents, failures = {}, {}
+            for doc_id in ids:
+                try:
+                    documents.update(model.build(source, [doc_id]))
+                except Exception as exc:
+                    failures[doc_id] = f"projection failed: {exc!r}\n{traceback.format_exc(limit=5)}"
+            return documents, failures
+
+    def _write(self, built: dict[str, tuple[dict[str, Document], dict[str, str]]],
+               plan: dict[str, dict[str, list[int]]], targets: dict[str, list[str]]) -> IndexReport:
+        writes = [Write(name, target, doc, optional=target == next_alias(self.prefix, name))
+                  for name, (documents, _) in built.items() for doc in documents.values() for target in targets[name]]
+        result = write_documents(self.es, writes)
+        report = IndexReport(documents=sum(len(d) for d, _ in built.values()), written=result.written, stale=result.stale)
+        to_park = [(w.read_model, w.document.id, error, plan[w.read_model].get(w.document.id, []))
+                   for w, error in result.parked]
+        to_park += [(name, doc_id, error, plan[name].get(doc_id, []))
+                    for name, (_, failures) in built.items() for doc_id, error in failures.items()]
+        park(self.engine, to_park)
+        report.parked = [(m, d, e) for m, d, e, _ in to_park]
+        self._unpark_written(built, {(m, d) for m, d, _ in report.parked})
+        for model, doc_id, error in report.parked:
+            log.error("indexer.parked", read_model=model, doc_id=doc_id, error=error.splitlines()[0])
+        return report
+
+    def _unpark_written(self, built: dict[str, tuple[dict[str, Document], dict[str, str]]], parked: set) -> None:  # type: ignore[type-arg]
+        models = parked_models(self.engine)
+        for name in models & set(built):
+            unpark(self.engine, name, [d for d in built[name][0] if (name, d) not in parked])

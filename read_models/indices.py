@@ -1,0 +1,116 @@
+"""Physical indices and aliases of the read models.
+
+Each read model ``m`` is served by the alias ``<prefix>-m`` over one physical index
+``<prefix>-m-v<generation>``; during a rebuild a second alias ``<prefix>-m-next`` points at the
+index being built. Indexers write only through aliases with ``require_alias``: a write can
+never auto-create an index with guessed mappings (after a search server lost its data, writes
+fail and wait until ``cqrskit setup`` or ``rebuild`` recreates the index).
+The write store's ``read_model_indices`` table records which physical index plays which role.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from elasticsearch import Elasticsearch
+from sqlalchemy import Engine
+
+from infra.schema import read_model_indices
+from read_models.model import SETTINGS, ReadModel
+
+LIVE, BUILDING = "live", "building"
+
+
+def alias(prefix: str, model: str) -> str:
+    return f"{prefix}-{model}"
+
+
+def next_alias(prefix: str, model: str) -> str:
+    return f"{prefix}-{model}-next"
+
+
+def physical(prefix: str, model: str, generation: int) -> str:
+    return f"{prefix}-{model}-v{generation}"
+
+
+def roles(engine: Engine, model: str) -> dict[str, str]:
+    """index name -> role, for one read model."""
+    query = sa.select(read_model_indices.c.index_name, read_model_indices.c.role).where(
+        read_model_indices.c.read_model == model)
+    with engine.connect() as conn:
+        return dict(conn.execute(query).all())
+
+
+def write_targets(engine: Engine, prefix: str, models: list[str]) -> dict[str, list[str]]:
+    """Aliases each model's documents must be written to now: live, plus next while rebuilding."""
+    query = sa.select(read_model_indices.c.read_model, read_model_indices.c.role)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    building = {m for m, role in rows if role == BUILDING}
+    return {m: [alias(prefix, m)] + ([next_alias(prefix, m)] if m in building else []) for m in models}
+
+
+def ensure(es: Elasticsearch, engine: Engine, prefix: str, model: ReadModel) -> str | None:
+    """Create the first physical index and its alias if the alias is missing (idempotent).
+    Returns the index created, or None when the alias already existed."""
+    name = alias(prefix, model.name)
+    if es.indices.exists_alias(name=name):
+        return None
+    index = physical(prefix, model.name, _next_generation(engine, model.name))
+    create_index(es, index, model, {name: {}})
+    _record(engine, model.name, {index: LIVE}, replace=True)
+    return index
+
+
+def create_index(es: Elasticsearch, index: str, model: ReadModel, aliases: dict) -> None:  # type: ignore[type-arg]
+    es.indices.create(index=index, mappings=model.mappings, settings=SETTINGS, aliases=aliases)
+
+
+def begin_build(es: Elasticsearch, engine: Engine, prefix: str, model: ReadModel) -> str:
+    """A new physical index behind the ``-next`` alias, recorded as building: from now on the
+    indexers write every document they compute to it too (G9)."""
+    abandon_build(es, engine, prefix, model.name)
+    index = physical(prefix, model.name, _next_generation(engine, model.name))
+    create_index(es, index, model, {next_alias(prefix, model.name): {}})
+    _record(engine, model.name, {index: BUILDING})
+    return index
+
+
+def finish_build(es: Elasticsearch, engine: Engine, prefix: str, model: str, index: str) -> list[str]:
+    """Swap the live alias to ``index`` in one atomic alias update, then delete the old indices.
+    Returns the deleted index names."""
+    live = alias(prefix, model)
+    old = [name for name in es.indices.get_alias(name=live, ignore_unavailable=True)] if es.indices.exists_alias(
+        name=live) else []
+    actions = [{"remove": {"index": name, "alias": live}} for name in old]
+    actions += [{"add": {"index": index, "alias": live}}, {"remove": {"index": index, "alias": next_alias(prefix, model)}}]
+    es.indices.update_aliases(actions=actions)
+    _record(engine, model, {index: LIVE}, replace=True)
+    for name in old:
+        es.indices.delete(index=name, ignore_unavailable=True)
+    return old
+
+
+def abandon_build(es: Elasticsearch, engine: Engine, prefix: str, model: str) -> None:
+    """Drop a half-done build (a rebuild that died), if any."""
+    for index, role in roles(engine, model).items():
+        if role == BUILDING:
+            es.indices.delete(index=index, ignore_unavailable=True)
+            with engine.begin() as conn:
+                conn.execute(read_model_indices.delete().where(read_model_indices.c.index_name == index))
+
+
+def _next_generation(engine: Engine, model: str) -> int:
+    names = roles(engine, model)
+    generations = [int(name.rsplit("-v", 1)[1]) for name in names if name.rsplit("-v", 1)[-1].isdigit()]
+    return max(generations, default=0) + 1
+
+
+def _record(engine: Engine, model: str, entries: dict[str, str], replace: bool = False) -> None:
+    with engine.begin() as conn:
+        if replace:
+            conn.execute(read_model_indices.delete().where(read_model_indices.c.read_model == model))
+        now = datetime.now(UTC)
+        for index, role in entries.items():
+            conn.execute(read_model_indices.insert().values(read_model=model, index_name=index, role=role, created_at=now))
