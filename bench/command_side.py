@@ -22,6 +22,7 @@ import functools
 import os
 import platform
 import pstats
+import shutil
 import signal
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from importlib.metadata import version
 
 import pika
@@ -90,6 +92,16 @@ def median_of(runs: int, measure: Callable[[], float]) -> float:
     return statistics.median(measure() for _ in range(runs))
 
 
+def interleaved(runs: int, measures: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """The median of each measure over ``runs`` rounds, each round running every measure once,
+    so that a noisy moment on the machine hits all of them alike."""
+    seen: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(runs):
+        for name, measure in measures.items():
+            seen[name].append(measure())
+    return {name: statistics.median(values) for name, values in seen.items()}
+
+
 # -- services, databases, topology ----------------------------------------------------------
 def dsn(url: str) -> str:
     """A libpq DSN for a SQLAlchemy URL."""
@@ -126,6 +138,8 @@ def amqp_channel() -> Iterator[pika.adapters.blocking_connection.BlockingChannel
 
 
 def machine_facts() -> dict[str, str]:
+    from infra.migrate import head_revision
+
     with psycopg.connect(dsn(ADMIN_URL)) as conn:
         pg = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         sync = conn.execute("SHOW synchronous_commit").fetchone()[0]  # type: ignore[index]
@@ -139,6 +153,7 @@ def machine_facts() -> dict[str, str]:
         "PostgreSQL": f"{pg} (synchronous_commit={sync})",
         "RabbitMQ": rabbit.decode() if isinstance(rabbit, bytes) else str(rabbit),
         "Python": platform.python_version(),
+        "write-store schema": str(head_revision()),
         "libraries": libs,
     }
 
@@ -158,7 +173,54 @@ def shop_phases(commands: int) -> list[tuple[str, list]]:  # type: ignore[type-a
     return phases
 
 
-def measure_execution(sizes: Sizes, processes: int, threads: int, console: Console) -> Row:
+@dataclass(frozen=True)
+class Workers:
+    """How a phase's worker processes start: ``dramatiq workers.app``, P x T, optionally under py-spy
+    (collapsed stacks of every process, one file per phase, in ``py_spy_dir``)."""
+
+    settings: Any
+    processes: int
+    threads: int
+    py_spy_dir: str | None = None
+
+    def command(self, phase: str) -> list[str]:
+        queue = self.settings.commands_queue
+        args = [sys.executable, "-m", "dramatiq", "workers.app", "--processes", str(self.processes),
+                "--threads", str(self.threads), "--queues", queue, f"{queue}.DQ"]
+        if self.py_spy_dir is None:
+            return args
+        out = os.path.join(self.py_spy_dir, f"{phase}.txt")
+        return [py_spy(), "record", "--subprocesses", "--nonblocking", "--format", "raw", "-o", out, "--", *args]
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        return {**os.environ, "CQRSKIT_DATABASE_URL": s.database_url, "CQRSKIT_BROKER_URL": s.broker_url,
+                "CQRSKIT_COMMANDS_EXCHANGE": s.commands_exchange, "CQRSKIT_COMMANDS_QUEUE": s.commands_queue,
+                "CQRSKIT_QUEUE_TYPE": s.queue_type.value, "CQRSKIT_LOG_LEVEL": "WARNING"}
+
+    def stop(self, process: subprocess.Popen) -> None:  # type: ignore[type-arg]
+        """SIGTERM to the dramatiq master (SIGINT to our own session under py-spy, so that it writes
+        its profile); SIGKILL to the session after 30 s."""
+        if process.poll() is None:
+            if self.py_spy_dir is None:
+                process.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # our own session: these workers only
+            process.wait()
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    if found is None:
+        raise SystemExit("--py-spy needs py-spy: .venv/bin/pip install py-spy")
+    return found
+
+
+def measure_execution(sizes: Sizes, workers: Callable[[Any], Workers], console: Console) -> Row:
     from infra.settings import Settings
 
     tag = uuid.uuid4().hex[:10]
@@ -166,17 +228,20 @@ def measure_execution(sizes: Sizes, processes: int, threads: int, console: Conso
     with bench_database(f"cmd_{tag}") as url:
         settings = Settings(database_url=url, broker_url=AMQP_URL, log_level="WARNING",
                             commands_exchange=f"bench.{tag}.commands", commands_queue=f"bench.{tag}.commands")
+        pool = workers(settings)
         declare_commands(settings)
         try:
-            drained, boot, statuses = drain_phases(settings, phases, processes, threads, console)
-            raw_pg_rate(url, processes * threads, 0.3)  # warm-up
-            raw = median_of(sizes.runs, lambda: raw_pg_rate(url, processes * threads, sizes.raw_seconds))
+            drained, boot = drain_phases(pool, phases, console)
+            statuses = outcome_statuses(url)
+            connections = pool.processes * pool.threads
+            raw_pg_rate(url, connections, 0.3)  # warm-up
+            raw = median_of(sizes.runs, lambda: raw_pg_rate(url, connections, sizes.raw_seconds))
         finally:
             delete_commands(settings)
     total = sum(len(envelopes) for _, envelopes in phases)
-    note = (f"{total} commands, P={processes} T={threads}; " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
-            + f"; worker boot {boot:.1f} s/phase excluded")
-    return Row(EXECUTION, total / drained, f"PostgreSQL one-row tx, {processes * threads} connections", raw, 0.6, note)
+    note = (f"{total} commands, P={pool.processes} T={pool.threads}; "
+            + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + f"; worker boot {boot:.1f} s/phase excluded")
+    return Row(EXECUTION, total / drained, f"PostgreSQL one-row tx, {connections} connections", raw, 0.6, note)
 
 
 def declare_commands(settings) -> None:  # type: ignore[no-untyped-def]
@@ -195,47 +260,40 @@ def delete_commands(settings) -> None:  # type: ignore[no-untyped-def]
         channel.exchange_delete(settings.commands_exchange)
 
 
-def drain_phases(settings, phases, processes: int, threads: int,  # type: ignore[no-untyped-def]
-                 console: Console) -> tuple[float, float, Counter[str]]:
+def drain_phases(pool: Workers, phases: list, console: Console) -> tuple[float, float]:  # type: ignore[type-arg]
     """Publish each phase, then drain it with fresh worker processes. Returns the summed drain
-    time (first consumer up to the last outcome recorded), the mean boot time, the statuses."""
+    time (first consumer up to the last outcome recorded) and the mean boot time."""
     from producers.commands import CommandProducer
 
     drained, boots, expected = 0.0, [], 0
-    with CommandProducer.from_settings(settings) as producer:
+    with CommandProducer.from_settings(pool.settings) as producer:
         for name, envelopes in phases:
             report = producer.send_many(envelopes)
             if report.failed:
                 raise RuntimeError(f"{len(report.failed)} commands not confirmed: {report.failed[0]}")
             expected += len(envelopes)
-            spawned, started, finished = drain_once(settings, processes, threads, expected, len(envelopes))
+            spawned, started, finished = drain_once(pool, name, expected, len(envelopes))
             drained += finished - started
             boots.append(started - spawned)
             console.log(f"{name}: {len(envelopes)} commands drained in {finished - started:.2f} s "
                         f"({len(envelopes) / (finished - started):,.0f}/s)")
-    return drained, statistics.mean(boots), outcome_statuses(settings.database_url)
+    return drained, statistics.mean(boots)
 
 
-def drain_once(settings, processes: int, threads: int, expected: int, size: int) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+def drain_once(pool: Workers, phase: str, expected: int, size: int) -> tuple[float, float, float]:
     """Start workers on a full queue; wall-clock times of spawn, first consumer, last outcome."""
-    env = {**os.environ, "CQRSKIT_DATABASE_URL": settings.database_url, "CQRSKIT_BROKER_URL": settings.broker_url,
-           "CQRSKIT_COMMANDS_EXCHANGE": settings.commands_exchange,
-           "CQRSKIT_COMMANDS_QUEUE": settings.commands_queue, "CQRSKIT_QUEUE_TYPE": settings.queue_type.value,
-           "CQRSKIT_LOG_LEVEL": "WARNING"}
-    args = [sys.executable, "-m", "dramatiq", "workers.app", "--processes", str(processes), "--threads", str(threads),
-            "--queues", settings.commands_queue, f"{settings.commands_queue}.DQ"]
     with tempfile.TemporaryFile() as log:
         spawned = time.time()
-        workers = subprocess.Popen(args, env=env, stdout=log, stderr=log, start_new_session=True)
+        process = subprocess.Popen(pool.command(phase), env=pool.env(), stdout=log, stderr=log, start_new_session=True)
         try:
-            started = first_consumer(settings.commands_queue, workers)
-            finished = last_outcome(dsn(settings.database_url), expected, timeout=max(120.0, size / 20))
+            started = first_consumer(pool.settings.commands_queue, process)
+            finished = last_outcome(dsn(pool.settings.database_url), expected, timeout=max(120.0, size / 20))
         except Exception:
             log.seek(0)
             sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
             raise
         finally:
-            stop_workers(workers)
+            pool.stop(process)
     return spawned, started, finished
 
 
@@ -258,16 +316,6 @@ def last_outcome(db: str, expected: int, timeout: float) -> float:
                 return last.timestamp()
             time.sleep(0.1)
     raise TimeoutError(f"only {count} of {expected} outcomes after {timeout:.0f} s")
-
-
-def stop_workers(workers: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    if workers.poll() is None:
-        workers.send_signal(signal.SIGTERM)
-    try:
-        workers.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(workers.pid, signal.SIGKILL)  # our own session: the master and its children only
-        workers.wait()
 
 
 def outcome_statuses(url: str) -> Counter[str]:
@@ -314,18 +362,20 @@ def measure_producer(sizes: Sizes) -> list[Row]:
     for kind in ("quorum", "classic"):
         exchange = f"bench.{tag}.publish.{kind}"
         with publish_target(exchange, kind) as purge:
-            ours = median_of(sizes.runs, lambda: publish_many_rate(exchange, messages, purge))
-            WindowedPika(exchange, messages[:200], 1000).run(purge)  # warm-up
-            raw = median_of(sizes.runs, lambda: WindowedPika(exchange, messages, 1000).run(purge))
-            name = PUBLISH_QUORUM if kind == "quorum" else PUBLISH_CLASSIC
-            rows.append(Row(name, ours, f"raw pika SelectConnection, 1,000 in flight ({kind})", raw, 0.8,
-                            f"{len(messages)} shop envelopes, {avg_bytes(messages)} B average"))
+            WindowedPika(exchange, messages[:200], 1000).run(purge)  # warm-up (publish_many warms itself)
+            measures = {"ours": lambda: publish_many_rate(exchange, messages, purge),
+                        "raw": lambda: WindowedPika(exchange, messages, 1000).run(purge)}
             if kind == "quorum":
-                sent = median_of(sizes.runs, lambda: send_many_rate(exchange, envelopes, purge))
-                rows.append(Row(SEND_MANY, sent, rows[-1].limit_name, raw, 0.8, "serialises the envelopes too"))
-                each = median_of(sizes.runs, lambda: one_each_rate(exchange, messages[: sizes.publishes_each], purge))
-                rows.append(Row(PUBLISH_EACH, None, "raw pika BlockingConnection, confirm per message", each,
-                                note=f"publish_many is {ours / each:.1f}x this"))
+                measures["send_many"] = lambda: send_many_rate(exchange, envelopes, purge)
+                measures["each"] = lambda: one_each_rate(exchange, messages[: sizes.publishes_each], purge)
+            rate = interleaved(sizes.runs, measures)
+            limit = f"raw pika SelectConnection, 1,000 in flight ({kind})"
+            rows.append(Row(PUBLISH_QUORUM if kind == "quorum" else PUBLISH_CLASSIC, rate["ours"], limit, rate["raw"],
+                            0.8, f"{len(messages)} shop envelopes, {avg_bytes(messages)} B average"))
+            if kind == "quorum":
+                rows.append(Row(SEND_MANY, rate["send_many"], limit, rate["raw"], 0.8, "serialises the envelopes too"))
+                rows.append(Row(PUBLISH_EACH, None, "raw pika BlockingConnection, confirm per message", rate["each"],
+                                note=f"{sizes.publishes_each} messages; publish_many is {rate['ours'] / rate['each']:.1f}x this"))
     return rows
 
 
@@ -554,9 +604,11 @@ def measure_appends(sizes: Sizes, profile: bool, console: Console) -> list[Row]:
         try:
             for step in steps:  # warm-up: connections, prepared statements, caches
                 step(min(200, sizes.appends))
-            results = {step.__name__: median_of(sizes.runs, lambda: step(sizes.appends)) for step in steps}
-            raw_pg_rate(url, 1, 0.3)  # warm-up
-            raw = median_of(sizes.runs, lambda: raw_pg_rate(url, 1, sizes.raw_seconds))
+            raw_pg_rate(url, 1, 0.3)
+            measures = {step.__name__: functools.partial(step, sizes.appends) for step in steps}
+            measures["raw"] = lambda: raw_pg_rate(url, 1, sizes.raw_seconds)
+            results = interleaved(sizes.runs, measures)
+            raw = results["raw"]
             if profile:
                 profile_appends(appends, console)
         finally:
@@ -609,6 +661,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=("execution", "producer", "appends"), action="append",
                         help="measure only these sections (repeatable)")
     parser.add_argument("--profile", action="store_true", help="cProfile the event-store appends")
+    parser.add_argument("--py-spy", metavar="DIR", help="record the worker processes with py-spy, a file per phase")
     return parser.parse_args(argv)
 
 
@@ -626,7 +679,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     started = time.perf_counter()
     if "execution" in sections:
-        rows.append(measure_execution(sizes, args.processes, args.threads, console))
+        if args.py_spy:
+            os.makedirs(args.py_spy, exist_ok=True)
+        workers = functools.partial(Workers, processes=args.processes, threads=args.threads, py_spy_dir=args.py_spy)
+        rows.append(measure_execution(sizes, workers, console))
     if "producer" in sections:
         rows += measure_producer(sizes)
     if "appends" in sections:

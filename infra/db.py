@@ -2,7 +2,9 @@
 
 SQLite (the embedded default) gets WAL and a busy timeout; a writer whose read snapshot went
 stale fails with "database is locked" (SQLITE_BUSY_SNAPSHOT), which the event store reports as a
-concurrency conflict. PostgreSQL gets a pool sized for the worker threads.
+concurrency conflict; a connection with the execution option ``sqlite_begin="IMMEDIATE"`` takes
+the write lock at BEGIN instead, so that writers queue rather than conflict. PostgreSQL gets a
+pool sized for the worker threads.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', '')}".strip())
 
     return engine
 

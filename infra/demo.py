@@ -16,6 +16,7 @@ from infra.envelope import CommandEnvelope
 from infra.schema import command_outcomes, events
 from infra.settings import Settings
 from producers.shopload import ShopLoad
+from read_models.indices import alias
 from workers.local import LocalPipeline
 
 
@@ -31,13 +32,22 @@ def run_demo(settings: Settings, *, size: int, seed: int, console: Console) -> i
             _run_phase(pipeline, name, envelopes, console)
             sent += envelopes
         elapsed = time.perf_counter() - started
+        with console.status("read models: waiting until verify finds them equal to the write store"):
+            converge_started = time.perf_counter()
+            reports = pipeline.wait_converged()
+            catch_up = time.perf_counter() - converge_started
         statuses = _statuses(pipeline, [e.command_id for e in sent])
         event_counts = _event_counts(pipeline, [e.command_id for e in sent])
-    _print_summary(console, load, sent, statuses, event_counts, elapsed)
+        _print_summary(console, load, sent, statuses, event_counts, elapsed)
+        _print_read_models(console, reports, catch_up)
+        _print_top_products(console, pipeline)
     ok = statuses.get("rejected", 0) >= load.expected["rejected"] and statuses.get("invalid", 0) == load.expected[
         "invalid"] and statuses.get("dead", 0) == 0 and sum(statuses.values()) == len(sent)
+    converged = all(r.ok for r in reports)
     console.print("[green]every command reached a terminal outcome[/green]" if ok else "[red]unexpected outcomes[/red]")
-    return 0 if ok else 1
+    console.print("[green]every read model equals a fresh projection of the write store[/green]" if converged
+                  else "[red]read models differ from the write store[/red]")
+    return 0 if ok and converged else 1
 
 
 def _run_phase(pipeline: LocalPipeline, name: str, envelopes: list[CommandEnvelope], console: Console) -> None:
@@ -86,6 +96,24 @@ def _print_summary(console: Console, load: ShopLoad, sent: list[CommandEnvelope]
     console.print(evs)
     console.print(f"{len(sent)} commands in {elapsed:.1f} s: [bold]{len(sent) / elapsed:,.0f} commands/s[/bold] "
                   f"end to end (publish, execute, record), {sum(event_counts.values())} events")
+
+
+def _print_read_models(console: Console, reports: list, catch_up: float) -> None:  # type: ignore[type-arg]
+    table = Table("read model", "documents", "missing", "extra", "different", title="Read models (cqrskit verify)")
+    for r in reports:
+        table.add_row(r.read_model, str(r.checked), str(len(r.missing)), str(len(r.extra)), str(len(r.different)))
+    console.print(table)
+    console.print(f"read models caught up {catch_up:.1f} s after the last command's outcome")
+
+
+def _print_top_products(console: Console, pipeline: LocalPipeline) -> None:
+    index = alias(pipeline.settings.index_prefix, "products")
+    hits = pipeline.runtime.search.search(index=index, size=5, sort=[{"units_sold": "desc"}, {"product_id": "asc"}])
+    table = Table("sku", "name", "units sold", "stock", "price", title="Top products by units sold (a search)")
+    for hit in hits["hits"]["hits"]:
+        p = hit["_source"]
+        table.add_row(p["sku"], p["name"], str(p["units_sold"]), str(p["stock"]), f"{p['price_cents'] / 100:.2f}")
+    console.print(table)
 
 
 def _where(url: str) -> str:

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     indexer_queue: str = "indexer"
     relay_batch_size: int = Field(default=500, gt=0, description="Events per relay read and indexer batch.")
     relay_lease_seconds: float = Field(default=5.0, gt=0, description="A dead relay's lease expires after this.")
+    indexer_max_retries: int = Field(default=10_000, ge=0, description="Indexer batches retry this often (a search outage).")
     index_prefix: str = Field(default="cqrskit", description="Prefix of the read models' aliases and indices.")
     queue_type: QueueType = Field(
         default=QueueType.quorum,

@@ -63,9 +63,13 @@ class EventStore:
         self.registry = registry
 
     @contextmanager
-    def unit_of_work(self, now: datetime | None = None) -> Iterator[UnitOfWork]:
-        """One write transaction; committed only by ``UnitOfWork.commit``, else rolled back."""
+    def unit_of_work(self, now: datetime | None = None, *, serialize: bool = False) -> Iterator[UnitOfWork]:
+        """One write transaction; committed only by ``UnitOfWork.commit``, else rolled back.
+        ``serialize``: on SQLite, take the write lock up front (writers queue instead of
+        conflicting on a stale snapshot); no effect on PostgreSQL."""
         with self.engine.connect() as conn:
+            if serialize:
+                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 yield UnitOfWork(self, conn, now or datetime.now(UTC))
 

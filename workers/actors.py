@@ -6,7 +6,7 @@ import base64
 
 import dramatiq
 
-from workers.broker import COMMAND_ACTOR
+from workers.broker import COMMAND_ACTOR, INDEX_ACTOR
 from workers.execution import BadCommand
 from workers.runtime import Runtime
 
@@ -28,4 +28,24 @@ def declare_command_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
         min_backoff=settings.min_backoff_ms,
         max_backoff=settings.max_backoff_ms,
         throws=(BadCommand,),
+    )
+
+
+def declare_indexer_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq.Actor:
+    """Declare ``index_events`` on the indexer queue: a batch of events (wire-format dicts) in,
+    documents written. Any failure retries the whole batch, for as long as a search outage
+    lasts (``CQRSKIT_INDEXER_MAX_RETRIES``); the batch is acknowledged only once written."""
+    settings = runtime.settings
+
+    def index_events(events: list[dict]) -> None:  # type: ignore[type-arg]
+        runtime.indexer.index_events(events)
+
+    return dramatiq.actor(
+        index_events,
+        broker=broker,
+        actor_name=INDEX_ACTOR,
+        queue_name=settings.indexer_queue,
+        max_retries=settings.indexer_max_retries,
+        min_backoff=settings.min_backoff_ms,
+        max_backoff=settings.max_backoff_ms,
     )

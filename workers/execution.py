@@ -120,7 +120,7 @@ class CommandExecutor:
         raise ConflictsExhausted(f"gave up after {self.conflict_retries} version conflicts")
 
     def _decide(self, envelope: CommandEnvelope, command: BaseModel) -> Outcome:
-        with self.store.unit_of_work() as uow:
+        with self.store.unit_of_work(serialize=True) as uow:
             existing = read_outcome(uow.conn, envelope.command_id)
             if existing is not None:
                 return existing.as_duplicate()

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
 from domain.registry import Registry
 from infra.db import make_engine
 from infra.settings import Settings
 from infra.store import EventStore
+from read_models.indexer import Indexer
+from read_models.search import make_client
+from read_models.shop import SHOP_READ_MODELS
 from workers.execution import CommandExecutor
 
 
@@ -27,6 +31,7 @@ class Runtime:
     settings: Settings
     registry: Registry = field(default_factory=default_registry)
     pool_size: int = 8
+    search_url: str | None = None  # where the embedded search server listens, when there is one
 
     @cached_property
     def engine(self) -> Engine:
@@ -45,6 +50,16 @@ class Runtime:
             conflict_retries=self.settings.conflict_retries,
         )
 
+    @cached_property
+    def search(self) -> Elasticsearch:
+        return make_client(self.search_url or self.settings.elasticsearch_url)
+
+    @cached_property
+    def indexer(self) -> Indexer:
+        return Indexer(self.engine, self.registry, self.search, self.settings.index_prefix, SHOP_READ_MODELS)
+
     def close(self) -> None:
+        if "search" in self.__dict__:
+            self.search.close()
         if "engine" in self.__dict__:
             self.engine.dispose()

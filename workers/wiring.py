@@ -5,7 +5,7 @@ from __future__ import annotations
 import dramatiq
 
 from infra.settings import Settings
-from workers.actors import declare_command_actor
+from workers.actors import declare_command_actor, declare_indexer_actor
 from workers.broker import make_broker
 from workers.middleware import DeadOutcomes, LogContext
 from workers.runtime import Runtime
@@ -15,4 +15,11 @@ def build_command_worker(settings: Settings, threads: int = 8) -> tuple[dramatiq
     runtime = Runtime(settings, pool_size=threads + 2)
     broker = make_broker(settings, extra_middleware=[LogContext(), DeadOutcomes(runtime)])
     declare_command_actor(broker, runtime)
+    return broker, runtime
+
+
+def build_indexer_worker(settings: Settings, threads: int = 4) -> tuple[dramatiq.Broker, Runtime]:
+    runtime = Runtime(settings, pool_size=threads + 2)
+    broker = make_broker(settings, extra_middleware=[LogContext()])
+    declare_indexer_actor(broker, runtime)
     return broker, runtime

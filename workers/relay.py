@@ -1,0 +1,445 @@
+"""The event relay: every committed event, out of the write store, onto the events exchange and to
+the indexer workers, at least once (G5).
+
+Reading order. PostgreSQL hands out ``position`` when a row is inserted, not when its transaction
+commits, so positions become visible out of order: reading ``position > checkpoint`` skips an event
+whose transaction commits after a later position was relayed (the sequence-gap problem of Marten
+and Eventuous). Every event row therefore carries ``tx_id``, the id of the transaction that wrote
+it, and the relay reads::
+
+    WHERE (tx_id, position) > (:checkpoint_tx, :checkpoint_position)
+      AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY tx_id, position
+
+``xmin`` is the oldest transaction still running: every transaction older than it has committed or
+rolled back, so its rows are final, and any transaction that commits later has an id >= that xmin,
+hence greater than every ``tx_id`` relayed so far. The checkpoint ``(tx_id, position)`` thus never
+passes an event that is yet to appear. The price: one long write transaction anywhere in the
+cluster holds the relay back until it ends. SQLite has a single writer that commits in position
+order, so there the relay reads ``position > checkpoint`` and treats ``tx_id`` as 0.
+
+One batch: read up to ``relay_batch_size`` events, publish them (every one confirmed), feed the
+indexer (confirmed), then advance the checkpoint in a transaction that first renews our lease row
+(fencing: a relay that lost its lease cannot move the checkpoint). A crash anywhere before that
+commit publishes the batch again: consumers deduplicate by ``event_id``.
+
+One active relay: the ``leases`` row ``relay`` names a holder until ``expires_at`` (the database's
+clock on PostgreSQL, so the clocks of the relays' hosts do not matter). The holder renews it every
+third of ``relay_lease_seconds``; a standby polls and takes it once it has expired.
+
+Latency: on PostgreSQL the relay LISTENs on ``cqrskit_events`` (an insert trigger notifies at
+commit) and polls every second anyway; while a committed event is held back by an older running
+transaction, which may roll back without notifying, it polls every 50 ms, as it does on SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+import structlog
+from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects import postgresql, sqlite
+
+from infra.event_wire import EventMessage
+from infra.schema import events, leases, relay_checkpoints
+from infra.settings import Settings
+from infra.store import StoredEvent
+from producers.amqp import AmqpPublisher, OutgoingMessage
+
+log = structlog.get_logger("cqrskit.relay")
+NAME = "relay"  # the relay's checkpoint row and lease row
+FAST_POLL = 0.05
+SLOW_POLL = 1.0
+CHANNEL = "cqrskit_events"
+
+
+class LeaseLost(Exception):
+    """Another relay took the lease: the batch in hand was published but not checkpointed."""
+
+
+class EventsNotConfirmed(Exception):
+    """The broker did not confirm every event of a batch; the batch will be published again."""
+
+
+@dataclass(frozen=True)
+class Lag:
+    events: int  # committed events not yet relayed
+    oldest_age: float  # seconds since the oldest of them was recorded (0.0 when none)
+
+
+class EventRelay:
+    """Relays events from ``engine``'s write store in batches; see the module docstring.
+
+    ``publish_events`` must return only once every message is durably accepted (raise otherwise);
+    ``feed_indexer`` likewise for the batch as JSON-ready dicts. ``None`` skips that outlet."""
+
+    def __init__(self, settings: Settings, engine: Engine,
+                 publish_events: Callable[[list[EventMessage]], None] | None,
+                 feed_indexer: Callable[[list[dict[str, Any]]], None] | None, holder: str) -> None:
+        self.engine = engine
+        self.batch_size = settings.relay_batch_size
+        self.publish_events = publish_events
+        self.feed_indexer = feed_indexer
+        self.holder = holder
+        self.postgres = engine.dialect.name == "postgresql"
+        self.lease = Lease(engine, holder, settings.relay_lease_seconds)
+        self.wakeup = Wakeup(engine if self.postgres else None)
+        self.closers: list[Callable[[], None]] = []
+
+    @classmethod
+    def for_rabbitmq(cls, settings: Settings, engine: Engine, holder: str | None = None) -> EventRelay:
+        """A relay publishing to ``settings.events_exchange`` and enqueueing indexer batches on
+        ``settings.indexer_queue`` (both declared on first use)."""
+        outlet = RabbitmqOutlet(settings)
+        relay = cls(settings, engine, outlet.publish_events, outlet.feed_indexer, holder or default_holder())
+        relay.closers.append(outlet.close)
+        return relay
+
+    def relay_once(self) -> int:
+        """Relay one batch; returns how many events were relayed and checkpointed (0 when another
+        relay holds the lease). Raises LeaseLost, EventsNotConfirmed and infrastructure errors; the
+        checkpoint then stays where it was, so the events are published again later."""
+        if not self.lease.hold():
+            return 0
+        return self._relay_batch()[0]
+
+    def run(self, stop: threading.Event) -> None:
+        """Relay until ``stop`` is set. Never raises on a transient failure (database or broker
+        down): logs it and retries with backoff. Gives the lease up on the way out."""
+        log.info("relay.started", holder=self.holder, batch_size=self.batch_size, listen=self.postgres)
+        failures = 0
+        try:
+            while not stop.is_set():
+                try:
+                    timeout = self._cycle()
+                    failures = 0
+                except Exception as exc:  # the relay must outlive every outage: retry, never die
+                    failures += 1
+                    timeout = min(0.25 * 2 ** (failures - 1), 10.0)
+                    log.warning("relay.error", error=repr(exc)[:500], retry_in=timeout,
+                                failures=failures, exc_info=failures == 1)
+                    stop.wait(timeout)
+                    continue
+                if timeout > 0:
+                    self.wakeup.wait(timeout, stop)
+        finally:
+            self.lease.release()
+            log.info("relay.stopped", holder=self.holder)
+
+    def lag(self) -> Lag:
+        return relay_lag(self.engine)
+
+    def close(self) -> None:
+        self.wakeup.close()
+        for close in self.closers:
+            close()
+
+    def _cycle(self) -> float:
+        """One step of ``run``: returns how long to wait for new events (0: go on at once)."""
+        if not self.lease.hold():
+            return min(SLOW_POLL, self.lease.seconds / 3)
+        try:
+            count, held_back = self._relay_batch()
+        except LeaseLost:
+            return 0.0
+        if count >= self.batch_size:
+            return 0.0
+        poll = FAST_POLL if held_back or not self.postgres else SLOW_POLL
+        return max(0.0, min(poll, self.lease.until_renewal()))
+
+    def _relay_batch(self) -> tuple[int, bool]:
+        """Read, publish, feed, checkpoint. Returns (events relayed, whether committed events are
+        held back behind a running transaction)."""
+        with self.engine.connect() as conn:
+            checkpoint = read_checkpoint(conn)
+            batch = read_batch(conn, checkpoint, self.batch_size)
+            held_back = len(batch) < self.batch_size and self.postgres and _held_back(conn, checkpoint)
+        if not batch:
+            return 0, held_back
+        started = time.monotonic()
+        messages = [EventMessage.from_stored(event) for event in batch]
+        if self.publish_events is not None:
+            self.publish_events(messages)
+        if self.feed_indexer is not None:
+            self.feed_indexer([m.model_dump(mode="json") for m in messages])
+        self._advance(batch[-1])
+        command_ids = list(dict.fromkeys(m.command_id for m in messages if m.command_id))
+        log.info("relay.published", count=len(batch), first_position=batch[0].position,
+                 last_position=batch[-1].position, command_ids=command_ids,
+                 ms=round((time.monotonic() - started) * 1000, 1))
+        return len(batch), held_back
+
+    def _advance(self, last: StoredEvent) -> None:
+        with self.engine.begin() as conn:
+            self.lease.fence(conn)
+            insert = _dialect(conn).insert(relay_checkpoints).values(
+                name=NAME, tx_id=last.tx_id or 0, position=last.position, updated_at=datetime.now(UTC))
+            conn.execute(insert.on_conflict_do_update(
+                index_elements=[relay_checkpoints.c.name],
+                set_={c: insert.excluded[c] for c in ("tx_id", "position", "updated_at")}))
+
+
+class Lease:
+    """The ``leases`` row that makes one relay active. ``hold`` acquires or renews it (at most
+    every third of its duration); ``fence`` renews it inside a write transaction or raises LeaseLost."""
+
+    def __init__(self, engine: Engine, holder: str, seconds: float) -> None:
+        self.engine, self.holder, self.seconds = engine, holder, seconds
+        self.held = False
+        self.renew_at = 0.0
+        self.other: str | None = None  # the holder we last saw while on standby
+
+    def hold(self) -> bool:
+        if self.held and time.monotonic() < self.renew_at:
+            return True
+        with self.engine.begin() as conn:
+            now, expires = self._clock(conn)
+            insert = _dialect(conn).insert(leases).values(name=NAME, holder=self.holder, expires_at=expires)
+            upsert = insert.on_conflict_do_update(
+                index_elements=[leases.c.name],
+                set_={"holder": insert.excluded.holder, "expires_at": insert.excluded.expires_at},
+                where=sa.or_(leases.c.holder == self.holder, leases.c.expires_at < now),
+            ).returning(leases.c.holder)
+            got = conn.execute(upsert).first() is not None
+            other = None if got else conn.execute(sa.select(leases.c.holder).where(leases.c.name == NAME)).scalar()
+        self._note(got, other)
+        return got
+
+    def fence(self, conn: Connection) -> None:
+        now, expires = self._clock(conn)
+        renewed = conn.execute(
+            leases.update()
+            .where(leases.c.name == NAME, leases.c.holder == self.holder, leases.c.expires_at > now)
+            .values(expires_at=expires).returning(leases.c.holder)
+        ).first()
+        if renewed is None:
+            self._note(False, None)
+            raise LeaseLost(f"relay {self.holder} no longer holds the lease")
+        self.renew_at = time.monotonic() + self.seconds / 3
+
+    def release(self) -> None:
+        """Let a standby take over at once (best effort: an unreleased lease simply expires)."""
+        if not self.held:
+            return
+        self.held = False
+        try:
+            with self.engine.begin() as conn:
+                now, _ = self._clock(conn)
+                conn.execute(leases.update().where(leases.c.name == NAME, leases.c.holder == self.holder)
+                             .values(expires_at=now))
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("relay.lease_release_failed", error=repr(exc)[:300])
+
+    def until_renewal(self) -> float:
+        return self.renew_at - time.monotonic()
+
+    def _note(self, got: bool, other: str | None) -> None:
+        if got:
+            self.renew_at = time.monotonic() + self.seconds / 3
+            if not self.held:
+                log.info("relay.lease_acquired", holder=self.holder, lease_seconds=self.seconds)
+        elif self.held:
+            log.warning("relay.lease_lost", holder=self.holder)
+        elif other != self.other:
+            log.info("relay.standby", holder=self.holder, active=other)
+        self.held, self.other = got, other
+
+    def _clock(self, conn: Connection) -> tuple[Any, Any]:
+        """(now, now + lease): the database's clock on PostgreSQL, UTC here on SQLite."""
+        if conn.dialect.name == "postgresql":
+            return sa.func.now(), sa.func.now() + timedelta(seconds=self.seconds)
+        now = datetime.now(UTC)
+        return now, now + timedelta(seconds=self.seconds)
+
+
+class Wakeup:
+    """Waits for the next commit of events: LISTEN/NOTIFY on PostgreSQL (``engine`` given), a plain
+    sleep otherwise. A lost notification costs at most the caller's timeout, never an event."""
+
+    def __init__(self, engine: Engine | None) -> None:
+        self.dsn = None if engine is None else (
+            engine.url.set(drivername="postgresql").render_as_string(hide_password=False))
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def wait(self, timeout: float, stop: threading.Event) -> None:
+        if self.dsn is None:
+            stop.wait(timeout)
+            return
+        try:
+            if self.conn is None:
+                self.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=3)
+                self.conn.execute(f"LISTEN {CHANNEL}")
+                return  # events may have been committed before LISTEN: look once more
+            for _notify in self.conn.notifies(timeout=timeout, stop_after=1):
+                break
+        except psycopg.Error as exc:
+            log.warning("relay.listen_failed", error=repr(exc)[:300])
+            self.close()
+            stop.wait(timeout)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+
+class RabbitmqOutlet:
+    """The relay's outlets on RabbitMQ: the events exchange (topic, durable; persistent messages,
+    ``message_id`` = event id, publisher confirms) and the indexer queue (one Dramatiq message
+    per batch, confirmed). Declares both on first use and again after any failure."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.publisher: AmqpPublisher | None = None
+        self.broker: Any = None
+        self.declared = False
+
+    def publish_events(self, messages: list[EventMessage]) -> None:
+        """Raises EventsNotConfirmed unless the broker confirmed every message. A message that no
+        queue is bound for is confirmed too: nobody subscribed to it, which is no failure."""
+        try:
+            self._declare()
+            report = self.publisher.publish_many(  # type: ignore[union-attr]
+                OutgoingMessage(body=m.model_dump_json().encode(), routing_key=m.routing_key(),
+                                message_id=m.event_id) for m in messages)
+            failed = [(mid, why) for mid, why in report.failed if not why.startswith("unroutable")]
+            if failed:
+                raise EventsNotConfirmed(f"{len(failed)} of {len(messages)} events not confirmed, "
+                                         f"e.g. {failed[0][0]}: {failed[0][1]}")
+        except Exception:
+            self.reset()
+            raise
+
+    def feed_indexer(self, events_: list[dict[str, Any]]) -> None:
+        from workers.broker import index_message
+
+        try:
+            self._declare()
+            self.broker.enqueue(index_message(events_, self.settings.indexer_queue))
+        except Exception:
+            self.reset()
+            raise
+
+    def _declare(self) -> None:
+        if self.declared:
+            return
+        from workers.broker import make_broker
+
+        if self.broker is None:
+            self.broker = make_broker(self.settings)
+        self.broker.declare_queue(self.settings.indexer_queue, ensure=True)
+        self.broker.channel.exchange_declare(self.settings.events_exchange, exchange_type="topic", durable=True)
+        if self.publisher is None:
+            self.publisher = AmqpPublisher(self.settings.broker_url, self.settings.events_exchange,
+                                           confirm_timeout=15.0)
+        self.declared = True
+
+    def reset(self) -> None:
+        """Forget connections after a failure; the next call reconnects and declares again."""
+        self.declared = False
+        publisher, self.publisher = self.publisher, None
+        if publisher is not None:
+            publisher.close()
+        if self.broker is not None:
+            del self.broker.connection  # this thread's; Dramatiq makes a new one on next use
+
+    def close(self) -> None:
+        self.reset()
+        if self.broker is not None:
+            self.broker.close()
+
+
+# -- reading the write store -----------------------------------------------------------------
+def read_checkpoint(conn: Connection) -> tuple[int, int]:
+    row = conn.execute(sa.select(relay_checkpoints.c.tx_id, relay_checkpoints.c.position)
+                       .where(relay_checkpoints.c.name == NAME)).first()
+    return (0, 0) if row is None else (row.tx_id, row.position)
+
+
+def read_batch(conn: Connection, checkpoint: tuple[int, int], limit: int) -> list[StoredEvent]:
+    """The next ``limit`` final events after ``checkpoint``, in relay order (module docstring)."""
+    query = sa.select(events).where(_after(conn, checkpoint)).limit(limit)
+    if conn.dialect.name == "postgresql":
+        query = query.where(events.c.tx_id < _XMIN).order_by(events.c.tx_id, events.c.position)
+    else:
+        query = query.order_by(events.c.position)
+    return [_utc(StoredEvent(**row._mapping)) for row in conn.execute(query)]
+
+
+def relay_lag(engine: Engine) -> Lag:
+    """How far the relay is behind: committed events after the checkpoint, and the age of the oldest."""
+    with engine.connect() as conn:
+        checkpoint = read_checkpoint(conn)
+        count, oldest = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(events.c.recorded_at)).where(_after(conn, checkpoint))
+        ).one()
+    if not count:
+        return Lag(0, 0.0)
+    oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+    return Lag(count, max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+
+
+_XMIN = sa.literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+
+
+def _after(conn: Connection, checkpoint: tuple[int, int]) -> sa.ColumnElement[bool]:
+    if conn.dialect.name == "postgresql":
+        return sa.tuple_(events.c.tx_id, events.c.position) > sa.tuple_(*checkpoint)
+    return events.c.position > checkpoint[1]
+
+
+def _held_back(conn: Connection, checkpoint: tuple[int, int]) -> bool:
+    """Whether committed events wait behind an older running transaction (which may roll back
+    without a notification)."""
+    return bool(conn.execute(sa.select(sa.exists().where(_after(conn, checkpoint), events.c.tx_id >= _XMIN)))
+                .scalar())
+
+
+def _utc(event: StoredEvent) -> StoredEvent:
+    """SQLite hands back naive datetimes; the store writes UTC."""
+    if event.recorded_at.tzinfo is None:
+        return replace(event, recorded_at=event.recorded_at.replace(tzinfo=UTC))
+    return event
+
+
+def _dialect(conn: Connection) -> Any:
+    return postgresql if conn.dialect.name == "postgresql" else sqlite
+
+
+def default_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+# -- the ``relay`` process ---------------------------------------------------------------------
+def run_relay(settings: Settings) -> None:
+    """Run the relay of ``settings`` until SIGTERM or SIGINT (the Procfile's ``relay``). Needs
+    RabbitMQ: the embedded broker lives inside another process. Never migrates the write store."""
+    from infra.db import make_engine
+
+    if settings.embedded_broker:
+        raise ValueError("the relay process needs a real broker: set CQRSKIT_BROKER_URL=amqp://...")
+    engine = make_engine(settings.database_url, pool_size=2)
+    relay = EventRelay.for_rabbitmq(settings, engine)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        relay.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        relay.close()
+        engine.dispose()
