@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.logs import configure_logging
-from infra.settings import LogFormat, Settings, load_settings
+from infra.settings import EMBEDDED_SEARCH, LogFormat, Settings, load_settings
 
 app = typer.Typer(help="cqrskit: message-queue driven CQRS workers.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -44,22 +44,10 @@ def main(
 
 @app.command()
 def setup(ctx: typer.Context) -> None:
-    """Migrate the write store and declare the broker topology (idempotent)."""
-    from infra.db import make_engine
-    from infra.migrate import current_revision, upgrade
-    from workers.broker import make_broker
-    from workers.topology import declare_command_topology
+    """Migrate the write store, declare the broker topology and create the read models' indices (idempotent)."""
+    from infra.setup import setup_all
 
-    settings: Settings = ctx.obj
-    engine = make_engine(settings.database_url)
-    upgrade(engine)
-    console.print(f"write store at revision [bold]{current_revision(engine)}[/bold]")
-    engine.dispose()
-    broker = make_broker(settings)
-    declare_command_topology(broker, settings)
-    broker.close()
-    where = "embedded broker (nothing to declare)" if settings.embedded_broker else settings.commands_exchange
-    console.print(f"broker topology ready: {where} -> queue {settings.commands_queue}")
+    setup_all(ctx.obj, console.print)
 
 
 @app.command()
@@ -135,7 +123,9 @@ def worker(
     if settings.embedded_broker:
         err.print("[red]the command worker needs a real broker:[/red] set CQRSKIT_BROKER_URL=amqp://...")
         raise typer.Exit(2)
-    os.environ.update(CQRSKIT_DATABASE_URL=settings.database_url, CQRSKIT_BROKER_URL=settings.broker_url)
+    from infra.cli_read import _export
+
+    _export(settings)
     args = ["dramatiq", "workers.app", "--processes", str(processes), "--threads", str(threads),
             "--queues", settings.commands_queue, f"{settings.commands_queue}.DQ"]
     os.execvp(sys.executable, [sys.executable, "-m", *args])
@@ -189,6 +179,10 @@ def print_outcomes(outcomes: list) -> None:  # type: ignore[type-arg]
 def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
     return "".join(f"\n  {e['loc']}: {e['msg']}" for e in (errors or [])[:10])
 
+
+from infra.cli_read import register  # noqa: E402
+
+register(app)
 
 if __name__ == "__main__":
     app()

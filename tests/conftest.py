@@ -97,6 +97,9 @@ def amqp_settings(pg_url: str, amqp_url: str) -> Iterator[Settings]:
         broker_url=amqp_url,
         commands_exchange=f"test.{tag}.commands",
         commands_queue=f"test.{tag}.commands",
+        events_exchange=f"test.{tag}.events",
+        indexer_queue=f"test.{tag}.indexer",
+        index_prefix=f"t{tag}",
         queue_type=QueueType.quorum,
         min_backoff_ms=50,
         max_backoff_ms=500,
@@ -108,9 +111,11 @@ def amqp_settings(pg_url: str, amqp_url: str) -> Iterator[Settings]:
 def delete_topology(settings: Settings) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
     channel = connection.channel()
-    for queue in (settings.commands_queue, f"{settings.commands_queue}.DQ", f"{settings.commands_queue}.XQ"):
-        channel.queue_delete(queue)
+    for base in (settings.commands_queue, settings.indexer_queue):
+        for queue in (base, f"{base}.DQ", f"{base}.XQ"):
+            channel.queue_delete(queue)
     channel.exchange_delete(settings.commands_exchange)
+    channel.exchange_delete(settings.events_exchange)
     connection.close()
 
 

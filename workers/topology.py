@@ -21,3 +21,12 @@ def declare_command_topology(broker: dramatiq.Broker, settings: Settings) -> Non
     channel = broker.channel  # type: ignore[attr-defined]
     channel.exchange_declare(settings.commands_exchange, exchange_type="topic", durable=True)
     channel.queue_bind(settings.commands_queue, settings.commands_exchange, routing_key="#")
+
+
+def declare_read_side_topology(broker: dramatiq.Broker, settings: Settings) -> None:
+    """Declare the events exchange (for other systems) and the indexer queue (Dramatiq's)."""
+    if settings.embedded_broker:
+        broker.declare_queue(settings.indexer_queue)
+        return
+    broker.declare_queue(settings.indexer_queue, ensure=True)  # type: ignore[call-arg]
+    broker.channel.exchange_declare(settings.events_exchange, exchange_type="topic", durable=True)  # type: ignore[attr-defined]

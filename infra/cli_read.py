@@ -1,0 +1,197 @@
+"""The read side's commands: relay, indexer, verify, rebuild, parked."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from infra.settings import EMBEDDED_SEARCH, Settings
+
+console = Console()
+err = Console(stderr=True)
+parked_app = typer.Typer(help="Documents the indexer could not write (G7): list, show, retry, drop.",
+                         no_args_is_help=True)
+MODELS = ["orders", "products", "customers"]
+
+
+@contextmanager
+def read_side(settings: Settings) -> Iterator:  # type: ignore[type-arg]
+    """The runtime (engine, search client, indexer) of a command run against real services."""
+    from workers.runtime import Runtime
+
+    if settings.elasticsearch_url == EMBEDDED_SEARCH:
+        err.print("[red]this command needs a search server:[/red] set CQRSKIT_ELASTICSEARCH_URL=http://... "
+                  "(the embedded one lives inside `cqrskit demo`)")
+        raise typer.Exit(2)
+    runtime = Runtime(settings)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def _model(name: str):  # type: ignore[no-untyped-def]
+    from read_models.shop import SHOP_READ_MODELS
+
+    for model in SHOP_READ_MODELS:
+        if model.name == name:
+            return model
+    err.print(f"[red]unknown read model {name!r}[/red]; known: {', '.join(MODELS)}")
+    raise typer.Exit(2)
+
+
+def relay(ctx: typer.Context) -> None:
+    """Run the event relay (one active at a time; others wait as standbys) until interrupted."""
+    from workers.relay import run_relay
+
+    try:
+        run_relay(ctx.obj)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def indexer(
+    ctx: typer.Context,
+    processes: Annotated[int, typer.Option("--processes", "-p", help="Indexer processes.")] = 1,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 4,
+) -> None:
+    """Run indexer workers on the indexer queue (Dramatiq), until interrupted."""
+    settings: Settings = ctx.obj
+    if settings.embedded_broker or settings.elasticsearch_url == EMBEDDED_SEARCH:
+        err.print("[red]the indexer needs a real broker and search server:[/red] set CQRSKIT_BROKER_URL and "
+                  "CQRSKIT_ELASTICSEARCH_URL")
+        raise typer.Exit(2)
+    _export(settings)
+    args = ["dramatiq", "workers.indexer_app", "--processes", str(processes), "--threads", str(threads),
+            "--queues", settings.indexer_queue, f"{settings.indexer_queue}.DQ"]
+    os.execvp(sys.executable, [sys.executable, "-m", *args])
+
+
+def _export(settings: Settings) -> None:
+    """Hand the effective settings (flags included) to the processes we exec."""
+    os.environ.update(CQRSKIT_DATABASE_URL=settings.database_url, CQRSKIT_BROKER_URL=settings.broker_url,
+                      CQRSKIT_ELASTICSEARCH_URL=settings.elasticsearch_url)
+
+
+def verify(
+    ctx: typer.Context,
+    read_model: Annotated[Optional[str], typer.Argument(help="orders, products or customers (default: all).")] = None,
+    show: Annotated[int, typer.Option(help="How many differing ids to list per kind.")] = 10,
+) -> None:
+    """Compare every document with a fresh projection from the write store; exit 1 when they differ."""
+    from read_models.verify import verify as run_verify
+
+    names = [read_model] if read_model else MODELS
+    with read_side(ctx.obj) as rt:
+        reports = [run_verify(rt.engine, rt.registry, rt.search, ctx.obj.index_prefix, _model(n)) for n in names]
+    table = Table("read model", "documents", "missing", "extra", "different", "examples")
+    for r in reports:
+        examples = [*(f"missing {i}" for i in r.missing[:show]), *(f"extra {i}" for i in r.extra[:show]),
+                    *(f"{i}: {', '.join(f)}" for i, f in list(r.different.items())[:show])]
+        table.add_row(r.read_model, str(r.checked), str(len(r.missing)), str(len(r.extra)), str(len(r.different)),
+                      "\n".join(examples))
+    console.print(table)
+    raise typer.Exit(0 if all(r.ok for r in reports) else 1)
+
+
+def rebuild(
+    ctx: typer.Context,
+    read_model: Annotated[str, typer.Argument(help="orders, products or customers.")],
+) -> None:
+    """Build a new index from the write store while live indexing goes on, then swap the alias."""
+    from read_models.rebuild import rebuild as run_rebuild
+
+    model = _model(read_model)
+    columns = (TextColumn(f"rebuilding {read_model}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with read_side(ctx.obj) as rt, Progress(*columns, console=console) as progress:
+        task = progress.add_task("rebuild", total=None)
+        report = run_rebuild(rt.engine, rt.registry, rt.search, ctx.obj.index_prefix, model,
+                             on_total=lambda n: progress.update(task, total=n),
+                             on_progress=lambda n: progress.advance(task, n))
+    console.print(f"{report.read_model}: {report.documents} documents into {report.index} in {report.seconds:.1f} s; "
+                  f"alias swapped, replaced {', '.join(report.replaced) or 'nothing'}"
+                  + (f"; [red]{report.parked} parked[/red]" if report.parked else ""))
+
+
+@parked_app.command("list")
+def parked_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many.")] = 100) -> None:
+    """List parked documents with their errors."""
+    from read_models.parking import list_parked
+
+    with read_side(ctx.obj) as rt:
+        rows = list_parked(rt.engine, limit)
+    table = Table("id", "read model", "document", "attempts", "parked at", "error")
+    for row in rows:
+        table.add_row(str(row["id"]), row["read_model"], row["doc_id"], str(row["attempts"]),
+                      row["parked_at"].isoformat(timespec="seconds"), row["error"].splitlines()[0][:120])
+    console.print(table if rows else "nothing parked")
+
+
+@parked_app.command("show")
+def parked_show(ctx: typer.Context, parked_id: Annotated[int, typer.Argument(help="The parked entry's id.")]) -> None:
+    """Show one parked document: its full error and the event positions that touched it."""
+    from read_models.parking import get_parked
+
+    with read_side(ctx.obj) as rt:
+        rows = get_parked(rt.engine, [parked_id])
+    if not rows:
+        err.print(f"no parked entry {parked_id}")
+        raise typer.Exit(3)
+    row = rows[0]
+    console.print(f"[bold]{row['read_model']} {row['doc_id']}[/bold] (attempts {row['attempts']}, "
+                  f"parked at {row['parked_at']:%Y-%m-%d %H:%M:%S}, positions {row['positions']})")
+    console.print(row["error"], markup=False)
+
+
+@parked_app.command("retry")
+def parked_retry(
+    ctx: typer.Context,
+    ids: Annotated[Optional[list[int]], typer.Argument(help="Parked entry ids.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Retry every parked document.")] = False,
+) -> None:
+    """Compute the parked documents again and write them; entries that now succeed are removed."""
+    from read_models.parking import get_parked
+
+    if not ids and not all_:
+        err.print("give parked ids, or --all")
+        raise typer.Exit(2)
+    with read_side(ctx.obj) as rt:
+        rows = get_parked(rt.engine, None if all_ else ids)
+        by_model: dict[str, list[str]] = {}
+        for row in rows:
+            by_model.setdefault(row["read_model"], []).append(row["doc_id"])
+        still = sum(len(rt.indexer.reindex(model, doc_ids).parked) for model, doc_ids in by_model.items())
+    console.print(f"retried {len(rows)}: {len(rows) - still} written, {still} parked again")
+    raise typer.Exit(1 if still else 0)
+
+
+@parked_app.command("drop")
+def parked_drop(
+    ctx: typer.Context,
+    ids: Annotated[Optional[list[int]], typer.Argument(help="Parked entry ids.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Drop every parked entry.")] = False,
+) -> None:
+    """Forget parked entries (the documents stay as they are in the index)."""
+    from read_models.parking import drop_parked
+
+    if not ids and not all_:
+        err.print("give parked ids, or --all")
+        raise typer.Exit(2)
+    with read_side(ctx.obj) as rt:
+        dropped = drop_parked(rt.engine, None if all_ else ids)
+    console.print(f"dropped {dropped}")
+
+
+def register(app: typer.Typer) -> None:
+    for command in (relay, indexer, verify, rebuild):
+        app.command()(command)
+    app.add_typer(parked_app, name="parked")

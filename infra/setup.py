@@ -1,0 +1,47 @@
+"""``cqrskit setup``: everything a deployment needs to exist, made idempotently: the write
+store's schema (alembic), the broker's exchanges and queues, the read models' indices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from infra.db import make_engine
+from infra.migrate import current_revision, upgrade
+from infra.settings import EMBEDDED_SEARCH, Settings
+
+
+def setup_all(settings: Settings, say: Callable[[str], None] = print) -> None:
+    from workers.broker import make_broker
+    from workers.topology import declare_command_topology, declare_read_side_topology
+
+    engine = make_engine(settings.database_url)
+    try:
+        upgrade(engine)
+        say(f"write store at revision {current_revision(engine)}")
+        broker = make_broker(settings)
+        declare_command_topology(broker, settings)
+        declare_read_side_topology(broker, settings)
+        broker.close()
+        if settings.embedded_broker:
+            say("embedded broker: nothing to declare")
+        else:
+            say(f"broker topology ready: {settings.commands_exchange} -> {settings.commands_queue}; "
+                f"{settings.events_exchange}; {settings.indexer_queue}")
+        if settings.elasticsearch_url != EMBEDDED_SEARCH:
+            _ensure_indices(settings, engine, say)
+    finally:
+        engine.dispose()
+
+
+def _ensure_indices(settings: Settings, engine, say: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
+    from read_models.indices import alias, ensure
+    from read_models.search import make_client
+    from read_models.shop import SHOP_READ_MODELS
+
+    es = make_client(settings.elasticsearch_url)
+    try:
+        for model in SHOP_READ_MODELS:
+            created = ensure(es, engine, settings.index_prefix, model)
+            say(f"read model {alias(settings.index_prefix, model.name)}: " + (f"created {created}" if created else "exists"))
+    finally:
+        es.close()
