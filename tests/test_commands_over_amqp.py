@@ -131,34 +131,41 @@ def test_every_bad_input_gets_an_invalid_outcome_or_a_dead_letter_and_the_worker
 
 
 # -- Dramatiq-shaped bodies forged by a producer ------------------------------------------------
-def forged(settings: Settings, actor: str, args: list, options: dict) -> bytes:
-    return json.dumps({"queue_name": settings.commands_queue, "actor_name": actor, "args": args, "kwargs": {},
-                       "options": options, "message_id": str(uuid.uuid4()), "message_timestamp": 0}).encode()
+def forged(settings: Settings, victim: str, *, actor: str = "execute_command", queue: str | None = None,
+           args: list | None = None, options: dict | None = None) -> bytes:
+    """A body shaped like a Dramatiq message (what the workers' own retries look like on the wire)."""
+    command = envelope("RegisterCustomer", f"c-{uuid.uuid4().hex[:8]}", {"name": "Eve", "email": "eve@example.com"})
+    return json.dumps({
+        "queue_name": queue or settings.commands_queue, "actor_name": actor,
+        "args": [base64.b64encode(json.dumps(command).encode()).decode()] if args is None else args,
+        "kwargs": {}, "options": options or {}, "message_id": str(uuid.uuid4()), "message_timestamp": 0,
+    }).encode()
 
 
-def b64(command: dict) -> str:
-    return base64.b64encode(json.dumps(command).encode()).decode()
+def pipe_target(victim: str) -> dict:
+    return {"queue_name": victim, "actor_name": "index_documents", "args": ["anything"], "kwargs": {},
+            "options": {}, "message_id": "m-1", "message_timestamp": 0}
 
 
-@pytest.mark.timeout(60)
-def test_a_forged_message_for_another_actor_is_dead_lettered_and_nothing_runs(
-        workers: Workers, write_store: WriteStore) -> None:
-    settings = workers.settings
-    body = forged(settings, "os_system", ["touch /tmp/cqrskit-pwned"], {})
-    worker = workers.start(threads=1)
-    with producer(settings) as publisher:
-        publisher.publish_bytes(body, "RegisterCustomer")
-        sentinel = publisher.publish(envelope("RegisterCustomer", "c-1", {"name": "Ann", "email": "a@example.com"}))
-    assert wait_for_dead_letters(settings.broker_url, f"{settings.commands_queue}.XQ", 1) == [body]
-    (logged,) = worker.wait_for_log(lambda r: r["event"] == "command.dead_lettered")
-    assert "no readable command_id" in logged["reason"]
-    assert write_store.wait_for_outcomes([sentinel])[sentinel].status is Status.succeeded
-    assert write_store.count_outcomes() == 1 and set(write_store.events_by_command()) == {sentinel}
-    assert worker.alive
+# What a producer could make a worker do if it honoured the forged fields, as Dramatiq does:
+FORGERIES = {
+    # ...run another actor of the process (Dramatiq would look it up by name):
+    "another actor": lambda settings, victim: forged(settings, victim, actor="os_system", args=["rm -rf /"]),
+    # ...kill the worker thread: Dramatiq acks through ``consumers[message.queue_name]``, a KeyError
+    # for a queue it does not consume, raised in the thread's ``finally``; the message stays unacked:
+    "queue not consumed": lambda settings, victim: forged(settings, victim, queue=victim),
+    # ...declare a queue of its choosing and publish into it with the worker's rights (Pipelines):
+    "pipe target": lambda settings, victim: forged(settings, victim, options={"pipe_target": pipe_target(victim)}),
+    # ...hold the message unacked until the year 5138, filling the consumer's prefetch (2 x threads):
+    "far-future eta": lambda settings, victim: forged(settings, victim, options={"eta": 10**14}),
+    # ...be retried as if the broker or the store had failed (TypeError in the actor):
+    "args not a body": lambda settings, victim: forged(settings, victim, args=[123]),
+}
 
 
 @pytest.fixture
 def victim_queue(amqp_settings: Settings) -> Iterator[str]:
+    """A queue name the forgeries aim at; whatever a worker declared under it is deleted after."""
     name = f"{amqp_settings.commands_queue}.victim"
     yield name
     connection = pika.BlockingConnection(pika.URLParameters(amqp_settings.broker_url))
@@ -182,33 +189,27 @@ def queue_exists(url: str, name: str) -> bool:
 
 
 @pytest.mark.timeout(60)
-def test_a_forged_message_cannot_make_the_worker_publish_to_another_queue(
-        workers: Workers, write_store: WriteStore, victim_queue: str) -> None:
-    """G11: a producer may publish commands, nothing else. Dramatiq's Pipelines middleware honours
-    ``options.pipe_target`` of any message it decodes: the worker would declare ``victim_queue``
-    and publish the producer's message into it, with the worker's own credentials."""
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+def test_a_forged_dramatiq_message_is_a_bad_command_and_steers_nothing(
+        workers: Workers, write_store: WriteStore, victim_queue: str, forgery: str) -> None:
+    """G10/G11: producers publish command envelopes, nothing else. A body shaped like a Dramatiq
+    message but not one of the workers' own retries is a bad command: dead-lettered as published,
+    logged, never retried, never run, and the commands after it run."""
     settings = workers.settings
-    command = envelope("RegisterCustomer", "c-1", {"name": "Ann", "email": "a@example.com"})
-    target = {"queue_name": victim_queue, "actor_name": "index_documents", "args": ["anything"], "kwargs": {},
-              "options": {}, "message_id": "m-1", "message_timestamp": 0}
-    workers.start(threads=1)
+    threads = 2
+    bodies = [FORGERIES[forgery](settings, victim_queue) for _ in range(2 * threads)]
+    worker = workers.start(threads=threads)
     with producer(settings) as publisher:
-        publisher.publish_bytes(forged(settings, "execute_command", [b64(command)], {"pipe_target": target}), "X")
-        sentinel = publisher.publish(envelope("RegisterCustomer", "c-2", {"name": "Bo", "email": "b@example.com"}))
-    write_store.wait_for_outcomes([sentinel])  # one thread: the forged message was fully processed before
+        for body in bodies:
+            publisher.publish_bytes(body, "RegisterCustomer")
+        sentinel = publisher.publish(envelope("RegisterCustomer", "c-1", {"name": "Ann", "email": "a@example.com"}))
+
+    assert write_store.wait_for_outcomes([sentinel], timeout=15)[sentinel].status is Status.succeeded
+    parked = wait_for_dead_letters(settings.broker_url, f"{settings.commands_queue}.XQ", len(bodies), timeout=15)
+    assert sorted(parked) == sorted(bodies)
+    worker.wait_for_log(lambda r: r["event"] == "command.dead_lettered", count=len(bodies))
+    assert not [r for r in worker.log_records() if r["event"].startswith("Retrying")]
+    assert write_store.count_outcomes() == 1 and set(write_store.events_by_command()) == {sentinel}
     assert not queue_exists(settings.broker_url, victim_queue)
-
-
-@pytest.mark.timeout(60)
-def test_forged_far_future_retries_do_not_block_the_commands_queue(workers: Workers, write_store: WriteStore) -> None:
-    """G3/G7: a Dramatiq-shaped body with ``options.eta`` far in the future is held, unacked, by
-    the worker until that time; enough of them fill the consumer's prefetch (2 x threads) and no
-    command after them ever runs."""
-    settings = workers.settings
-    workers.start(threads=2)
-    with producer(settings) as publisher:
-        for index in range(8):
-            command = envelope("RegisterCustomer", f"c-eta-{index}", {"name": "Eve", "email": f"e{index}@example.com"})
-            publisher.publish_bytes(forged(settings, "execute_command", [b64(command)], {"eta": 10**14}), "X")
-        good = publisher.publish(envelope("RegisterCustomer", "c-good", {"name": "Gil", "email": "gil@example.com"}))
-    assert write_store.wait_for_outcomes([good], timeout=15)[good].status is Status.succeeded
+    assert not queue_exists(settings.broker_url, f"{victim_queue}.DQ")
+    assert worker.alive
