@@ -60,6 +60,7 @@ class Tap:
     def __init__(self, settings: Settings) -> None:
         self.connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
         self.channel = self.connection.channel()
+        self.channel.basic_qos(prefetch_count=500)
         self.channel.exchange_declare(settings.events_exchange, exchange_type="topic", durable=True)
         self.queue = f"{settings.events_exchange}.tap"
         self.channel.queue_declare(self.queue)
@@ -67,15 +68,18 @@ class Tap:
         self.received: list[dict[str, Any]] = []
 
     def drain(self, wait: float = 0.05) -> list[dict[str, Any]]:
-        """Take every message that arrives until none came for ``wait`` seconds."""
+        """Take every message that arrives until none came for ``wait`` seconds. Acks each one it
+        takes: messages delivered to the client but not yet taken go back to the queue on cancel."""
         taken = []
-        for method, properties, body in self.channel.consume(self.queue, auto_ack=True, inactivity_timeout=wait):
+        for method, properties, body in self.channel.consume(self.queue, inactivity_timeout=wait):
             if method is None:
                 break
             message = json.loads(body)
             assert properties.message_id == message["event_id"] and properties.delivery_mode == 2
+            assert properties.content_type == "application/json"
             assert method.routing_key == f"{message['stream_type']}.{message['type']}"
             taken.append(message)
+            self.channel.basic_ack(method.delivery_tag)
         self.channel.cancel()
         self.received += taken
         return taken
@@ -408,13 +412,14 @@ def test_an_event_is_on_the_exchange_within_tens_of_milliseconds_of_its_commit(
     try:
         register(store, 1)  # warm up: connections, declarations
         tap.wait_for(stored_ids(engine), timeout=10)
-        arrivals = tap.channel.consume(tap.queue, auto_ack=True, inactivity_timeout=5)
+        arrivals = tap.channel.consume(tap.queue, inactivity_timeout=5)
         for _ in range(20):
             register(store, 1)
             committed = time.monotonic()
             method, _props, _body = next(arrivals)
             assert method is not None, "no event within 5 s of its commit"
             latencies.append(time.monotonic() - committed)
+            tap.channel.basic_ack(method.delivery_tag)
         tap.channel.cancel()
     finally:
         stop.set()
