@@ -12,6 +12,13 @@ from read_models.model import Document, iso, text_keyword
 from read_models.source import WriteStoreSource
 
 LONG, INT, KEYWORD, DATE = ({"type": t} for t in ("long", "integer", "keyword", "date"))
+# The streams a document was computed from, each at its version (the document's external version
+# is their sum). Lets a query wait until a given write is reflected (G8).
+STREAMS = {"type": "nested", "properties": {"id": KEYWORD, "version": LONG}}
+
+
+def _streams(*aggregates: Any) -> list[dict[str, Any]]:
+    return [{"id": a.stream_id, "version": a.version} for a in aggregates if a is not None]
 
 
 def _by_stream(events: list[dict[str, Any]], stream_type: str) -> dict[str, list[int]]:
@@ -36,6 +43,7 @@ class OrdersModel:
                 "quantity": INT, "unit_price_cents": LONG, "total_cents": LONG}},
             "line_count": INT, "units": INT, "total_cents": LONG, "cancel_reason": {"type": "text"},
             "placed_at": DATE, "paid_at": DATE, "shipped_at": DATE, "cancelled_at": DATE, "updated_at": DATE,
+            "streams": STREAMS,
         },
     }
 
@@ -67,6 +75,7 @@ class OrdersModel:
             "placed_at": iso(times.get("OrderPlaced")), "paid_at": iso(times.get("OrderPaid")),
             "shipped_at": iso(times.get("OrderShipped")), "cancelled_at": iso(times.get("OrderCancelled")),
             "updated_at": iso(max(times.values())) if times else None,
+            "streams": _streams(order, customer),
         }
         return Document(order.id, order.version + (customer.version if customer else 0), source)
 
@@ -79,7 +88,7 @@ class ProductsModel:
         "dynamic": "strict",
         "properties": {
             "product_id": KEYWORD, "sku": KEYWORD, "name": text_keyword(), "description": {"type": "text"},
-            "price_cents": LONG, "stock": LONG, "units_sold": LONG, "added_at": DATE,
+            "price_cents": LONG, "stock": LONG, "units_sold": LONG, "added_at": DATE, "streams": STREAMS,
         },
     }
 
@@ -92,7 +101,7 @@ class ProductsModel:
         return {i: Document(i, p.version, {
             "product_id": i, "sku": p.state.sku, "name": p.state.name, "description": p.state.description,
             "price_cents": p.state.price_cents, "stock": p.state.stock, "units_sold": p.state.units_sold,
-            "added_at": iso(added[i].get("ProductAdded")),
+            "added_at": iso(added[i].get("ProductAdded")), "streams": _streams(p),
         }) for i, p in products.items()}
 
 
@@ -104,7 +113,7 @@ class CustomersModel:
         "dynamic": "strict",
         "properties": {
             "customer_id": KEYWORD, "name": text_keyword(), "email": text_keyword(),
-            "order_count": INT, "lifetime_value_cents": LONG, "registered_at": DATE,
+            "order_count": INT, "lifetime_value_cents": LONG, "registered_at": DATE, "streams": STREAMS,
         },
     }
 
@@ -129,6 +138,7 @@ class CustomersModel:
                 "customer_id": i, "name": customer.state.name, "email": customer.state.email,
                 "order_count": len(mine), "lifetime_value_cents": value,
                 "registered_at": iso(registered[i].get("CustomerRegistered")),
+                "streams": _streams(customer, *sorted(mine, key=lambda o: o.id)),
             })
         return docs
 
