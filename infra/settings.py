@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(default=500, gt=0, description="Events per relay read and indexer batch.")
     relay_lease_seconds: float = Field(default=5.0, gt=0, description="A dead relay's lease expires after this.")
     indexer_max_retries: int = Field(default=10_000, ge=0, description="Indexer batches retry this often (a search outage).")
+    token_secret: str = Field(
+        default="cqrskit-development-secret",
+        description="HMAC key of consistency tokens, shared by the gateway and the query API. Set it in production.",
+    )
     index_prefix: str = Field(default="cqrskit", description="Prefix of the read models' aliases and indices.")
     queue_type: QueueType = Field(
         default=QueueType.quorum,

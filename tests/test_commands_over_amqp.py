@@ -151,6 +151,9 @@ def pipe_target(victim: str) -> dict:
 FORGERIES = {
     # ...run another actor of the process (Dramatiq would look it up by name):
     "another actor": lambda settings, victim: forged(settings, victim, actor="os_system", args=["rm -rf /"]),
+    # ...reach the indexer's actor, which the command workers' encoder lets through (then Dramatiq
+    # parks it as an undefined actor, without the command.dead_lettered line):
+    "indexer actor": lambda settings, victim: forged(settings, victim, actor="index_events", args=[[]]),
     # ...kill the worker thread: Dramatiq acks through ``consumers[message.queue_name]``, a KeyError
     # for a queue it does not consume, raised in the thread's ``finally``; the message stays unacked:
     "queue not consumed": lambda settings, victim: forged(settings, victim, queue=victim),

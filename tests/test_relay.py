@@ -363,7 +363,9 @@ def test_events_committed_around_a_sigkill_are_published_after_restart(
         while len(tap.received) < 300:  # mid-stream
             assert time.monotonic() < deadline, f"the relay published {len(tap.received)} events in 20s"
             tap.drain(0.02)
+        assert writer.is_alive(), "the stream ended before the relay was killed"
         relays.started[-1].kill()
+        print(f"killed mid-stream after {len(tap.received)} messages")
         relays.start()
     finally:
         writer.join()
@@ -371,6 +373,7 @@ def test_events_committed_around_a_sigkill_are_published_after_restart(
     assert len(everything) == 2001
     tap.wait_for(everything, timeout=30)
     assert tap.ids() == everything
+    print(f"{len(tap.received)} messages for {len(everything)} events")
 
 
 @pytest.mark.slow
