@@ -111,8 +111,9 @@ class WorkerProcess:
                 records.append(record)
         return records
 
-    def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], count: int = 1,
-                     timeout: float = 30.0) -> list[dict[str, Any]]:
+    def wait_for_log(
+        self, predicate: Callable[[dict[str, Any]], bool], count: int = 1, timeout: float = 30.0
+    ) -> list[dict[str, Any]]:
         """Wait until ``count`` JSON log records satisfy ``predicate``; returns them."""
         deadline = time.monotonic() + timeout
         while True:
@@ -120,7 +121,9 @@ class WorkerProcess:
             if len(found) >= count:
                 return found
             if time.monotonic() > deadline:
-                raise AssertionError(f"{len(found)} of {count} log records after {timeout}s; log:\n{self.tail()}")
+                raise AssertionError(
+                    f"{len(found)} of {count} log records after {timeout}s; log:\n{self.tail()}"
+                )
             time.sleep(POLL)
 
     def tail(self, lines: int = 40) -> str:
@@ -136,7 +139,7 @@ def _group_members(pgid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry.name))
     return members
@@ -170,19 +173,38 @@ class Workers:
     directory: Path
     started: list[WorkerProcess] = field(default_factory=list)
 
-    def start(self, threads: int = 4, processes: int = 1, *, stall_logs: bool = False, **env: str) -> WorkerProcess:
+    def start(
+        self, threads: int = 4, processes: int = 1, *, stall_logs: bool = False, **env: str
+    ) -> WorkerProcess:
         """Start ``dramatiq workers.app`` on the commands queue and its delay queue, logging JSON
         to a file. With ``stall_logs`` its output goes to a pipe nobody reads: once ~70 KB are
         written every worker thread blocks on its next log line, which for a command that
         succeeded is written after its commit and before its ack."""
         queue = self.settings.commands_queue
         log_path = self.directory / f"worker-{len(self.started)}.log"
-        command = [sys.executable, "-m", "dramatiq", "workers.app", "--processes", str(processes),
-                   "--threads", str(threads), "--queues", queue, f"{queue}.DQ"]
+        command = [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "workers.app",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "--queues",
+            queue,
+            f"{queue}.DQ",
+        ]
         with log_path.open("wb") as log:
-            popen = subprocess.Popen(command, cwd=PROJECT, env=worker_env(self.settings, **env),
-                                     stdout=subprocess.PIPE if stall_logs else log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            popen = subprocess.Popen(
+                command,
+                cwd=PROJECT,
+                env=worker_env(self.settings, **env),
+                stdout=subprocess.PIPE if stall_logs else log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         if popen.stdout is not None:
             fcntl.fcntl(popen.stdout.fileno(), F_SETPIPE_SZ, 4096)
         worker = WorkerProcess(popen, log_path)
@@ -207,12 +229,18 @@ def declare_topology(settings: Settings) -> None:
 
 
 # -- a producer that knows only the documented contract -----------------------------------------
-def envelope(type: str, aggregate_id: str, payload: dict[str, Any], command_id: str | None = None,
-             **extra: Any) -> dict[str, Any]:
+def envelope(
+    type: str, aggregate_id: str, payload: dict[str, Any], command_id: str | None = None, **extra: Any
+) -> dict[str, Any]:
     """A command envelope as a producer writes it (a fresh UUID command id unless given)."""
-    body = {"envelope_version": 1, "command_id": command_id or str(uuid.uuid4()), "type": type,
-            "aggregate_id": aggregate_id, "payload": payload,
-            "metadata": {"issuer": "tests.processes", "issued_at": "2026-11-22T10:00:00Z"}}
+    body = {
+        "envelope_version": 1,
+        "command_id": command_id or str(uuid.uuid4()),
+        "type": type,
+        "aggregate_id": aggregate_id,
+        "payload": payload,
+        "metadata": {"issuer": "tests.processes", "issued_at": "2026-11-22T10:00:00Z"},
+    }
     body.update(extra)
     return body
 
@@ -231,7 +259,9 @@ class PikaProducer:
 
     def publish_bytes(self, body: bytes, routing_key: str, message_id: str | None = None) -> None:
         """Returns once the broker confirmed; raises pika's UnroutableError / NackError otherwise."""
-        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json", message_id=message_id)
+        properties = pika.BasicProperties(
+            delivery_mode=2, content_type="application/json", message_id=message_id
+        )
         self.channel.basic_publish(self.exchange, routing_key, body, properties, mandatory=True)
 
     def publish(self, command: dict[str, Any]) -> str:
@@ -298,8 +328,10 @@ class WriteStore:
         found: dict[str, Outcome] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(command_ids), 1000):
-                chunk = list(command_ids[start:start + 1000])
-                rows = conn.execute(sa.select(command_outcomes).where(command_outcomes.c.command_id.in_(chunk)))
+                chunk = list(command_ids[start : start + 1000])
+                rows = conn.execute(
+                    sa.select(command_outcomes).where(command_outcomes.c.command_id.in_(chunk))
+                )
                 found.update((row.command_id, Outcome.from_row(row._mapping)) for row in rows)
         return found
 
@@ -319,7 +351,9 @@ class WriteStore:
                 return found
             if time.monotonic() > deadline:
                 missing = [c for c in command_ids if c not in found]
-                raise AssertionError(f"{len(missing)} commands without an outcome after {timeout}s, e.g. {missing[:5]}")
+                raise AssertionError(
+                    f"{len(missing)} commands without an outcome after {timeout}s, e.g. {missing[:5]}"
+                )
             time.sleep(POLL)
 
     def wait_until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -331,7 +365,9 @@ class WriteStore:
 
     def events_by_command(self) -> dict[str, list[str]]:
         """Event types recorded for each command id (from the events' metadata), in position order."""
-        query = sa.select(events.c.metadata["command_id"].as_string(), events.c.type).order_by(events.c.position)
+        query = sa.select(events.c.metadata["command_id"].as_string(), events.c.type).order_by(
+            events.c.position
+        )
         result: dict[str, list[str]] = {}
         with self.engine.connect() as conn:
             for command_id, type_ in conn.execute(query):
@@ -343,7 +379,9 @@ class WriteStore:
 
     def stream_version(self, stream_id: str) -> int | None:
         with self.engine.connect() as conn:
-            return conn.execute(sa.text("SELECT version FROM streams WHERE stream_id = :s"), {"s": stream_id}).scalar()
+            return conn.execute(
+                sa.text("SELECT version FROM streams WHERE stream_id = :s"), {"s": stream_id}
+            ).scalar()
 
 
 # -- fixtures (imported by the process-level test modules) ---------------------------------------

@@ -10,6 +10,7 @@ the actor, not the consumer, decides what becomes of it (G10).
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import time
 import uuid
@@ -19,6 +20,7 @@ import dramatiq
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.common import dq_name
 from dramatiq.encoder import JSONEncoder, MessageData
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
@@ -30,21 +32,60 @@ _MESSAGE_KEYS = frozenset({"queue_name", "actor_name", "args", "kwargs", "option
 
 
 class CommandEncoder(JSONEncoder):
-    """Dramatiq messages for one of ``actors`` pass through; every other body is wrapped for the
-    command actor (so a producer cannot address another actor by forging a Dramatiq message)."""
+    """A body passes through as a Dramatiq message only if it is exactly what this process's own
+    broker enqueues: a message for one of ``broker``'s declared actors, on that actor's queue (or
+    its delay queue, with an ``eta`` at most ``max_delay_ms`` ahead), carrying nothing but retry
+    bookkeeping. Every other body, garbage and forgeries included, is wrapped as published for
+    the command actor, which dead-letters what is not a command. So a producer cannot steer
+    Dramatiq: no other actor or queue, no pipe target or callback, no time limit, no far-future
+    eta (G10, G11)."""
 
-    def __init__(self, commands_queue: str, actors: frozenset[str] = frozenset({COMMAND_ACTOR, INDEX_ACTOR})) -> None:
+    def __init__(self, commands_queue: str, broker: dramatiq.Broker | None = None, max_delay_ms: int = 90_000) -> None:
         self.commands_queue = commands_queue
-        self.actors = actors
+        self.broker = broker
+        self.max_delay_ms = max_delay_ms
 
     def decode(self, data: bytes) -> MessageData:
         try:
             decoded = json.loads(data)
         except (ValueError, RecursionError):
             decoded = None
-        if isinstance(decoded, dict) and _MESSAGE_KEYS <= decoded.keys() and decoded["actor_name"] in self.actors:
-            return decoded
+        if self._is_own(decoded):
+            return decoded  # type: ignore[no-any-return]
         return wrap_command(data, self.commands_queue)
+
+    def _is_own(self, message: Any) -> bool:
+        if self.broker is None or not isinstance(message, dict) or message.keys() != _MESSAGE_KEYS:
+            return False
+        name, queue, options = message["actor_name"], message["queue_name"], message["options"]
+        actor = self.broker.actors.get(name) if isinstance(name, str) else None
+        if actor is None or queue not in (actor.queue_name, dq_name(actor.queue_name)):
+            return False
+        if not isinstance(options, dict) or not options.keys() <= _OWN_OPTIONS or message["kwargs"] != {}:
+            return False
+        delayed = queue == dq_name(actor.queue_name)
+        eta = options.get("eta")
+        if delayed != (eta is not None) or (delayed and not _soon(eta, self.max_delay_ms)):
+            return False
+        return name != COMMAND_ACTOR or _is_body(message["args"])
+
+
+_OWN_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp", "eta"})  # what Retries and delays write
+
+
+def _soon(eta: Any, max_delay_ms: int) -> bool:
+    return isinstance(eta, int) and eta <= time.time() * 1000 + max_delay_ms
+
+
+def _is_body(args: Any) -> bool:
+    """``[base64 of a body]``, the one argument of the command actor."""
+    if not (isinstance(args, list) and len(args) == 1 and isinstance(args[0], str)):
+        return False
+    try:
+        base64.b64decode(args[0], validate=True)
+    except (ValueError, binascii.Error):
+        return False
+    return True
 
 
 def index_message(events: list[dict[str, Any]], queue_name: str) -> dramatiq.Message:
@@ -107,7 +148,8 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
             queue_type=settings.queue_type,
             delivery_limit=settings.delivery_limit,
         )
-    dramatiq.set_encoder(CommandEncoder(settings.commands_queue))
+    # Retries wait at most max_backoff_ms; the rest allows for clocks that disagree between hosts.
+    dramatiq.set_encoder(CommandEncoder(settings.commands_queue, broker, max_delay_ms=settings.max_backoff_ms + 60_000))
     dramatiq.set_broker(broker)
     return broker
 
