@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,7 +50,7 @@ class EventMessage(BaseModel):
             command_id=meta.get("command_id"),
             correlation_id=meta.get("correlation_id"),
             causation_id=meta.get("causation_id"),
-            recorded_at=event.recorded_at,
+            recorded_at=event.recorded_at if event.recorded_at.tzinfo else event.recorded_at.replace(tzinfo=UTC),
         )
 
     def routing_key(self) -> str:

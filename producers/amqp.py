@@ -94,7 +94,7 @@ class AmqpPublisher:
 
     def __init__(self, url: str, exchange: str, *, window: int = 1000, confirm_timeout: float = 30.0,
                  heartbeat: int = 5, blocked_connection_timeout: float = 30.0,
-                 reconnect_attempts: int = 5) -> None:
+                 reconnect_attempts: int = 5, mandatory: bool = True) -> None:
         if window < 1 or confirm_timeout <= 0 or reconnect_attempts < 0:
             raise ValueError("window >= 1, confirm_timeout > 0 and reconnect_attempts >= 0 are required")
         self.exchange = exchange
@@ -107,6 +107,7 @@ class AmqpPublisher:
         self.republished = 0  # messages requeued for republishing after a connection loss (observability)
         self._window, self._confirm_timeout = window, confirm_timeout
         self._reconnect_attempts = reconnect_attempts
+        self._mandatory = mandatory  # False: a message no queue is bound for is confirmed, not returned
         self._tick = min(1.0, confirm_timeout / 4)  # how often confirm timeouts are checked
         self._lock = threading.Lock()  # guards start, close and appends to the outbox
         self._slots = threading.Condition()  # guards _in_flight (queued + unconfirmed messages)
@@ -296,7 +297,7 @@ class AmqpPublisher:
             props = pika.BasicProperties(content_type="application/json", delivery_mode=2,
                                          message_id=m.message_id, headers=m.headers)
             try:
-                publish(exchange, m.routing_key, m.body, props, mandatory=True)
+                publish(exchange, m.routing_key, m.body, props, mandatory=self._mandatory)
             except Exception as exc:  # channel/connection went away: the close callbacks take over
                 log.warning("amqp_publisher.publish_error", error=repr(exc))
                 self._retry.appendleft(entry)

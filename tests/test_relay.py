@@ -7,13 +7,15 @@ a queue of our own bound with ``#``, drained with plain pika."""
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from typing import Any
 import pika
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import Engine
+import structlog
+from sqlalchemy import Engine, make_url
 
 from domain.shop import registry
 from domain.shop.customers import Customer
@@ -31,7 +34,7 @@ from infra.schema import events, leases, relay_checkpoints, unique_claims
 from infra.settings import Settings
 from infra.store import EventStore, UnitOfWork
 from tests.processes import PROJECT, WorkerProcess, worker_env
-from workers.relay import EventRelay, LeaseLost
+from workers.relay import EventRelay, LeaseLost, relay_lag
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RELAY_PROGRAM = ("from infra.settings import load_settings; from infra.logs import configure_logging; "
@@ -67,7 +70,7 @@ class Tap:
         self.channel.queue_bind(self.queue, settings.events_exchange, routing_key="#")
         self.received: list[dict[str, Any]] = []
 
-    def drain(self, wait: float = 0.05) -> list[dict[str, Any]]:
+    def drain(self, wait: float = 0.05, limit: int | None = None) -> list[dict[str, Any]]:
         """Take every message that arrives until none came for ``wait`` seconds. Acks each one it
         takes: messages delivered to the client but not yet taken go back to the queue on cancel."""
         taken = []
@@ -80,6 +83,8 @@ class Tap:
             assert method.routing_key == f"{message['stream_type']}.{message['type']}"
             taken.append(message)
             self.channel.basic_ack(method.delivery_tag)
+            if len(taken) == limit:
+                break
         self.channel.cancel()
         self.received += taken
         return taken
@@ -142,14 +147,27 @@ def stored_ids(engine: Engine, command_ids: list[str] | None = None) -> set[str]
         return set(conn.execute(query).scalars())
 
 
-def relay_until(relay: EventRelay, total: int, timeout: float = 10.0) -> None:
-    """Call ``relay_once`` until ``total`` events went out (another test's transaction elsewhere in
-    the cluster may hold the snapshot's xmin back for a moment)."""
+def relay_until(relay: EventRelay, total: int, timeout: float = 30.0) -> None:
+    """Call ``relay_once`` until ``total`` events went out. A write transaction anywhere on the
+    PostgreSQL server (another test's, in another database) holds the snapshot's xmin, and so the
+    relay, back while it runs: tests wait for what the relay must do, never count on one call."""
     deadline, done = time.monotonic() + timeout, 0
     while done < total:
         assert time.monotonic() < deadline, f"relayed {done} of {total} in {timeout}s"
         done += relay.relay_once()
         time.sleep(0.01)
+
+
+def relay_until_raises(relay: EventRelay, error: type[Exception], timeout: float = 30.0) -> Exception:
+    """``relay_once`` until it raises ``error`` (see ``relay_until`` on why one call may relay nothing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            assert relay.relay_once() == 0, f"relayed a batch instead of raising {error.__name__}"
+        except error as exc:
+            return exc
+        time.sleep(0.01)
+    raise AssertionError(f"relay_once did not raise {error.__name__} in {timeout}s")
 
 
 def checkpoint(engine: Engine) -> tuple[int, int] | None:
@@ -167,7 +185,7 @@ def test_an_open_transaction_holds_later_commits_back_and_nothing_is_skipped(
     try:
         register(store, 2)
         relay_until(relay, 2)
-        tap.wait_for(stored_ids(engine), timeout=5)
+        tap.wait_for(stored_ids(engine), timeout=30)
         with store.unit_of_work() as a:  # A takes positions 3-5 and stays open...
             register(store, 3, per_transaction=3, uow=a)
             register(store, 2)  # ...while B takes 6-7 and commits
@@ -225,12 +243,11 @@ def test_a_failure_after_publishing_publishes_the_batch_again(
     relay.feed_indexer = failing_once
     try:
         register(EventStore(engine, registry), 3)
-        with pytest.raises(ConnectionError):
-            relay.relay_once()
+        relay_until_raises(relay, ConnectionError)
         assert checkpoint(engine) is None
         relay_until(relay, 3)
         tap.drain()
-        assert len(tap.received) == 6 and len(tap.ids()) == 3  # at least once: twice here
+        assert len(tap.ids()) == 3 and len(tap.received) == 3 + calls[0]  # the failed batch went out twice
         assert checkpoint(engine)[1] == 3  # type: ignore[index]
     finally:
         relay.close()
@@ -287,8 +304,7 @@ def test_one_relay_holds_the_lease_and_a_fenced_out_relay_cannot_move_the_checkp
             conn.execute(sa.text("UPDATE leases SET expires_at = now() - interval '1 second'"))
         first.lease.renew_at = time.monotonic() + 60
         assert second.lease.hold()  # ...and second takes over
-        with pytest.raises(LeaseLost):
-            first.relay_once()  # still believes it holds the lease: publishes, but cannot checkpoint
+        relay_until_raises(first, LeaseLost)  # believes it holds the lease: publishes, cannot checkpoint
         assert checkpoint(engine)[1] == 2  # type: ignore[index]
         relay_until(second, 2)
         assert checkpoint(engine)[1] == 4 and first.relay_once() == 0  # type: ignore[index]
@@ -305,14 +321,15 @@ class Relays:
 
     def __init__(self, settings: Settings, directory: Path) -> None:
         self.env = worker_env(settings, CQRSKIT_EVENTS_EXCHANGE=settings.events_exchange,
-                              CQRSKIT_INDEXER_QUEUE=settings.indexer_queue, CQRSKIT_RELAY_LEASE_SECONDS="2")
+                              CQRSKIT_INDEXER_QUEUE=settings.indexer_queue)
         self.directory = directory
         self.started: list[WorkerProcess] = []
 
-    def start(self) -> WorkerProcess:
+    def start(self, lease_seconds: float = 2.0) -> WorkerProcess:
         log_path = self.directory / f"relay-{len(self.started)}.log"
+        env = {**self.env, "CQRSKIT_RELAY_LEASE_SECONDS": str(lease_seconds)}
         with log_path.open("wb") as log:
-            popen = subprocess.Popen([sys.executable, "-c", RELAY_PROGRAM], cwd=PROJECT, env=self.env,
+            popen = subprocess.Popen([sys.executable, "-c", RELAY_PROGRAM], cwd=PROJECT, env=env,
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         process = WorkerProcess(popen, log_path)
@@ -341,6 +358,13 @@ def acquired(process: WorkerProcess, timeout: float = 30.0) -> str:
     return process.wait_for_log(lambda r: r["event"] == "relay.lease_acquired", timeout=timeout)[0]["holder"]
 
 
+def eventually(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)
+
+
 def published_command_ids(process: WorkerProcess) -> set[str]:
     return {c for r in process.log_records() if r["event"] == "relay.published" for c in r["command_ids"]}
 
@@ -354,26 +378,32 @@ def test_events_committed_around_a_sigkill_are_published_after_restart(
     register(store, 1)
     relays.started[-1].kill()  # right after a commit
     acquired(relays.start())
-    tap.wait_for(stored_ids(engine), timeout=15)
+    tap.wait_for(stored_ids(engine), timeout=30)
 
-    writer = threading.Thread(target=register, args=(store, 2000), kwargs={"per_transaction": 10})
+    restarted = threading.Event()
+
+    def stream() -> None:  # 2,000 events or more: the stream goes on until the relay was restarted
+        written = 0
+        while not restarted.is_set() or written < 2000:
+            register(store, 5, per_transaction=5)
+            written += 5
+
+    writer = threading.Thread(target=stream)
     writer.start()
     try:
-        deadline = time.monotonic() + 20
-        while len(tap.received) < 300:  # mid-stream
-            assert time.monotonic() < deadline, f"the relay published {len(tap.received)} events in 20s"
-            tap.drain(0.02)
-        assert writer.is_alive(), "the stream ended before the relay was killed"
+        deadline = time.monotonic() + 30
+        while len(tap.received) < 200:  # mid-stream
+            assert time.monotonic() < deadline, f"the relay published {len(tap.received)} events in 30s"
+            tap.drain(0.02, limit=20)
         relays.started[-1].kill()
-        print(f"killed mid-stream after {len(tap.received)} messages")
         relays.start()
     finally:
+        restarted.set()
         writer.join()
     everything = stored_ids(engine)
-    assert len(everything) == 2001
+    assert len(everything) >= 2000
     tap.wait_for(everything, timeout=30)
     assert tap.ids() == everything
-    print(f"{len(tap.received)} messages for {len(everything)} events")
 
 
 @pytest.mark.slow
@@ -388,18 +418,131 @@ def test_a_standby_relay_takes_over_within_seconds_of_a_sigkill(
     assert lease_holder(engine) == active_holder
 
     before = register(store, 5)
-    tap.wait_for(stored_ids(engine), timeout=10)
-    active.wait_for_log(lambda r: r["event"] == "relay.published")  # G12: command ids in its log
-    assert published_command_ids(active) == set(before) and published_command_ids(standby) == set()
+    tap.wait_for(stored_ids(engine), timeout=30)
+    eventually(lambda: published_command_ids(active) == set(before), "command ids in relay.published (G12)")
+    assert published_command_ids(standby) == set()
 
     active.kill()
     killed_at = time.monotonic()
     after = register(store, 5)
-    tap.wait_for(stored_ids(engine), timeout=2 + 6)
+    holder = acquired(standby, timeout=2 + 10)
     takeover = time.monotonic() - killed_at
-    assert takeover < 2 + 4, f"standby took {takeover:.1f}s to publish after the kill"
-    assert lease_holder(engine) == acquired(standby, timeout=1)
-    assert published_command_ids(standby) >= set(after)
+    assert takeover < 2 + 3, f"the standby took the lease {takeover:.1f}s after the kill (lease: 2 s)"
+    assert lease_holder(engine) == holder
+    tap.wait_for(stored_ids(engine), timeout=30)
+    eventually(lambda: published_command_ids(standby) >= set(after), "the standby's relay.published lines")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_sigterm_stops_the_relay_and_hands_the_lease_over_at_once(relays: Relays, engine: Engine) -> None:
+    """With a 30 s lease, the standby can only take over this fast if the lease was given up."""
+    active = relays.start(lease_seconds=30)
+    acquired(active)
+    standby = relays.start(lease_seconds=30)
+    standby.wait_for_log(lambda r: r["event"] == "relay.standby")
+    active.popen.send_signal(signal.SIGTERM)
+    assert active.popen.wait(timeout=5) == 0
+    assert any(r["event"] == "relay.stopped" for r in active.log_records())
+    holder = acquired(standby, timeout=5)
+    assert lease_holder(engine) == holder
+
+
+# -- outages ----------------------------------------------------------------------------------
+class Proxy:
+    """A TCP forwarder to RabbitMQ that can be cut (every connection dropped, new ones refused)
+    and restored on the same port: a broker outage that the other tests on this machine don't see."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        probe = socket.create_server(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.sockets: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self.listener = self.listener, None
+        for sock in [listener, *self.sockets]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+            except OSError:
+                pass
+            sock.close()  # type: ignore[union-attr]
+        self.sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def through(proxy_of: str, settings: Settings) -> tuple[Proxy, Settings]:
+    """A proxy to the broker or the database of ``settings``, and settings that use it."""
+    if proxy_of == "broker":
+        url = pika.URLParameters(settings.broker_url)
+        proxy = Proxy((url.host, url.port))
+        return proxy, settings.model_copy(update={"broker_url": f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"})
+    url = make_url(settings.database_url)
+    proxy = Proxy((url.host, url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    return proxy, settings.model_copy(update={"database_url": proxied})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("outage", ["broker", "database"])
+def test_the_relay_outlives_an_outage_and_publishes_what_was_committed_during_it(
+        outage: str, relay_settings: Settings, engine: Engine, tap: Tap) -> None:
+    proxy, settings = through(outage, relay_settings)
+    relay_engine = make_engine(settings.database_url, pool_size=2)
+    store = EventStore(engine, registry)  # the writers keep their own way to the database
+    relay = EventRelay.for_rabbitmq(settings, relay_engine, holder="test")
+    stop = threading.Event()
+    runner = threading.Thread(target=relay.run, args=(stop,))
+    with structlog.testing.capture_logs() as logs:
+        runner.start()
+        try:
+            register(store, 3)
+            tap.wait_for(stored_ids(engine), timeout=30)
+            proxy.down()
+            register(store, 3)
+            eventually(lambda: any(r["event"] == "relay.error" for r in logs), f"relay.error during the {outage} outage")
+            assert runner.is_alive()
+            proxy.up()
+            tap.wait_for(stored_ids(engine), timeout=45)
+        finally:
+            stop.set()
+            runner.join(timeout=15)
+            relay.close()
+            proxy.down()
+            relay_engine.dispose()
+    assert not runner.is_alive()
+    assert relay_lag(engine).events == 0
 
 
 # -- latency and the indexer feed ----------------------------------------------------------------
@@ -414,7 +557,7 @@ def test_an_event_is_on_the_exchange_within_tens_of_milliseconds_of_its_commit(
     latencies = []
     try:
         register(store, 1)  # warm up: connections, declarations
-        tap.wait_for(stored_ids(engine), timeout=10)
+        tap.wait_for(stored_ids(engine), timeout=30)
         arrivals = tap.channel.consume(tap.queue, inactivity_timeout=5)
         for _ in range(20):
             register(store, 1)
@@ -450,9 +593,10 @@ def test_the_indexer_queue_gets_one_dramatiq_message_per_batch(relay_settings: S
             bodies.append(json.loads(got[2]))
     finally:
         connection.close()
-    assert [(b["actor_name"], b["queue_name"]) for b in bodies] == [("index_events", settings.indexer_queue)] * 2
+    assert {(b["actor_name"], b["queue_name"]) for b in bodies} == {("index_events", settings.indexer_queue)}
     batches = [b["args"][0] for b in bodies]
-    assert [[e["position"] for e in batch] for batch in batches] == [[1, 2, 3, 4], [5, 6]]
+    assert all(0 < len(batch) <= 4 for batch in batches) and len(batches) >= 2  # one message per batch
+    assert [e["position"] for batch in batches for e in batch] == [1, 2, 3, 4, 5, 6]
     assert [EventMessage.model_validate(e).command_id for batch in batches for e in batch] == commands
 
 

@@ -29,7 +29,8 @@ third of ``relay_lease_seconds``; a standby polls and takes it once it has expir
 
 Latency: on PostgreSQL the relay LISTENs on ``cqrskit_events`` (an insert trigger notifies at
 commit) and polls every second anyway; while a committed event is held back by an older running
-transaction, which may roll back without notifying, it polls every 50 ms, as it does on SQLite.
+transaction (which may roll back, or run in another database: neither notifies us) it polls every
+20 ms. On SQLite it polls every 50 ms.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import sqlalchemy as sa
@@ -51,15 +53,18 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
+from infra.db import make_engine
 from infra.event_wire import EventMessage
 from infra.schema import events, leases, relay_checkpoints
 from infra.settings import Settings
 from infra.store import StoredEvent
 from producers.amqp import AmqpPublisher, OutgoingMessage
+from workers.broker import index_message, make_broker
 
 log = structlog.get_logger("cqrskit.relay")
 NAME = "relay"  # the relay's checkpoint row and lease row
-FAST_POLL = 0.05
+SQLITE_POLL = 0.05
+HELD_BACK_POLL = 0.02  # the running transactions we wait for may roll back, which notifies nobody
 SLOW_POLL = 1.0
 CHANNEL = "cqrskit_events"
 
@@ -72,8 +77,7 @@ class EventsNotConfirmed(Exception):
     """The broker did not confirm every event of a batch; the batch will be published again."""
 
 
-@dataclass(frozen=True)
-class Lag:
+class Lag(NamedTuple):
     events: int  # committed events not yet relayed
     oldest_age: float  # seconds since the oldest of them was recorded (0.0 when none)
 
@@ -131,7 +135,10 @@ class EventRelay:
                                 failures=failures, exc_info=failures == 1)
                     stop.wait(timeout)
                     continue
-                if timeout > 0:
+                if not self.lease.held:  # standby: no LISTEN, whose notifications would pile up unread
+                    self.wakeup.close()
+                    stop.wait(timeout)
+                elif timeout > 0:
                     self.wakeup.wait(timeout, stop)
         finally:
             self.lease.release()
@@ -155,7 +162,7 @@ class EventRelay:
             return 0.0
         if count >= self.batch_size:
             return 0.0
-        poll = FAST_POLL if held_back or not self.postgres else SLOW_POLL
+        poll = SQLITE_POLL if not self.postgres else HELD_BACK_POLL if held_back else SLOW_POLL
         return max(0.0, min(poll, self.lease.until_renewal()))
 
     def _relay_batch(self) -> tuple[int, bool]:
@@ -289,12 +296,9 @@ class Wakeup:
             stop.wait(timeout)
 
     def close(self) -> None:
-        if self.conn is not None:
-            conn, self.conn = self.conn, None
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()  # psycopg's close never raises
 
 
 class RabbitmqOutlet:
@@ -309,27 +313,27 @@ class RabbitmqOutlet:
         self.declared = False
 
     def publish_events(self, messages: list[EventMessage]) -> None:
-        """Raises EventsNotConfirmed unless the broker confirmed every message. A message that no
-        queue is bound for is confirmed too: nobody subscribed to it, which is no failure."""
-        try:
-            self._declare()
+        """Raises EventsNotConfirmed unless the broker confirmed every message. Published without
+        ``mandatory``: a message no queue is bound for is confirmed too (nobody subscribed to it,
+        which is no failure)."""
+        with self._reset_on_error():
             report = self.publisher.publish_many(  # type: ignore[union-attr]
                 OutgoingMessage(body=m.model_dump_json().encode(), routing_key=m.routing_key(),
                                 message_id=m.event_id) for m in messages)
-            failed = [(mid, why) for mid, why in report.failed if not why.startswith("unroutable")]
+            failed = report.failed
             if failed:
                 raise EventsNotConfirmed(f"{len(failed)} of {len(messages)} events not confirmed, "
                                          f"e.g. {failed[0][0]}: {failed[0][1]}")
-        except Exception:
-            self.reset()
-            raise
 
-    def feed_indexer(self, events_: list[dict[str, Any]]) -> None:
-        from workers.broker import index_message
+    def feed_indexer(self, batch: list[dict[str, Any]]) -> None:
+        with self._reset_on_error():
+            self.broker.enqueue(index_message(batch, self.settings.indexer_queue))
 
+    @contextmanager
+    def _reset_on_error(self) -> Iterator[None]:
         try:
             self._declare()
-            self.broker.enqueue(index_message(events_, self.settings.indexer_queue))
+            yield
         except Exception:
             self.reset()
             raise
@@ -337,15 +341,13 @@ class RabbitmqOutlet:
     def _declare(self) -> None:
         if self.declared:
             return
-        from workers.broker import make_broker
-
         if self.broker is None:
             self.broker = make_broker(self.settings)
         self.broker.declare_queue(self.settings.indexer_queue, ensure=True)
         self.broker.channel.exchange_declare(self.settings.events_exchange, exchange_type="topic", durable=True)
         if self.publisher is None:
             self.publisher = AmqpPublisher(self.settings.broker_url, self.settings.events_exchange,
-                                           confirm_timeout=15.0)
+                                           confirm_timeout=15.0, reconnect_attempts=2, mandatory=False)
         self.declared = True
 
     def reset(self) -> None:
@@ -428,8 +430,6 @@ def default_holder() -> str:
 def run_relay(settings: Settings) -> None:
     """Run the relay of ``settings`` until SIGTERM or SIGINT (the Procfile's ``relay``). Needs
     RabbitMQ: the embedded broker lives inside another process. Never migrates the write store."""
-    from infra.db import make_engine
-
     if settings.embedded_broker:
         raise ValueError("the relay process needs a real broker: set CQRSKIT_BROKER_URL=amqp://...")
     engine = make_engine(settings.database_url, pool_size=2)
