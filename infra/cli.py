@@ -163,6 +163,19 @@ def schema(
     console.print(f"wrote {path}")
 
 
+@app.command()
+def gateway(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Serve the HTTP command gateway (POST /commands, GET /commands/{id}; OpenAPI at /docs)."""
+    from producers.gateway import run_gateway
+
+    run_gateway(ctx.obj, host, port, workers)
+
+
 def print_outcomes(outcomes: list) -> None:  # type: ignore[type-arg]
     table = Table("command id", "type", "aggregate", "status", "version", "positions", "reason")
     colours = {"succeeded": "green", "rejected": "yellow", "invalid": "magenta", "dead": "red"}
