@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 import os
 import re
 import time
@@ -97,9 +98,12 @@ def check_command(body: bytes, registry: Registry, max_bytes: int) -> OutgoingMe
         envelope = CommandEnvelope.model_validate_json(body)
     except ValidationError as exc:
         raise InvalidCommand("invalid command envelope", _document_errors(exc, body)) from None
-    nul = _find_string(envelope.payload, ["payload"], lambda text: "\x00" in text)
+    nul = _find_string(envelope.payload, ["payload"], _has_nul)
     if nul is not None:
         raise InvalidCommand("NUL character in a string", [_nul_error(nul)])
+    huge = _find_string(envelope.payload, ["payload"], lambda v: isinstance(v, float) and not math.isfinite(v))
+    if huge is not None:
+        raise InvalidCommand("number out of range", [_error(huge, "not a finite number", "non_finite")])
     try:
         registry.command_type(envelope.type).model_validate(envelope.payload)
     except UnknownType as exc:
@@ -168,7 +172,7 @@ def _document_errors(exc: ValidationError, body: bytes) -> list[dict[str, str]]:
     """Pydantic's errors, made precise where its own are not: lone surrogates and NUL."""
     if any(e["type"] == "json_invalid" for e in exc.errors()):
         return _json_errors(body) or _errors(exc)
-    nul = _find_string(_loads(body), [], lambda text: "\x00" in text)
+    nul = _find_string(_loads(body), [], _has_nul)
     return _errors(exc) + ([] if nul is None else [_nul_error(nul)])
 
 
@@ -178,7 +182,7 @@ def _nul_error(path: list[str]) -> dict[str, str]:
 
 def _json_errors(body: bytes) -> list[dict[str, str]] | None:
     """A lone surrogate's path, when that is why the JSON was refused (``json`` decodes them)."""
-    where = _find_string(_loads(body), [], lambda text: any("\ud800" <= c <= "\udfff" for c in text))
+    where = _find_string(_loads(body), [], lambda v: isinstance(v, str) and any("\ud800" <= c <= "\udfff" for c in v))
     if where is None:
         return None
     return [_error(where, "lone surrogate (unpaired \\ud800-\\udfff escape) in a string", "lone_surrogate")]
@@ -199,8 +203,12 @@ def _find_string(value: Any, path: list[str], bad: Callable[[str], bool]) -> lis
         return None
 
 
-def _find(value: Any, path: list[str], bad: Callable[[str], bool]) -> list[str] | None:
-    if isinstance(value, str):
+def _has_nul(value: Any) -> bool:
+    return isinstance(value, str) and "\x00" in value
+
+
+def _find(value: Any, path: list[str], bad: Callable[[Any], bool]) -> list[str] | None:
+    if not isinstance(value, (dict, list)):
         return path if bad(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:

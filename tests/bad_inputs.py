@@ -45,6 +45,8 @@ BAD_INPUTS: list[tuple[str, object, tuple[str, str]]] = [
     ("bad aggregate id", lambda cid: dumps(envelope(cid, aggregate_id="")), ("invalid", "aggregate_id")),
     ("negative expected version", lambda cid: dumps(envelope(cid, expected_version=-1)), ("invalid", "expected_version")),
     ("unknown envelope version", lambda cid: dumps(envelope(cid, envelope_version=2)), ("invalid", "envelope_version")),
+    ("number beyond float range", lambda cid: dumps(envelope(cid, payload={"name": "Ann", "email": "a@example.com"}))
+     .replace(b'"name": "Ann"', b'"name": "Ann", "age": 1e400'), ("invalid", "not a finite number")),
     ("deeply nested", lambda cid: dumps(envelope(cid)).replace(b'"Ann"', b"[" * 5000 + b"]" * 5000),
      ("invalid", "invalid command envelope")),
 ]

@@ -15,6 +15,7 @@ Contracts:
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
@@ -78,9 +79,12 @@ class CommandExecutor:
                 return self._invalid_or_bad(_id_of(raw), "invalid command envelope", errors, raw)
             command_id = _id_of(raw) or _sniff_id(body[:4096])
             return self._invalid_or_bad(command_id, "invalid command envelope", _errors(exc), raw)
-        nul = _find_char(envelope.payload, "payload", lambda text: "\x00" in text)
+        nul = _find_char(envelope.payload, "payload", _has_nul)
         if nul:
             return _invalid(envelope, "NUL character in a string", [{"loc": nul, "msg": "NUL (\\u0000) is not allowed"}])
+        huge = _find_char(envelope.payload, "payload", _is_non_finite)
+        if huge:
+            return _invalid(envelope, "number out of range", [{"loc": huge, "msg": "not a finite number"}])
         try:
             command = self.registry.command_type(envelope.type).model_validate(envelope.payload)
         except UnknownType as exc:
@@ -237,13 +241,21 @@ def _text(value: Any, limit: int) -> str | None:
     return safe[:limit]
 
 
-def _is_surrogate(text: str) -> bool:
-    return any("\ud800" <= char <= "\udfff" for char in text)
+def _is_surrogate(value: Any) -> bool:
+    return isinstance(value, str) and any("\ud800" <= char <= "\udfff" for char in value)
 
 
-def _find_char(value: Any, path: str, bad: Callable[[str], bool]) -> str | None:
-    """The dotted path of the first string (or key) for which ``bad`` holds, if any."""
-    if isinstance(value, str):
+def _has_nul(value: Any) -> bool:
+    return isinstance(value, str) and "\x00" in value
+
+
+def _is_non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _find_char(value: Any, path: str, bad: Callable[[Any], bool]) -> str | None:
+    """The dotted path of the first leaf value (or key) for which ``bad`` holds, if any."""
+    if not isinstance(value, (dict, list)):
         return path if bad(value) else None
     if isinstance(value, dict):
         for key, item in value.items():
