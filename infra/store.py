@@ -180,8 +180,8 @@ class UnitOfWork:
         except IntegrityError as exc:
             raise ConcurrencyConflict(str(exc.orig)) from exc
         except OperationalError as exc:
-            if self.conn.dialect.name == "sqlite" and "locked" in str(exc.orig):
-                raise ConcurrencyConflict(f"sqlite: {exc.orig}") from exc
+            if _is_conflict(self.conn, exc):
+                raise ConcurrencyConflict(f"{self.conn.dialect.name}: {exc.orig}") from exc
             raise
         for aggregate in self.loaded.values():
             aggregate.version += len(aggregate.pending)
@@ -190,7 +190,9 @@ class UnitOfWork:
 
     def _append_all(self, metadata: dict[str, Any]) -> list[int]:
         rows: list[dict[str, Any]] = []
-        for sid, aggregate in self.loaded.items():
+        # Streams are moved in one global order (by id), so that two commands touching the same
+        # streams lock their rows in the same order: they conflict, never deadlock.
+        for sid, aggregate in sorted(self.loaded.items()):
             if not aggregate.pending:
                 continue
             self._move_stream(sid, aggregate)
@@ -246,6 +248,14 @@ class UnitOfWork:
                 unique_claims.insert(),
                 [{"scope": s, "key": k, "owner": o} for (s, k), o in self.claims.taken.items()],
             )
+
+
+def _is_conflict(conn: Connection, exc: OperationalError) -> bool:
+    """A failure that deciding again resolves: SQLite's stale snapshot, PostgreSQL's deadlock or
+    serialization failure (SQLSTATE class 40)."""
+    if conn.dialect.name == "sqlite":
+        return "locked" in str(exc.orig)
+    return str(getattr(exc.orig, "sqlstate", "") or "").startswith("40")
 
 
 def _insert(conn: Connection):  # type: ignore[no-untyped-def]

@@ -58,7 +58,8 @@ class Indexer:
         report.events = len(events)
         log.info("indexer.indexed", events=len(events), documents=report.documents, written=report.written,
                  stale=report.stale, parked=len(report.parked),
-                 command_ids=sorted({e["command_id"] for e in events if e.get("command_id")}))
+                 command_ids=sorted({e["command_id"] for e in events if e.get("command_id")}),
+                 correlation_ids=sorted({e["correlation_id"] for e in events if e.get("correlation_id")}))
         return report
 
     def reindex(self, model_name: str, ids: list[str]) -> IndexReport:

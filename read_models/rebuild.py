@@ -17,14 +17,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
 from domain.registry import Registry
-from read_models.indices import begin_build, finish_build, next_alias
+from read_models.indices import alias, begin_build, finish_build, next_alias
 from read_models.model import ReadModel
-from read_models.parking import park
+from read_models.parking import get_parked, park, unpark
 from read_models.source import WriteStoreSource, snapshot
 from read_models.writer import Write, write_documents
 
@@ -42,7 +43,7 @@ class RebuildReport:
 def rebuild(engine: Engine, registry: Registry, es: Elasticsearch, prefix: str, model: ReadModel,
             *, chunk: int = 1000, on_total: Callable[[int], None] | None = None,
             on_progress: Callable[[int], None] | None = None) -> RebuildReport:
-    started = time.perf_counter()
+    started, began_at = time.perf_counter(), datetime.now(UTC)
     index = begin_build(es, engine, prefix, model)
     target = next_alias(prefix, model.name)
     documents = parked = 0
@@ -61,4 +62,20 @@ def rebuild(engine: Engine, registry: Registry, es: Elasticsearch, prefix: str, 
                 on_progress(len(ids))
     es.indices.refresh(index=index)
     replaced = finish_build(es, engine, prefix, model.name, index)
+    _forget_rebuilt(engine, es, prefix, model.name, began_at)
     return RebuildReport(model.name, index, documents, time.perf_counter() - started, replaced, parked)
+
+
+def _forget_rebuilt(engine: Engine, es: Elasticsearch, prefix: str, model: str, began_at: datetime) -> int:
+    """Documents parked before the rebuild began and not parked again since are in the new live
+    index now (the rebuild wrote them): their entries go. Returns how many."""
+    ids = [row["doc_id"] for row in get_parked(engine, None)
+           if row["read_model"] == model and _utc(row["parked_at"]) < began_at]
+    if not ids:
+        return 0
+    docs = es.mget(index=alias(prefix, model), ids=ids, source=False)["docs"]
+    return unpark(engine, model, [doc["_id"] for doc in docs if doc.get("found")])
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

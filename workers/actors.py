@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 
 import dramatiq
+import structlog
 
 from workers.broker import COMMAND_ACTOR, INDEX_ACTOR
 from workers.execution import BadCommand
 from workers.runtime import Runtime
+
+log = structlog.get_logger("cqrskit.indexer")
 
 
 def declare_command_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq.Actor:
@@ -38,7 +41,11 @@ def declare_indexer_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
     settings = runtime.settings
 
     def index_events(events: list[dict]) -> None:  # type: ignore[type-arg]
-        runtime.indexer.index_events(events)
+        try:
+            runtime.indexer.index_events(events)
+        except Exception as exc:  # retried as a whole; logged without the batch (Dramatiq would log it all)
+            log.warning("indexer.batch_failed", events=len(events), error=repr(exc)[:500])
+            raise dramatiq.Retry(repr(exc)[:500]) from exc
 
     return dramatiq.actor(
         index_events,
