@@ -1,0 +1,33 @@
+"""The README's first command, as a newcomer runs it: `cqrskit demo` on the embedded default
+(SQLite, in-process broker, embedded osmem) at its default size. Its output is checked: every
+command reached its expected outcome (G3) and every read model equals the write store (G6)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
+    env["COLUMNS"] = "160"
+    done = subprocess.run([sys.executable, "-m", "infra.cli", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=280)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    counts = {status: int(n) for status, n in re.findall(r"│ (succeeded|rejected|invalid|dead)\s+│ (\d+)", out)}
+    total = re.search(r"total\s+│ (\d+) of (\d+) sent", out)
+    assert total and total.group(1) == total.group(2), out[-2000:]
+    assert counts["dead"] == 0 and counts["invalid"] == 3 and counts["rejected"] >= 5 and counts["succeeded"] > 2000
+    assert sum(counts.values()) == int(total.group(1))
+    models = dict(re.findall(r"│ (orders|products|customers)\s+│ (\d+)\s+│ 0\s+│ 0\s+│ 0\s+│", out))
+    assert set(models) == {"orders", "products", "customers"}, out[-2000:]
+    assert "every read model equals a fresh projection of the write store" in out
+    assert (tmp_path / "var" / "cqrskit.db").exists()
