@@ -117,18 +117,13 @@ def worker(
     threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 8,
 ) -> None:
     """Run command workers on the commands queue (Dramatiq), until interrupted."""
-    import os
+    from infra.cli_read import exec_dramatiq
 
     settings: Settings = ctx.obj
     if settings.embedded_broker:
         err.print("[red]the command worker needs a real broker:[/red] set CQRSKIT_BROKER_URL=amqp://...")
         raise typer.Exit(2)
-    from infra.cli_read import _export
-
-    _export(settings)
-    args = ["dramatiq", "workers.app", "--processes", str(processes), "--threads", str(threads),
-            "--queues", settings.commands_queue, f"{settings.commands_queue}.DQ"]
-    os.execvp(sys.executable, [sys.executable, "-m", *args])
+    exec_dramatiq(settings, "workers.app", settings.commands_queue, processes, threads)
 
 
 @app.command()

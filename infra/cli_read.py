@@ -70,16 +70,17 @@ def indexer(
         err.print("[red]the indexer needs a real broker and search server:[/red] set CQRSKIT_BROKER_URL and "
                   "CQRSKIT_ELASTICSEARCH_URL")
         raise typer.Exit(2)
-    _export(settings)
-    args = ["dramatiq", "workers.indexer_app", "--processes", str(processes), "--threads", str(threads),
-            "--queues", settings.indexer_queue, f"{settings.indexer_queue}.DQ"]
-    os.execvp(sys.executable, [sys.executable, "-m", *args])
+    exec_dramatiq(settings, "workers.indexer_app", settings.indexer_queue, processes, threads)
 
 
-def _export(settings: Settings) -> None:
-    """Hand the effective settings (flags included) to the processes we exec."""
+def exec_dramatiq(settings: Settings, module: str, queue: str, processes: int, threads: int) -> None:
+    """Become Dramatiq's CLI on ``module``, consuming ``queue`` and its delay queue, with the
+    effective settings (flags included) handed over through the environment."""
     os.environ.update(CQRSKIT_DATABASE_URL=settings.database_url, CQRSKIT_BROKER_URL=settings.broker_url,
                       CQRSKIT_ELASTICSEARCH_URL=settings.elasticsearch_url)
+    args = ["dramatiq", module, "--processes", str(processes), "--threads", str(threads),
+            "--queues", queue, f"{queue}.DQ"]
+    os.execvp(sys.executable, [sys.executable, "-m", *args])
 
 
 def verify(
