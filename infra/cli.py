@@ -3,8 +3,6 @@ environment (``CQRSKIT_*``) and the global options override them."""
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.logs import configure_logging
-from infra.settings import EMBEDDED_SEARCH, LogFormat, Settings, load_settings
+from infra.settings import LogFormat, Settings, load_settings
 
 app = typer.Typer(help="cqrskit: message-queue driven CQRS workers.", no_args_is_help=True, add_completion=False)
 console = Console()
