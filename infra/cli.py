@@ -169,6 +169,18 @@ def gateway(
     run_gateway(ctx.obj, host, port, workers)
 
 
+@app.command()
+def query(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
+) -> None:
+    """Serve the HTTP query API over the read models (OpenAPI at /docs); reads the search indices only."""
+    from read_models.api import run_query_api
+
+    run_query_api(ctx.obj, host, port)
+
+
 def print_outcomes(outcomes: list) -> None:  # type: ignore[type-arg]
     table = Table("command id", "type", "aggregate", "status", "version", "positions", "reason")
     colours = {"succeeded": "green", "rejected": "yellow", "invalid": "magenta", "dead": "red"}
@@ -187,8 +199,10 @@ def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
 
 
 from infra.cli_read import register  # noqa: E402
+from infra.cli_search import register as register_search  # noqa: E402
 
 register(app)
+register_search(app)
 
 if __name__ == "__main__":
     app()
