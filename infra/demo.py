@@ -16,7 +16,6 @@ from infra.envelope import CommandEnvelope
 from infra.schema import command_outcomes, events
 from infra.settings import Settings
 from producers.shopload import ShopLoad
-from read_models.indices import alias
 from workers.local import LocalPipeline
 
 
@@ -40,7 +39,7 @@ def run_demo(settings: Settings, *, size: int, seed: int, console: Console) -> i
         event_counts = _event_counts(pipeline, [e.command_id for e in sent])
         _print_summary(console, load, sent, statuses, event_counts, elapsed)
         _print_read_models(console, reports, catch_up)
-        _print_top_products(console, pipeline)
+        _print_queries(console, pipeline, load)
     ok = statuses.get("rejected", 0) >= load.expected["rejected"] and statuses.get("invalid", 0) == load.expected[
         "invalid"] and statuses.get("dead", 0) == 0 and sum(statuses.values()) == len(sent)
     converged = all(r.ok for r in reports)
@@ -106,13 +105,34 @@ def _print_read_models(console: Console, reports: list, catch_up: float) -> None
     console.print(f"read models caught up {catch_up:.1f} s after the last command's outcome")
 
 
-def _print_top_products(console: Console, pipeline: LocalPipeline) -> None:
-    index = alias(pipeline.settings.index_prefix, "products")
-    hits = pipeline.runtime.search.search(index=index, size=5, sort=[{"units_sold": "desc"}, {"product_id": "asc"}])
-    table = Table("sku", "name", "units sold", "stock", "price", title="Top products by units sold (a search)")
-    for hit in hits["hits"]["hits"]:
-        p = hit["_source"]
-        table.add_row(p["sku"], p["name"], str(p["units_sold"]), str(p["stock"]), f"{p['price_cents'] / 100:.2f}")
+def _print_queries(console: Console, pipeline: LocalPipeline, load: ShopLoad) -> None:
+    """A few back-office questions, asked through the typed query API (read_models/queries.py)."""
+    from read_models import queries as q
+
+    es, prefix = pipeline.runtime.search, pipeline.settings.index_prefix
+    page = q.search_orders(es, prefix, q.OrderQuery(text="Ada", status=["shipped"], sort="total", order="desc",
+                                                    size=5, facets=True))
+    table = Table("order", "customer", "status", "lines", "total", "placed at",
+                  title=f"Shipped orders of customers named Ada, largest first ({page.total.value} found)")
+    for o in page.items:
+        table.add_row(o.order_id, o.customer.name or "", o.status, str(o.line_count), f"{o.total_cents / 100:,.2f}",
+                      f"{o.placed_at:%Y-%m-%d %H:%M:%S}" if o.placed_at else "")
+    console.print(table)
+    facets = q.search_orders(es, prefix, q.OrderQuery(size=1, facets=True)).facets
+    if facets:
+        table = Table("status", "orders", title="Facet: all orders by status")
+        for bucket in facets.status:
+            table.add_row(bucket.key, str(bucket.count))
+        console.print(table)
+    top = q.top_products(es, prefix, q.TopProductsQuery(by="revenue", size=5))
+    table = Table("sku", "product", "units", "revenue", "orders", title="Aggregation: top products by revenue")
+    for p in top.items:
+        table.add_row(p.sku, p.name or "", str(p.units), f"{p.revenue_cents / 100:,.2f}", str(p.orders))
+    console.print(table)
+    busiest = q.search_customers(es, prefix, q.CustomerQuery(sort="lifetime_value", size=3))
+    table = Table("customer", "email", "orders", "lifetime value", title="Best customers")
+    for c in busiest.items:
+        table.add_row(c.name, c.email, str(c.order_count), f"{c.lifetime_value_cents / 100:,.2f}")
     console.print(table)
 
 
