@@ -198,11 +198,13 @@ def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
     return "".join(f"\n  {e['loc']}: {e['msg']}" for e in (errors or [])[:10])
 
 
+from infra.cli_ops import register as register_ops  # noqa: E402
 from infra.cli_read import register  # noqa: E402
 from infra.cli_search import register as register_search  # noqa: E402
 
 register(app)
 register_search(app)
+register_ops(app)
 
 if __name__ == "__main__":
     app()

@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     min_backoff_ms: int = Field(default=500, ge=0)
     max_backoff_ms: int = Field(default=30_000, ge=0)
     conflict_retries: int = Field(default=30, ge=0, description="In-worker retries on version conflicts.")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Serve Prometheus metrics on this port (one per process group or relay; unset: no metrics).",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Interface of the metrics server.")
+    metrics_dir: Path | None = Field(
+        default=None, description="Where a worker group's processes share metric files (default: <tmp>/cqrskit-metrics).",
+    )
 
     @field_validator("broker_url")
     @classmethod
@@ -77,6 +85,12 @@ class Settings(BaseSettings):
         if not value.startswith(("amqp://", "amqps://", EMBEDDED_BROKER)):
             raise ValueError(f"broker_url must be amqp://, amqps:// or {EMBEDDED_BROKER}, got {value!r}")
         return value
+
+    @field_validator("metrics_port", "metrics_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``CQRSKIT_METRICS_PORT=$PORT`` in a Procfile run without a PORT means no metrics."""
+        return None if value == "" else value
 
     @field_validator("database_url")
     @classmethod

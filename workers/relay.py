@@ -60,6 +60,7 @@ from infra.settings import Settings
 from infra.store import StoredEvent
 from producers.amqp import AmqpPublisher, OutgoingMessage
 from workers.broker import index_message, make_broker
+from workers.metrics import serve_relay_metrics
 
 log = structlog.get_logger("cqrskit.relay")
 NAME = "relay"  # the relay's checkpoint row and lease row
@@ -434,6 +435,7 @@ def run_relay(settings: Settings) -> None:
         raise ValueError("the relay process needs a real broker: set CQRSKIT_BROKER_URL=amqp://...")
     engine = make_engine(settings.database_url, pool_size=2)
     relay = EventRelay.for_rabbitmq(settings, engine)
+    metrics = serve_relay_metrics(settings, relay)  # None unless CQRSKIT_METRICS_PORT is set
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -441,5 +443,7 @@ def run_relay(settings: Settings) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if metrics is not None:
+            metrics.close()
         relay.close()
         engine.dispose()

@@ -1,0 +1,405 @@
+"""The operator's commands: ``cqrskit status`` (the pipeline at a glance, G12) and ``cqrskit dlq``
+over the commands' dead-letter queue (``<commands queue>.XQ``).
+
+The dead-letter queue holds two kinds of message: raw bodies (a body with no readable command
+id, dead-lettered at once, G10; or a message a quorum queue parked after too many deliveries)
+and Dramatiq messages (``args[0]`` = the base64 body) of commands that ran out of retries.
+``dlq`` shows both by the command inside. Positions count from the head of the queue (1).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
+
+import pika
+import sqlalchemy as sa
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from sqlalchemy import Engine
+
+from infra.outcomes import Outcome, Status
+from infra.settings import Settings
+from infra.status import Status as PipelineStatus
+from infra.status import amqp_parameters, gather_status
+
+console = Console()
+err = Console(stderr=True)
+dlq_app = typer.Typer(help="The commands' dead-letter queue: list, show, retry, purge.", no_args_is_help=True)
+_DRAMATIQ_KEYS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp"})
+
+
+# -- status -------------------------------------------------------------------------------------
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one document per refresh with --watch).")] = False,
+    watch: Annotated[Optional[float], typer.Option(help="Refresh every SECONDS until interrupted.")] = None,
+) -> None:
+    """Queue depths, dead letters, unpublished events, lag and parked documents per read model,
+    live workers and outcomes. Exit 1 when a component cannot be reached."""
+    settings: Settings = ctx.obj
+    _quiet_clients()
+    if watch is None:
+        snapshot = gather_status(settings)
+        _show(snapshot, as_json)
+        raise typer.Exit(0 if snapshot.healthy else 1)
+    try:
+        if as_json:
+            while True:
+                _show(gather_status(settings), True)
+                time.sleep(watch)
+        with Live(render_status(gather_status(settings)), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(watch)
+                live.update(render_status(gather_status(settings)), refresh=True)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def _quiet_clients() -> None:
+    """The clients' own log lines (a 404 for each missing queue, each HTTP request) would bury the view."""
+    for name in ("pika", "elastic_transport"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _show(snapshot: PipelineStatus, as_json: bool) -> None:
+    if as_json:
+        print(snapshot.model_dump_json(indent=2), flush=True)
+    else:
+        console.print(render_status(snapshot))
+
+
+def render_status(s: PipelineStatus) -> Group:
+    parts: list[Any] = [f"[bold]cqrskit status[/bold] at {s.taken_at:%Y-%m-%d %H:%M:%S} UTC   " + "   ".join(
+        f"{name}: " + ("[green]up[/]" if c.reachable else f"[red]down[/] ({escape(c.error or '')})") for name, c in s.components.items())]
+    queues = Table("queue", "name", "ready", "consumers", title="queues", title_justify="left")
+    for role, q in s.queues.items():
+        style = "red" if role.endswith(".XQ") and q.ready else ""
+        queues.add_row(role, q.name, _n(q.ready) if q.exists else "[red]missing[/]", _n(q.consumers), style=style)
+    if s.queues:
+        parts.append(queues)
+    r = s.relay
+    relay = Table("unpublished events", "oldest (s)", "checkpoint", "active relay", "lease until",
+                  title="event relay", title_justify="left")
+    relay.add_row(_n(r.unpublished_events), _n(r.oldest_unpublished_seconds), _n(r.checkpoint_position),
+                  r.holder or f"[red]none[/] (last: {r.last_holder or '-'})",
+                  f"{r.lease_expires_at:%H:%M:%S}" if r.lease_expires_at else "-")
+    models = Table("read model", "index", "documents", "parked", "lag (events)", "lag (s)",
+                   title="read models", title_justify="left")
+    search_up = s.components.get("search") is not None and s.components["search"].reachable
+    for name, m in s.read_models.items():
+        index = ", ".join(m.indices) or ("[red]missing[/]" if search_up else "?")
+        index += f" (building {', '.join(m.building)})" if m.building else ""
+        lag = _n(m.lag_events) + ("+" if m.lag_exact is False else "")
+        models.add_row(name, index, _n(m.documents), f"[red]{m.parked}[/]" if m.parked else _n(m.parked), lag,
+                       _n(m.lag_seconds))
+    parts += [relay, models]
+    if s.outcomes is not None:
+        outcomes = Table(*s.outcomes, title="outcomes", title_justify="left")
+        outcomes.add_row(*(str(n) for n in s.outcomes.values()))
+        parts.append(outcomes)
+    w = s.workers
+    parts += [f"workers: commands {_n(w.commands)}, indexer {_n(w.indexer)}, "
+              f"relay {w.relay or 'none'}   dead letters: "
+              + (", ".join(f"{k} {_n(v)}" for k, v in s.dead_letters.items()) or "?")]
+    return Group(*parts)
+
+
+def _n(value: int | float | None) -> str:
+    return "?" if value is None else str(value)
+
+
+# -- dead letters -------------------------------------------------------------------------------
+@dataclass
+class DeadLetter:
+    """One message of the dead-letter queue, and the command body inside it."""
+
+    position: int
+    raw: bytes
+    body: bytes
+    wrapper: dict[str, Any] | None  # the Dramatiq message around ``body``, if it was one
+    headers: dict[str, Any]
+
+    @property
+    def envelope(self) -> dict[str, Any] | None:
+        try:
+            decoded = json.loads(self.body)
+        except (ValueError, RecursionError):
+            return None
+        return decoded if isinstance(decoded, dict) else None
+
+    @property
+    def command_id(self) -> str | None:
+        from workers.execution import readable_command_id
+
+        return readable_command_id(self.body)
+
+    @property
+    def type(self) -> str | None:
+        kind = (self.envelope or {}).get("type")
+        return kind[:200] if isinstance(kind, str) else None
+
+    @property
+    def traceback(self) -> str | None:
+        return (self.wrapper or {}).get("options", {}).get("traceback")
+
+    @property
+    def reason(self) -> str:
+        """The exception of Dramatiq's last traceback, or why RabbitMQ dead-lettered the raw body."""
+        if self.traceback:
+            retries = self.wrapper["options"].get("retries", 0)  # type: ignore[index]
+            return f"{exception_line(self.traceback)} (after {retries} retries)"
+        deaths = self.headers.get("x-death") or [{}]
+        how = f"{_text(deaths[0].get('reason')) or 'dead-lettered'} by {_text(deaths[0].get('queue')) or '?'}"
+        if self.command_id is None:
+            return f"{how}: no readable command_id (not a command envelope)"
+        return how if self.wrapper is None else f"{how} (retries exhausted)"
+
+
+def exception_line(traceback: str) -> str:
+    """The line naming the exception, at the end of a formatted traceback (the first line after the
+    last frame: messages may span lines, e.g. SQLAlchemy's "(Background on this error at: ...)")."""
+    lines = traceback.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  ")]
+    after = frames[-1] + 1 if frames else 0
+    return lines[after] if after < len(lines) else lines[-1]
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
+def unwrap(raw: bytes) -> tuple[bytes, dict[str, Any] | None]:
+    """The command body of a dead letter, and the Dramatiq message around it if there was one."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw, None
+    if not (isinstance(message, dict) and message.keys() == _DRAMATIQ_KEYS and isinstance(message["args"], list)
+            and len(message["args"]) == 1 and isinstance(message["args"][0], str)):
+        return raw, None
+    try:
+        return base64.b64decode(message["args"][0], validate=True), message
+    except (ValueError, binascii.Error):
+        return raw, None
+
+
+class DeadLetterQueue:
+    """The commands' XQ over one AMQP connection. ``take`` gets the next message without
+    acknowledging it: it stays invisible until ``ack`` removes it, or until ``close`` puts back
+    every message taken and not acknowledged, in its place."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = f"{settings.commands_queue}.XQ"
+        self.connection = pika.BlockingConnection(amqp_parameters(settings.broker_url))
+        self.channel = self.connection.channel()
+        self.publisher: Any = None
+        self.taken = 0
+
+    def count(self) -> int:
+        return int(self.channel.queue_declare(self.name, passive=True).method.message_count)
+
+    def take(self) -> tuple[int, DeadLetter] | None:
+        method, properties, raw = self.channel.basic_get(self.name, auto_ack=False)
+        if method is None:
+            return None
+        self.taken += 1
+        body, wrapper = unwrap(raw)
+        return method.delivery_tag, DeadLetter(self.taken, raw, body, wrapper, dict(properties.headers or {}))
+
+    def ack(self, tag: int) -> None:
+        self.channel.basic_ack(tag)
+
+    def republish(self, letter: DeadLetter) -> None:
+        """Publish the command body to the commands exchange; returns once the broker confirmed
+        it (raises pika's UnroutableError or NackError otherwise)."""
+        if self.publisher is None:
+            self.publisher = self.connection.channel()
+            self.publisher.confirm_delivery()
+        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json",
+                                          message_id=letter.command_id, headers={"cqrskit-retried-from": self.name})
+        self.publisher.basic_publish(self.settings.commands_exchange, letter.type or "dlq.retry", letter.body,
+                                     properties, mandatory=True)
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()  # messages taken and not acknowledged go back in their places
+
+
+@contextmanager
+def dead_letter_queue(settings: Settings) -> Iterator[DeadLetterQueue]:
+    _quiet_clients()
+    if settings.embedded_broker:
+        err.print("[red]the dead-letter queue lives in RabbitMQ:[/red] set CQRSKIT_BROKER_URL=amqp://...")
+        raise typer.Exit(2)
+    try:
+        queue = DeadLetterQueue(settings)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        err.print(f"[red]cannot reach the broker:[/red] {exc!r}")
+        raise typer.Exit(2) from None
+    try:
+        yield queue
+    finally:
+        queue.close()
+
+
+def _letters(queue: DeadLetterQueue, limit: int) -> Iterator[tuple[int, DeadLetter]]:
+    """At most ``limit`` messages from the head (at most as many as were there at the start, so
+    that messages dead-lettered again meanwhile are not met twice)."""
+    for _ in range(min(limit, queue.count())):
+        taken = queue.take()
+        if taken is None:
+            return
+        yield taken
+
+
+@dlq_app.command("list")
+def dlq_list(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="At most this many, from the head.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List dead letters: position, command id, type, size, reason. Leaves them in place."""
+    with dead_letter_queue(ctx.obj) as queue:
+        letters = [letter for _tag, letter in _letters(queue, limit)]
+    if as_json:
+        print(json.dumps([{"position": d.position, "command_id": d.command_id, "type": d.type, "bytes": len(d.body),
+                           "wrapped": d.wrapper is not None, "reason": d.reason} for d in letters], indent=2))
+        return
+    table = Table("#", "command id", "type", "bytes", "reason", title=f"{queue.name}")
+    for d in letters:
+        table.add_row(str(d.position), d.command_id or "[red]unreadable[/]", d.type or "", str(len(d.body)), d.reason)
+    console.print(table if letters else f"{queue.name} is empty")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="A position (from dlq list) or a command id.")],
+) -> None:
+    """Show one dead letter in full: the command body, the reason and Dramatiq's traceback."""
+    with dead_letter_queue(ctx.obj) as queue:
+        found = next((d for _tag, d in _letters(queue, 1_000_000) if ref in (str(d.position), d.command_id)), None)
+    if found is None:
+        err.print(f"no dead letter {ref!r} in {queue.name}")
+        raise typer.Exit(3)
+    console.print(f"[bold]#{found.position}[/bold] command {found.command_id or '(unreadable)'} type {found.type or '?'}, "
+                  f"{len(found.body)} bytes" + (", in a Dramatiq message" if found.wrapper else ""))
+    console.print(f"reason: {found.reason}", markup=False)
+    envelope = found.envelope
+    console.print(json.dumps(envelope, indent=2) if envelope is not None else repr(found.body), markup=False)
+    if found.traceback:
+        console.print(found.traceback, markup=False)
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    ctx: typer.Context,
+    positions: Annotated[Optional[list[int]], typer.Argument(help="Positions (from dlq list).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Retry every dead letter.")] = False,
+) -> None:
+    """Publish the commands again (the original bodies, to the commands exchange, confirmed),
+    then remove them from the dead-letter queue. A ``dead`` outcome is deleted first so that the
+    command can run; any other outcome stays, and the command is a duplicate (G2). Bodies with no
+    readable command id are left in place: they would be dead-lettered again."""
+    if not positions and not all_:
+        err.print("give positions, or --all")
+        raise typer.Exit(2)
+    wanted = set(positions or [])
+    retried = skipped = 0
+    with _engine(ctx.obj) as engine, dead_letter_queue(ctx.obj) as queue:
+        for tag, letter in _letters(queue, 1_000_000 if all_ else max(wanted)):
+            if not all_ and letter.position not in wanted:
+                continue
+            if letter.command_id is None:
+                skipped += 1
+                continue
+            _retry(queue, engine, tag, letter)
+            retried += 1
+    console.print(f"retried {retried}" + (f", left {skipped} unreadable in place (dlq purge)" if skipped else ""))
+
+
+def _retry(queue: DeadLetterQueue, engine: Engine, tag: int, letter: DeadLetter) -> None:
+    """Delete a dead outcome, republish, then ack. If the broker does not confirm, the outcome is
+    put back and the message stays in the dead-letter queue."""
+    removed = _delete_dead_outcome(engine, letter.command_id)  # type: ignore[arg-type]
+    try:
+        queue.republish(letter)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        if removed is not None:
+            _record(engine, removed)
+        err.print(f"[red]#{letter.position} {letter.command_id} not republished:[/red] {exc!r}")
+        raise typer.Exit(1) from None
+    queue.ack(tag)
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    ctx: typer.Context,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove every dead letter. A command with a readable id and no outcome yet is recorded
+    ``dead`` first, so that it keeps a queryable outcome (G3)."""
+    purged = recorded = 0
+    with _engine(ctx.obj) as engine, dead_letter_queue(ctx.obj) as queue:
+        count = queue.count()
+        if not count:
+            console.print(f"{queue.name} is empty")
+            return
+        if not yes:
+            typer.confirm(f"Purge {count} dead letters from {queue.name}?", abort=True)
+        for tag, letter in _letters(queue, count):
+            if letter.command_id is not None:
+                outcome = Outcome(command_id=letter.command_id, status=Status.dead, type=letter.type,
+                                  reason=f"{letter.reason}; purged from {queue.name}"[:1000])
+                recorded += not _record(engine, outcome).duplicate
+            queue.ack(tag)
+            purged += 1
+    console.print(f"purged {purged} from {queue.name}; recorded {recorded} dead outcomes")
+
+
+@contextmanager
+def _engine(settings: Settings) -> Iterator[Engine]:
+    from infra.db import make_engine
+
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        yield engine
+    except sa.exc.SQLAlchemyError as exc:  # messages taken and not acknowledged are back in place
+        err.print(f"[red]write store error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+
+
+def _delete_dead_outcome(engine: Engine, command_id: str) -> Outcome | None:
+    from infra.schema import command_outcomes
+
+    with engine.begin() as conn:
+        row = conn.execute(command_outcomes.delete().where(
+            command_outcomes.c.command_id == command_id, command_outcomes.c.status == Status.dead.value)
+            .returning(*command_outcomes.c)).first()
+    return None if row is None else Outcome.from_row(row._mapping)
+
+
+def _record(engine: Engine, outcome: Outcome) -> Outcome:
+    from infra.store import EventStore
+    from workers.runtime import default_registry
+
+    return EventStore(engine, default_registry()).record_outcome(outcome)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(status)
+    app.add_typer(dlq_app, name="dlq")

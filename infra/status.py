@@ -1,0 +1,348 @@
+"""The operator's view (G12): one snapshot of the whole pipeline, as a pydantic model that
+``cqrskit status`` prints as tables or as JSON.
+
+What each number is, and where it comes from:
+
+- ``queues``: per Dramatiq queue (commands, indexer, each with its ``.DQ`` delay queue and
+  ``.XQ`` dead-letter queue), ``ready`` messages and ``consumers``, from an AMQP passive
+  ``queue_declare``. Messages delivered to a worker and not yet acknowledged are NOT counted
+  (AMQP does not tell them; ``rabbitmqctl list_queues messages`` does). A queue that does not
+  exist (``cqrskit setup`` not run) has ``exists: false``.
+- ``dead_letters``: the ``.XQ`` depths: commands Dramatiq gave up on (``cqrskit dlq``), indexer
+  batches that outlived their retries.
+- ``outcomes``: terminal outcomes recorded in the write store, by status (G3).
+- ``relay``: committed events not yet published and the age of the oldest
+  (``workers.relay.relay_lag``: exact), the checkpoint, and the lease: which relay is active,
+  until when (the database's clock; a lease that expired means no relay is running).
+- ``read_models``: per read model, documents in the live index, parked documents (G7), and the
+  lag. The indexers keep no checkpoint per read model, so the lag is measured on the documents
+  themselves: every document records the version of each stream it was computed from
+  (``streams``), so for the newest ``lag_window`` events of the model's own stream type (orders
+  for ``orders``...), ``lag_events`` counts those whose stream version the document does not
+  reflect yet and ``lag_seconds`` is the age of the oldest of them. This covers everything
+  ahead of the index: events the relay has not published, batches waiting in the indexer
+  queue or being retried, documents being written, and parked documents (which stay unreflected
+  until retried). It does not count fan-out from other streams (a customer rename reaching its
+  orders: ``cqrskit verify`` checks that). When every event of the window is unreflected the
+  true lag may be larger: ``lag_exact`` is then false.
+- ``workers``: consumers on the commands and indexer queues (a Dramatiq worker process holds
+  one consumer per queue) and the relay holding the lease.
+
+Every component is reached with short timeouts; one that cannot be reached is reported in
+``components`` with its error and its numbers are null. Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import pika
+import sqlalchemy as sa
+from elastic_transport import TransportError
+from elasticsearch import ApiError, Elasticsearch
+from pydantic import BaseModel, Field
+from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from infra.db import make_engine
+from infra.schema import command_outcomes, events, leases, parked_documents, read_model_indices, streams
+from infra.settings import EMBEDDED_SEARCH, Settings
+from read_models.indices import alias
+from read_models.model import ReadModel
+
+STATUSES = ("succeeded", "rejected", "invalid", "dead")
+LAG_WINDOW = 2000
+TIMEOUT = 5.0
+
+
+class Component(BaseModel):
+    reachable: bool
+    error: str | None = None
+
+
+class QueueState(BaseModel):
+    name: str
+    exists: bool = True
+    ready: int | None = Field(default=None, description="Messages ready for delivery (unacknowledged ones excluded).")
+    consumers: int | None = None
+
+
+class RelayState(BaseModel):
+    unpublished_events: int | None = None
+    oldest_unpublished_seconds: float | None = None
+    checkpoint_position: int | None = None
+    holder: str | None = Field(default=None, description="The relay holding an unexpired lease, if any.")
+    lease_expires_at: datetime | None = None
+    last_holder: str | None = Field(default=None, description="Whoever held the lease last (even if expired).")
+
+
+class ReadModelState(BaseModel):
+    alias: str
+    indices: list[str] = Field(default_factory=list, description="Physical indices behind the live alias.")
+    building: list[str] = Field(default_factory=list, description="Indices a rebuild is filling.")
+    documents: int | None = None
+    parked: int | None = None
+    lag_events: int | None = None
+    lag_seconds: float | None = None
+    lag_exact: bool | None = None
+    lag_window: int = LAG_WINDOW
+
+
+class Workers(BaseModel):
+    commands: int | None = Field(default=None, description="Consumers on the commands queue (worker processes).")
+    indexer: int | None = Field(default=None, description="Consumers on the indexer queue (indexer processes).")
+    relay: str | None = Field(default=None, description="The active relay (lease holder).")
+
+
+class Status(BaseModel):
+    taken_at: datetime
+    components: dict[str, Component]
+    queues: dict[str, QueueState] = Field(default_factory=dict)
+    dead_letters: dict[str, int | None] = Field(default_factory=dict)
+    outcomes: dict[str, int] | None = None
+    relay: RelayState = Field(default_factory=RelayState)
+    read_models: dict[str, ReadModelState] = Field(default_factory=dict)
+    workers: Workers = Field(default_factory=Workers)
+
+    @property
+    def healthy(self) -> bool:
+        return all(c.reachable for c in self.components.values())
+
+
+def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None, lag_window: int = LAG_WINDOW) -> Status:
+    """A snapshot of the pipeline of ``settings`` (see the module docstring). Never raises for
+    a component that cannot be reached: it is reported unreachable and its numbers stay null."""
+    if models is None:
+        from read_models.shop import SHOP_READ_MODELS
+
+        models = SHOP_READ_MODELS
+    status = Status(taken_at=datetime.now(UTC), components={})
+    status.read_models = {m.name: ReadModelState(alias=alias(settings.index_prefix, m.name), lag_window=lag_window)
+                          for m in models}
+    _gather_broker(settings, status)
+    with _write_store(settings.database_url) as engine:
+        store_ok = _gather_write_store(engine, status)
+        with _search(settings) as es:
+            if es is None:
+                status.components["search"] = Component(reachable=False, error="embedded search server: it "
+                                                        "lives inside `cqrskit demo`; set CQRSKIT_ELASTICSEARCH_URL")
+            else:
+                _gather_documents(es, status)
+            if store_ok and es is not None and status.components["search"].reachable:
+                _gather_lag(engine, es, models, lag_window, status)
+    status.workers = Workers(
+        commands=_consumers(status, "commands"), indexer=_consumers(status, "indexer"), relay=status.relay.holder)
+    return status
+
+
+# -- the broker -------------------------------------------------------------------------------
+def queue_roles(settings: Settings) -> dict[str, str]:
+    """Role (``commands``, ``commands.DQ``...) -> the queue's name under ``settings``."""
+    roles = {}
+    for role, name in (("commands", settings.commands_queue), ("indexer", settings.indexer_queue)):
+        roles.update({role: name, f"{role}.DQ": f"{name}.DQ", f"{role}.XQ": f"{name}.XQ"})
+    return roles
+
+
+def amqp_parameters(url: str) -> pika.ConnectionParameters:
+    """One quick connection attempt (an operator's command must not hang on a dead broker)."""
+    from workers.broker import connection_parameters
+
+    params = connection_parameters(url) | {"connection_attempts": 1, "socket_timeout": TIMEOUT,
+                                           "stack_timeout": TIMEOUT * 2, "blocked_connection_timeout": TIMEOUT * 2}
+    return pika.ConnectionParameters(**params)
+
+
+def _gather_broker(settings: Settings, status: Status) -> None:
+    if settings.embedded_broker:
+        status.components["broker"] = Component(reachable=False, error="embedded in-process broker: nothing to inspect")
+        return
+    parameters = amqp_parameters(settings.broker_url)
+    try:
+        connection = pika.BlockingConnection(parameters)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        where = f"{parameters.host}:{parameters.port}{parameters.virtual_host}"
+        status.components["broker"] = Component(reachable=False, error=f"cannot connect to {where}: {_error(exc)}")
+        return
+    try:
+        status.queues = {role: _queue_state(connection, name) for role, name in queue_roles(settings).items()}
+        status.components["broker"] = Component(reachable=True)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        status.queues = {}
+        status.components["broker"] = Component(reachable=False, error=_error(exc))
+    finally:
+        if connection.is_open:
+            connection.close()
+    status.dead_letters = {role: _ready(status, f"{role}.XQ") for role in ("commands", "indexer")}
+
+
+def _queue_state(connection: pika.BlockingConnection, name: str) -> QueueState:
+    channel = connection.channel()
+    try:
+        declared = channel.queue_declare(name, passive=True).method
+        return QueueState(name=name, ready=declared.message_count, consumers=declared.consumer_count)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404:
+            raise
+        return QueueState(name=name, exists=False)
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
+def _ready(status: Status, role: str) -> int | None:
+    queue = status.queues.get(role)
+    return None if queue is None else (queue.ready or 0)
+
+
+def _consumers(status: Status, role: str) -> int | None:
+    queue = status.queues.get(role)
+    return None if queue is None else (queue.consumers or 0)
+
+
+# -- the write store --------------------------------------------------------------------------
+@contextmanager
+def _write_store(url: str) -> Iterator[Engine]:
+    """An engine that gives up connecting after a few seconds and keeps no pool."""
+    if url.startswith("postgresql"):
+        engine = sa.create_engine(make_url(url).set(drivername="postgresql+psycopg"), poolclass=NullPool,
+                                  connect_args={"connect_timeout": int(TIMEOUT)})
+    else:
+        engine = make_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _gather_write_store(engine: Engine, status: Status) -> bool:
+    from workers.relay import relay_lag
+
+    try:
+        lag = relay_lag(engine)
+        with engine.connect() as conn:
+            status.outcomes = _outcomes(conn)
+            status.relay = _relay_state(conn, lag.events, lag.oldest_age)
+            parked = _parked(conn)
+            roles = conn.execute(sa.select(read_model_indices.c.read_model, read_model_indices.c.index_name,
+                                           read_model_indices.c.role)).all()
+    except sa.exc.SQLAlchemyError as exc:
+        status.components["write_store"] = Component(reachable=False, error=_error(exc))
+        return False
+    status.components["write_store"] = Component(reachable=True)
+    for name, state in status.read_models.items():
+        state.parked = parked.get(name, 0)
+        state.building = sorted(index for model, index, role in roles if model == name and role == "building")
+    return True
+
+
+def _outcomes(conn: Connection) -> dict[str, int]:
+    counted = dict(conn.execute(sa.select(command_outcomes.c.status, sa.func.count())
+                                .group_by(command_outcomes.c.status)).all())
+    return {s: counted.pop(s, 0) for s in STATUSES} | counted
+
+
+def _parked(conn: Connection) -> dict[str, int]:
+    return dict(conn.execute(sa.select(parked_documents.c.read_model, sa.func.count())
+                             .group_by(parked_documents.c.read_model)).all())
+
+
+def _relay_state(conn: Connection, unpublished: int, oldest_age: float) -> RelayState:
+    from workers.relay import NAME, read_checkpoint
+
+    state = RelayState(unpublished_events=unpublished, oldest_unpublished_seconds=round(oldest_age, 3),
+                       checkpoint_position=read_checkpoint(conn)[1])
+    lease = conn.execute(sa.select(leases.c.holder, leases.c.expires_at).where(leases.c.name == NAME)).first()
+    if lease is not None:
+        now = conn.execute(sa.select(sa.func.now())).scalar_one() if conn.dialect.name == "postgresql" \
+            else datetime.now(UTC)  # the relay's lease runs on the database's clock on PostgreSQL
+        state.last_holder, state.lease_expires_at = lease.holder, _utc(lease.expires_at)
+        state.holder = lease.holder if state.lease_expires_at > _utc(now) else None
+    return state
+
+
+# -- the search server ------------------------------------------------------------------------
+@contextmanager
+def _search(settings: Settings) -> Iterator[Elasticsearch | None]:
+    if settings.elasticsearch_url == EMBEDDED_SEARCH:
+        yield None
+        return
+    from read_models.search import make_client
+
+    es = make_client(settings.elasticsearch_url, timeout=TIMEOUT)
+    try:
+        yield es
+    finally:
+        es.close()
+
+
+def _gather_documents(es: Elasticsearch, status: Status) -> None:
+    try:
+        for state in status.read_models.values():
+            if es.indices.exists_alias(name=state.alias):
+                state.indices = sorted(es.indices.get_alias(name=state.alias))
+                state.documents = es.count(index=state.alias)["count"]
+    except (ApiError, TransportError) as exc:
+        status.components["search"] = Component(reachable=False, error=_error(exc))
+        return
+    status.components["search"] = Component(reachable=True)
+
+
+def _gather_lag(engine: Engine, es: Elasticsearch, models: Sequence[ReadModel], window: int, status: Status) -> None:
+    now = datetime.now(UTC)
+    try:
+        for model in models:
+            state = status.read_models[model.name]
+            if state.indices:
+                with engine.connect() as conn:
+                    recent = _recent_events(conn, model.stream_type, window)
+                _measure_lag(es, state, recent, now, window)
+    except sa.exc.SQLAlchemyError as exc:
+        status.components["write_store"] = Component(reachable=False, error=_error(exc))
+    except (ApiError, TransportError) as exc:
+        status.components["search"] = Component(reachable=False, error=_error(exc))
+
+
+def _recent_events(conn: Connection, stream_type: str, window: int) -> list[Any]:
+    """The newest ``window`` events of a stream type: (aggregate id, stream id, version, recorded_at)."""
+    return conn.execute(
+        sa.select(streams.c.aggregate_id, events.c.stream_id, events.c.version, events.c.recorded_at)
+        .join(streams, streams.c.stream_id == events.c.stream_id)
+        .where(events.c.stream_type == stream_type)
+        .order_by(events.c.position.desc()).limit(window)).all()
+
+
+def _measure_lag(es: Elasticsearch, state: ReadModelState, recent: list[Any], now: datetime, window: int) -> None:
+    reflected = _reflected_versions(es, state.alias, {row.aggregate_id: row.stream_id for row in recent})
+    behind = [row for row in recent if row.version > reflected.get(row.stream_id, 0)]
+    state.lag_events = len(behind)
+    oldest = min((_utc(row.recorded_at) for row in behind), default=None)
+    state.lag_seconds = 0.0 if oldest is None else round(max(0.0, (now - oldest).total_seconds()), 3)
+    state.lag_exact = not (len(recent) == window and len(behind) == window)
+
+
+def _reflected_versions(es: Elasticsearch, index: str, stream_of: dict[str, str]) -> dict[str, int]:
+    """stream id -> the version of that stream the document of its aggregate was computed from."""
+    if not stream_of:
+        return {}
+    found = es.mget(index=index, ids=list(stream_of), source_includes=["streams"])["docs"]
+    versions = {}
+    for doc in found:
+        if doc.get("found"):
+            sid = stream_of[doc["_id"]]
+            versions[sid] = max((s["version"] for s in doc["_source"].get("streams", []) if s.get("id") == sid),
+                                default=0)
+    return versions
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}"[:300] if text else type(exc).__name__
