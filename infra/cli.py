@@ -178,7 +178,11 @@ def query(
     """Serve the HTTP query API over the read models (OpenAPI at /docs); reads the search indices only."""
     from read_models.api import run_query_api
 
-    run_query_api(ctx.obj, host, port)
+    try:
+        run_query_api(ctx.obj, host, port)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
 
 
 def print_outcomes(outcomes: list) -> None:  # type: ignore[type-arg]

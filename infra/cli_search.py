@@ -33,10 +33,12 @@ def _query(read_model: str, options: dict[str, Any]) -> BaseModel:
         err.print(f"[red]unknown read model {read_model!r}[/red]; known: {', '.join(FIELDS)}")
         raise typer.Exit(2)
     fields = FIELDS[read_model]
-    given = {k: v for k, v in options.items() if v is not None and v != [] and not (k == "facets" and v is False)}
+    given = {k: v for k, v in options.items()
+             if v is not None and v != [] and not (k == "facets" and v is False)}
     stray = [k for k in given if k not in fields and k not in ("sort", "order", "size", "cursor")]
     if stray:
-        err.print(f"[red]{', '.join('--' + s.replace('_', '-') for s in stray)} does not apply to {read_model}[/red]")
+        flags = ", ".join("--" + s.replace("_", "-") for s in stray)
+        err.print(f"[red]{flags} does not apply to {read_model}[/red]")
         raise typer.Exit(2)
     model = {"orders": q.OrderQuery, "products": q.ProductQuery, "customers": q.CustomerQuery}[read_model]
     try:
@@ -61,8 +63,9 @@ def page_table(read_model: str, page: Any) -> Table:
     if read_model == "orders":
         table = Table("order", "status", "customer", "email", "total", "units", "placed", "lines")
         for o in page.items:
-            table.add_row(o.order_id, o.status, o.customer.name or "", o.customer.email or "", _money(o.total_cents),
-                          str(o.units), _when(o.placed_at), ", ".join(f"{l.quantity} x {l.name}" for l in o.lines))
+            lines = ", ".join(f"{line.quantity} x {line.name}" for line in o.lines)
+            table.add_row(o.order_id, o.status, o.customer.name or "", o.customer.email or "",
+                          _money(o.total_cents), str(o.units), _when(o.placed_at), lines)
     elif read_model == "products":
         table = Table("product", "sku", "name", "price", "stock", "sold")
         for p in page.items:
@@ -102,21 +105,21 @@ def top_products_table(top: Any) -> Table:
 def search(
     ctx: typer.Context,
     read_model: Annotated[str, typer.Argument(help="orders, products or customers.")],
-    text: Annotated[Optional[str], typer.Option(help="Words to find (orders: customer name, email, product names).")] = None,
-    status: Annotated[Optional[list[str]], typer.Option(help="Orders: placed, paid, shipped, cancelled (repeatable).")] = None,
-    since: Annotated[Optional[str], typer.Option(help="Orders placed at or after (ISO 8601, UTC by default).")] = None,
+    text: Annotated[Optional[str], typer.Option(help="Words to find (orders: customer, email, products).")] = None,
+    status: Annotated[Optional[list[str]], typer.Option(help="Orders: placed, paid, shipped, cancelled.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Orders placed at or after (ISO 8601, UTC).")] = None,
     until: Annotated[Optional[str], typer.Option(help="Orders placed before (ISO 8601).")] = None,
     customer: Annotated[Optional[str], typer.Option(help="Orders: of this customer id.")] = None,
-    sku: Annotated[Optional[str], typer.Option(help="Orders with a line of this sku; the product with it.")] = None,
+    sku: Annotated[Optional[str], typer.Option(help="Orders with a line of this sku; that product.")] = None,
     min_total: Annotated[Optional[int], typer.Option(help="Orders: total at least (cents).")] = None,
     max_total: Annotated[Optional[int], typer.Option(help="Orders: total at most (cents).")] = None,
-    in_stock: Annotated[Optional[bool], typer.Option("--in-stock/--sold-out", help="Products: with or without stock.")] = None,
+    in_stock: Annotated[Optional[bool], typer.Option("--in-stock/--sold-out", help="Products: stock or not.")] = None,
     email: Annotated[Optional[str], typer.Option(help="Customers: exactly this email.")] = None,
     min_orders: Annotated[Optional[int], typer.Option(help="Customers: at least this many orders.")] = None,
-    sort: Annotated[Optional[str], typer.Option(help="Sort field (see the query API's OpenAPI for each model).")] = None,
+    sort: Annotated[Optional[str], typer.Option(help="Sort field (the query API's OpenAPI lists them).")] = None,
     order: Annotated[Optional[str], typer.Option(help="asc or desc.")] = None,
     size: Annotated[int, typer.Option(help="Results per page (at most 100).")] = 20,
-    cursor: Annotated[Optional[str], typer.Option(help="The next-page cursor a previous search printed.")] = None,
+    cursor: Annotated[Optional[str], typer.Option(help="The next-page cursor a search printed.")] = None,
     facets: Annotated[bool, typer.Option("--facets", help="Orders: counts by status and sku.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the page as JSON.")] = False,
 ) -> None:
@@ -129,17 +132,17 @@ def search(
 
     settings: Settings = ctx.obj
     options = dict(text=text, status=status, since=since, until=until, customer=customer, sku=sku,
-                   min_total=min_total, max_total=max_total, in_stock=in_stock, email=email, min_orders=min_orders,
-                   sort=sort, order=order, size=size, cursor=cursor, facets=facets)
+                   min_total=min_total, max_total=max_total, in_stock=in_stock, email=email,
+                   min_orders=min_orders, sort=sort, order=order, size=size, cursor=cursor, facets=facets)
     query = _query(read_model, options)
     if settings.elasticsearch_url == EMBEDDED_SEARCH:
         err.print("[red]search needs a search server:[/red] set CQRSKIT_ELASTICSEARCH_URL=http://... "
                   "(the embedded one lives inside `cqrskit demo`)")
         raise typer.Exit(2)
-    run = {"orders": q.search_orders, "products": q.search_products, "customers": q.search_customers}[read_model]
+    runs = {"orders": q.search_orders, "products": q.search_products, "customers": q.search_customers}
     es = make_client(settings.elasticsearch_url)
     try:
-        page = run(es, settings.index_prefix, query)
+        page = runs[read_model](es, settings.index_prefix, query)
     except q.QueryError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None

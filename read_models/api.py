@@ -94,11 +94,12 @@ async def _on_problem(_: Request, exc: Exception) -> Response:
 
 async def _on_invalid(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    errors = [ParameterError(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")), type=str(e.get("type", "")))
-              for e in exc.errors()]
+    errors = [ParameterError(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")),
+                             type=str(e.get("type", ""))) for e in exc.errors()]
     detail = "; ".join(f"{'.'.join(map(str, e.loc[1:])) or e.loc[0]}: {e.msg}" for e in errors[:5])
-    return _problem_response(ValidationProblem(type=_problem_type("invalid-parameters"), status=422,
-                                               title="Invalid request parameters", detail=detail, errors=errors))
+    problem = ValidationProblem(type=_problem_type("invalid-parameters"), title="Invalid request parameters",
+                                status=422, detail=detail, errors=errors)
+    return _problem_response(problem)
 
 
 async def _on_http(_: Request, exc: Exception) -> Response:
@@ -107,7 +108,8 @@ async def _on_http(_: Request, exc: Exception) -> Response:
 
 
 async def _on_query_error(_: Request, exc: Exception) -> Response:
-    return _problem_response(Problem(type=_problem_type("bad-cursor"), title="Bad cursor", status=400, detail=str(exc)))
+    return _problem_response(Problem(type=_problem_type("bad-cursor"), title="Bad cursor", status=400,
+                                     detail=str(exc)))
 
 
 async def _on_search_error(request: Request, exc: Exception) -> Response:
@@ -115,8 +117,8 @@ async def _on_search_error(request: Request, exc: Exception) -> Response:
     status = exc.meta.status if isinstance(exc, ApiError) else None
     if status == 400:
         log.warning("query.refused", path=request.url.path, error=str(exc)[:500])
-        return _problem_response(Problem(type=_problem_type("query-refused"), title="Query refused", status=400,
-                                         detail="the search server refused this query; narrow it down"))
+        return _problem_response(Problem(type=_problem_type("query-refused"), title="Query refused",
+                                         status=400, detail="the search server refused this query"))
     log.error("query.search_unavailable", path=request.url.path, status=status, error=str(exc)[:500])
     detail = ("the read model has no index (run `cqrskit setup`)" if status == 404
               else "the search server is unavailable; try again")
@@ -238,7 +240,8 @@ async def _reflected(side: QuerySide, model: str, params: Consistency) -> None:
         await asyncio.sleep(delay)
 
 
-async def _answer(request: Request, model: str, params: Consistency, run: Callable[..., Any], *args: Any) -> Response:
+async def _answer(request: Request, model: str, params: Consistency, run: Callable[..., Any],
+                  *args: Any) -> Response:
     side = _side(request)
     await _reflected(side, model, params)
     result = await run_in_threadpool(run, side.es, side.prefix, *args)
@@ -250,7 +253,8 @@ async def _one(request: Request, model: str, doc_id: str, params: Consistency) -
     await _reflected(side, model, params)
     view = await run_in_threadpool(q.get_document, side.es, side.prefix, model, doc_id)
     if view is None:
-        raise ProblemError(Problem(title="Not Found", status=404, detail=f"no {model[:-1]} with id {doc_id!r}"))
+        raise ProblemError(Problem(title="Not Found", status=404,
+                                   detail=f"no {model[:-1]} with id {doc_id!r}"))
     return Response(view.model_dump_json(), media_type="application/json")
 
 
@@ -265,7 +269,7 @@ SEARCHES: list[tuple[str, str, str, type[Consistency], Callable[..., Any], type[
     ("/products", "products", "products", ProductsParams, q.search_products, q.ProductPage,
      "Search products: full text, filters, sort"),
     ("/products/top", "products", "orders", TopProductsParams, q.top_products, q.TopProducts,
-     "Best sellers by units or revenue over the paid and shipped orders that match (from the orders read model)"),
+     "Best sellers by units or revenue over the paid and shipped orders that match (from the orders model)"),
     ("/customers", "customers", "customers", CustomersParams, q.search_customers, q.CustomerPage,
      "Search customers: full text, filters, sort"),
 ]
@@ -284,20 +288,21 @@ def _search_route(app: FastAPI, path: str, tag: str, model: str, params_type: ty
 def _routes(app: FastAPI) -> None:
     for route in SEARCHES:
         _search_route(app, *route)
-    one = {"tags": ["orders"], "responses": _responses(404, 400, 422, 503, 504), "openapi_extra": documented(Consistency)}
+    one = {"responses": _responses(404, 400, 422, 503, 504), "openapi_extra": documented(Consistency)}
+    consistency = query_params(Consistency)
 
-    @app.get("/orders/{order_id}", **{**one, "tags": ["orders"]}, response_model=q.OrderView, summary="One order")
-    async def get_order(request: Request, order_id: DocId, params: Any = query_params(Consistency)) -> Response:
+    @app.get("/orders/{order_id}", tags=["orders"], response_model=q.OrderView, summary="One order", **one)
+    async def get_order(request: Request, order_id: DocId, params: Any = consistency) -> Response:
         return await _one(request, "orders", order_id, params)
 
-    @app.get("/products/{product_id}", **{**one, "tags": ["products"]}, response_model=q.ProductView,
-             summary="One product")
-    async def get_product(request: Request, product_id: DocId, params: Any = query_params(Consistency)) -> Response:
+    @app.get("/products/{product_id}", tags=["products"], response_model=q.ProductView, summary="One product",
+             **one)
+    async def get_product(request: Request, product_id: DocId, params: Any = consistency) -> Response:
         return await _one(request, "products", product_id, params)
 
-    @app.get("/customers/{customer_id}", **{**one, "tags": ["customers"]}, response_model=q.CustomerView,
-             summary="One customer")
-    async def get_customer(request: Request, customer_id: DocId, params: Any = query_params(Consistency)) -> Response:
+    @app.get("/customers/{customer_id}", tags=["customers"], response_model=q.CustomerView,
+             summary="One customer", **one)
+    async def get_customer(request: Request, customer_id: DocId, params: Any = consistency) -> Response:
         return await _one(request, "customers", customer_id, params)
 
     @app.get("/health", tags=["health"], response_model=Health, responses=_responses(503),
@@ -306,7 +311,8 @@ def _routes(app: FastAPI) -> None:
         side = _side(request)
         counts = await run_in_threadpool(
             lambda: {m: side.es.count(index=alias(side.prefix, m))["count"] for m in MODELS})
-        return Response(Health(status="ok", documents=counts).model_dump_json(), media_type="application/json")
+        return Response(Health(status="ok", documents=counts).model_dump_json(),
+                        media_type="application/json")
 
 
 DESCRIPTION = """Typed search over cqrskit's read models (Elasticsearch): orders, products, customers.
@@ -325,18 +331,20 @@ TAGS = [
 ]
 
 
-def create_app(settings: Settings, *, max_wait: float = MAX_WAIT_SECONDS) -> FastAPI:
+def create_app(settings: Settings, *, max_wait: float = MAX_WAIT_SECONDS,
+               search_timeout: float = 30.0) -> FastAPI:
     """The query API. The search client is made at start-up and closed at shutdown. Only the search
-    URL, the index prefix and the token secret are taken from ``settings`` (G11)."""
+    URL, the index prefix and the token secret are taken from ``settings`` (G11). ``max_wait`` caps
+    every ``consistent_with`` wait; a search slower than ``search_timeout`` seconds answers 503."""
     url, prefix, secret = settings.elasticsearch_url, settings.index_prefix, settings.token_secret
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if url == EMBEDDED_SEARCH:
-            raise RuntimeError("the query API needs a search server: set CQRSKIT_ELASTICSEARCH_URL=http://...")
+            raise RuntimeError("the query API needs a search server: set CQRSKIT_ELASTICSEARCH_URL")
         from read_models.search import make_client
 
-        es = make_client(url, timeout=max(max_wait, 10.0))
+        es = make_client(url, timeout=search_timeout)
         app.state.query_side = QuerySide(es, prefix, secret, max_wait)
         try:
             yield
@@ -354,7 +362,8 @@ def create_app(settings: Settings, *, max_wait: float = MAX_WAIT_SECONDS) -> Fas
     return app
 
 
-def run_query_api(settings: Settings, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = False) -> None:
+def run_query_api(settings: Settings, host: str = "127.0.0.1", port: int = 8000, *,
+                  access_log: bool = False) -> None:
     """Serve the query API with uvicorn until interrupted (logging as configured by the caller)."""
     import uvicorn
 
