@@ -669,4 +669,5 @@ def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8000, w
 
 def settings_environment(settings: Settings) -> dict[str, str]:
     """``settings`` as the CQRSKIT_* variables that ``load_settings`` reads back."""
-    return {f"CQRSKIT_{name.upper()}": str(value) for name, value in settings.model_dump(mode="json").items()}
+    return {f"CQRSKIT_{name.upper()}": str(value) for name, value in settings.model_dump(mode="json").items()
+            if value is not None}  # an unset optional stays unset

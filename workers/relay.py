@@ -27,10 +27,10 @@ One active relay: the ``leases`` row ``relay`` names a holder until ``expires_at
 clock on PostgreSQL, so the clocks of the relays' hosts do not matter). The holder renews it every
 third of ``relay_lease_seconds``; a standby polls and takes it once it has expired.
 
-Latency: on PostgreSQL the relay LISTENs on ``cqrskit_events`` (an insert trigger notifies at
-commit) and polls every second anyway; while a committed event is held back by an older running
-transaction (which may roll back, or run in another database: neither notifies us) it polls every
-20 ms. On SQLite it polls every 50 ms.
+Latency: the relay polls: every 25 ms on PostgreSQL (one indexed read), every 20 ms while a
+committed event is held back by an older running transaction, every 50 ms on SQLite. It does
+not LISTEN: a NOTIFY at commit takes a database-wide lock until the commit is flushed, which
+serialises every command's commit (measured: 16 connections fell from 4,106 to 1,256 tx/s).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-import psycopg
 import sqlalchemy as sa
 import structlog
 from sqlalchemy import Connection, Engine
@@ -65,9 +64,9 @@ from workers.metrics import serve_relay_metrics
 log = structlog.get_logger("cqrskit.relay")
 NAME = "relay"  # the relay's checkpoint row and lease row
 SQLITE_POLL = 0.05
-HELD_BACK_POLL = 0.02  # the running transactions we wait for may roll back, which notifies nobody
+POSTGRES_POLL = 0.025
+HELD_BACK_POLL = 0.02
 SLOW_POLL = 1.0
-CHANNEL = "cqrskit_events"
 
 
 class LeaseLost(Exception):
@@ -99,7 +98,6 @@ class EventRelay:
         self.holder = holder
         self.postgres = engine.dialect.name == "postgresql"
         self.lease = Lease(engine, holder, settings.relay_lease_seconds)
-        self.wakeup = Wakeup(engine if self.postgres else None)
         self.closers: list[Callable[[], None]] = []
 
     @classmethod
@@ -122,7 +120,7 @@ class EventRelay:
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set. Never raises on a transient failure (database or broker
         down): logs it and retries with backoff. Gives the lease up on the way out."""
-        log.info("relay.started", holder=self.holder, batch_size=self.batch_size, listen=self.postgres)
+        log.info("relay.started", holder=self.holder, batch_size=self.batch_size)
         failures = 0
         try:
             while not stop.is_set():
@@ -136,11 +134,8 @@ class EventRelay:
                                 failures=failures, exc_info=failures == 1)
                     stop.wait(timeout)
                     continue
-                if not self.lease.held:  # standby: no LISTEN, whose notifications would pile up unread
-                    self.wakeup.close()
+                if timeout > 0:
                     stop.wait(timeout)
-                elif timeout > 0:
-                    self.wakeup.wait(timeout, stop)
         finally:
             self.lease.release()
             log.info("relay.stopped", holder=self.holder)
@@ -149,7 +144,6 @@ class EventRelay:
         return relay_lag(self.engine)
 
     def close(self) -> None:
-        self.wakeup.close()
         for close in self.closers:
             close()
 
@@ -163,7 +157,7 @@ class EventRelay:
             return 0.0
         if count >= self.batch_size:
             return 0.0
-        poll = SQLITE_POLL if not self.postgres else HELD_BACK_POLL if held_back else SLOW_POLL
+        poll = SQLITE_POLL if not self.postgres else HELD_BACK_POLL if held_back else POSTGRES_POLL
         return max(0.0, min(poll, self.lease.until_renewal()))
 
     def _relay_batch(self) -> tuple[int, bool]:
@@ -269,37 +263,6 @@ class Lease:
             return sa.func.now(), sa.func.now() + timedelta(seconds=self.seconds)
         now = datetime.now(UTC)
         return now, now + timedelta(seconds=self.seconds)
-
-
-class Wakeup:
-    """Waits for the next commit of events: LISTEN/NOTIFY on PostgreSQL (``engine`` given), a plain
-    sleep otherwise. A lost notification costs at most the caller's timeout, never an event."""
-
-    def __init__(self, engine: Engine | None) -> None:
-        self.dsn = None if engine is None else (
-            engine.url.set(drivername="postgresql").render_as_string(hide_password=False))
-        self.conn: psycopg.Connection[Any] | None = None
-
-    def wait(self, timeout: float, stop: threading.Event) -> None:
-        if self.dsn is None:
-            stop.wait(timeout)
-            return
-        try:
-            if self.conn is None:
-                self.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=3)
-                self.conn.execute(f"LISTEN {CHANNEL}")
-                return  # events may have been committed before LISTEN: look once more
-            for _notify in self.conn.notifies(timeout=timeout, stop_after=1):
-                break
-        except psycopg.Error as exc:
-            log.warning("relay.listen_failed", error=repr(exc)[:300])
-            self.close()
-            stop.wait(timeout)
-
-    def close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()  # psycopg's close never raises
 
 
 class RabbitmqOutlet:
