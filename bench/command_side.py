@@ -22,6 +22,7 @@ import functools
 import os
 import platform
 import pstats
+import resource
 import shutil
 import signal
 import statistics
@@ -35,14 +36,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 import pika
 import psycopg
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import make_url
+
+if TYPE_CHECKING:
+    from infra.settings import Settings
 
 ADMIN_URL = os.environ.get("CQRSKIT_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("CQRSKIT_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -55,7 +59,8 @@ PUBLISH_EACH = "producer: raw pika, one confirm each (reference)"
 APPEND_NEW = "event store: append to new streams"
 APPEND_EXISTING = "event store: append to existing streams"
 APPEND_RAW = "event store: new streams vs raw (reference)"
-ROWS = (EXECUTION, PUBLISH_QUORUM, PUBLISH_CLASSIC, SEND_MANY, PUBLISH_EACH, APPEND_NEW, APPEND_EXISTING, APPEND_RAW)
+ROWS = (EXECUTION, PUBLISH_QUORUM, PUBLISH_CLASSIC, SEND_MANY, PUBLISH_EACH,
+        APPEND_NEW, APPEND_EXISTING, APPEND_RAW)
 
 
 @dataclass(frozen=True)
@@ -94,11 +99,14 @@ def median_of(runs: int, measure: Callable[[], float]) -> float:
 
 def interleaved(runs: int, measures: dict[str, Callable[[], float]]) -> dict[str, float]:
     """The median of each measure over ``runs`` rounds, each round running every measure once,
-    so that a noisy moment on the machine hits all of them alike."""
+    so that a noisy moment on the machine hits all of them alike; the order rotates from round
+    to round, so that none always runs after the same one (a quorum queue, for one, is still
+    cleaning up after the previous run's purge)."""
     seen: dict[str, list[float]] = {name: [] for name in measures}
-    for _ in range(runs):
-        for name, measure in measures.items():
-            seen[name].append(measure())
+    names = list(measures)
+    for round_ in range(runs):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            seen[name].append(measures[name]())
     return {name: statistics.median(values) for name, values in seen.items()}
 
 
@@ -144,9 +152,10 @@ def machine_facts() -> dict[str, str]:
         pg = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         sync = conn.execute("SHOW synchronous_commit").fetchone()[0]  # type: ignore[index]
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    rabbit = connection._impl.server_properties["version"]  # noqa: SLF001 - what the broker says it is
+    rabbit = connection._impl.server_properties["version"]  # what the broker says it is
     connection.close()
-    libs = ", ".join(f"{p} {version(p)}" for p in ("sqlalchemy", "psycopg", "pika", "dramatiq", "eventsourcing"))
+    packages = ("sqlalchemy", "psycopg", "pika", "dramatiq", "eventsourcing")
+    libs = ", ".join(f"{p} {version(p)}" for p in packages)
     return {
         "cores": str(os.cpu_count()),
         "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -178,7 +187,7 @@ class Workers:
     """How a phase's worker processes start: ``dramatiq workers.app``, P x T, optionally under py-spy
     (collapsed stacks of every process, one file per phase, in ``py_spy_dir``)."""
 
-    settings: Any
+    settings: Settings
     processes: int
     threads: int
     py_spy_dir: str | None = None
@@ -190,7 +199,8 @@ class Workers:
         if self.py_spy_dir is None:
             return args
         out = os.path.join(self.py_spy_dir, f"{phase}.txt")
-        return [py_spy(), "record", "--subprocesses", "--nonblocking", "--format", "raw", "-o", out, "--", *args]
+        return [py_spy(), "record", "--subprocesses", "--nonblocking", "--format", "raw", "-o", out, "--",
+                *args]
 
     def env(self) -> dict[str, str]:
         s = self.settings
@@ -220,7 +230,7 @@ def py_spy() -> str:
     return found
 
 
-def measure_execution(sizes: Sizes, workers: Callable[[Any], Workers], console: Console) -> Row:
+def measure_execution(sizes: Sizes, workers: Callable[[Settings], Workers], console: Console) -> Row:
     from infra.settings import Settings
 
     tag = uuid.uuid4().hex[:10]
@@ -229,22 +239,24 @@ def measure_execution(sizes: Sizes, workers: Callable[[Any], Workers], console: 
         settings = Settings(database_url=url, broker_url=AMQP_URL, log_level="WARNING",
                             commands_exchange=f"bench.{tag}.commands", commands_queue=f"bench.{tag}.commands")
         pool = workers(settings)
-        declare_commands(settings)
         try:
-            drained, boot = drain_phases(pool, phases, console)
-            statuses = outcome_statuses(url)
+            declare_commands(settings)
+            drained, boot, cpu = drain_phases(pool, phases, console)
             connections = pool.processes * pool.threads
             raw_pg_rate(url, connections, 0.3)  # warm-up
             raw = median_of(sizes.runs, lambda: raw_pg_rate(url, connections, sizes.raw_seconds))
+            statuses = outcome_statuses(url)  # after the raw runs: the statistics are flushed by then
         finally:
             delete_commands(settings)
     total = sum(len(envelopes) for _, envelopes in phases)
-    note = (f"{total} commands, P={pool.processes} T={pool.threads}; "
-            + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + f"; worker boot {boot:.1f} s/phase excluded")
-    return Row(EXECUTION, total / drained, f"PostgreSQL one-row tx, {connections} connections", raw, 0.6, note)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
+    note = (f"{total} commands, P={pool.processes} T={pool.threads}; {counts}; "
+            f"worker boot {boot:.1f} s/phase excluded; worker CPU {cpu * 1000:.1f} ms/command")
+    limit = f"PostgreSQL one-row tx, {connections} connections"
+    return Row(EXECUTION, total / drained, limit, raw, 0.6, note)
 
 
-def declare_commands(settings) -> None:  # type: ignore[no-untyped-def]
+def declare_commands(settings: Settings) -> None:
     from workers.broker import make_broker
     from workers.topology import declare_command_topology
 
@@ -253,19 +265,24 @@ def declare_commands(settings) -> None:  # type: ignore[no-untyped-def]
     broker.close()
 
 
-def delete_commands(settings) -> None:  # type: ignore[no-untyped-def]
+def delete_commands(settings: Settings) -> None:
     with amqp_channel() as channel:
-        for queue in (settings.commands_queue, f"{settings.commands_queue}.DQ", f"{settings.commands_queue}.XQ"):
-            channel.queue_delete(queue)
+        queue = settings.commands_queue
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            channel.queue_delete(name)
         channel.exchange_delete(settings.commands_exchange)
 
 
-def drain_phases(pool: Workers, phases: list, console: Console) -> tuple[float, float]:  # type: ignore[type-arg]
+def drain_phases(pool: Workers, phases: list,  # type: ignore[type-arg]
+                 console: Console) -> tuple[float, float, float]:
     """Publish each phase, then drain it with fresh worker processes. Returns the summed drain
-    time (first consumer up to the last outcome recorded) and the mean boot time."""
+    time (first consumer up to the last outcome recorded), the mean boot time and the workers'
+    CPU seconds per command (start-up and shutdown excluded)."""
     from producers.commands import CommandProducer
 
     drained, boots, expected = 0.0, [], 0
+    idle = boot_cpu(pool)
+    cpu_before = children_cpu()
     with CommandProducer.from_settings(pool.settings) as producer:
         for name, envelopes in phases:
             report = producer.send_many(envelopes)
@@ -277,14 +294,34 @@ def drain_phases(pool: Workers, phases: list, console: Console) -> tuple[float, 
             boots.append(started - spawned)
             console.log(f"{name}: {len(envelopes)} commands drained in {finished - started:.2f} s "
                         f"({len(envelopes) / (finished - started):,.0f}/s)")
-    return drained, statistics.mean(boots)
+    return drained, statistics.mean(boots), (children_cpu() - cpu_before - idle * len(phases)) / expected
+
+
+def boot_cpu(pool: Workers) -> float:
+    """CPU seconds the workers take to start and stop with nothing to do (subtracted per phase)."""
+    before = children_cpu()
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(pool.command("boot"), env=pool.env(), stdout=log, stderr=log,
+                                   start_new_session=True)
+        try:
+            first_consumer(pool.settings.commands_queue, process)
+        finally:
+            pool.stop(process)
+    return children_cpu() - before
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the worker processes started so far and reaped."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def drain_once(pool: Workers, phase: str, expected: int, size: int) -> tuple[float, float, float]:
     """Start workers on a full queue; wall-clock times of spawn, first consumer, last outcome."""
     with tempfile.TemporaryFile() as log:
         spawned = time.time()
-        process = subprocess.Popen(pool.command(phase), env=pool.env(), stdout=log, stderr=log, start_new_session=True)
+        process = subprocess.Popen(pool.command(phase), env=pool.env(), stdout=log, stderr=log,
+                                   start_new_session=True)
         try:
             started = first_consumer(pool.settings.commands_queue, process)
             finished = last_outcome(dsn(pool.settings.database_url), expected, timeout=max(120.0, size / 20))
@@ -311,7 +348,8 @@ def last_outcome(db: str, expected: int, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     with psycopg.connect(db, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            count, last = conn.execute("SELECT count(*), max(recorded_at) FROM command_outcomes").fetchone()  # type: ignore[misc]
+            query = "SELECT count(*), max(recorded_at) FROM command_outcomes"
+            count, last = conn.execute(query).fetchone()  # type: ignore[misc]
             if count >= expected:
                 return last.timestamp()
             time.sleep(0.1)
@@ -319,8 +357,12 @@ def last_outcome(db: str, expected: int, timeout: float) -> float:
 
 
 def outcome_statuses(url: str) -> Counter[str]:
+    """Outcomes by status, and the deadlocks PostgreSQL detected in the database (as 'deadlocks')."""
     with psycopg.connect(dsn(url)) as conn:
-        return Counter(dict(conn.execute("SELECT status, count(*) FROM command_outcomes GROUP BY status").fetchall()))
+        counts = Counter(dict(conn.execute("SELECT status, count(*) FROM command_outcomes GROUP BY status").fetchall()))
+        deadlocks = conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()
+    counts["deadlocks"] = deadlocks[0] if deadlocks else 0
+    return counts
 
 
 def raw_pg_rate(url: str, connections: int, seconds: float) -> float:
@@ -356,27 +398,31 @@ def measure_producer(sizes: Sizes) -> list[Row]:
     from producers.commands import outgoing
 
     envelopes = [e for _, phase in shop_phases(sizes.publishes) for e in phase][: sizes.publishes]
-    messages = [outgoing(e) for e in envelopes]
     tag = uuid.uuid4().hex[:10]
-    rows = []
-    for kind in ("quorum", "classic"):
-        exchange = f"bench.{tag}.publish.{kind}"
-        with publish_target(exchange, kind) as purge:
-            WindowedPika(exchange, messages[:200], 1000).run(purge)  # warm-up (publish_many warms itself)
-            measures = {"ours": lambda: publish_many_rate(exchange, messages, purge),
-                        "raw": lambda: WindowedPika(exchange, messages, 1000).run(purge)}
-            if kind == "quorum":
-                measures["send_many"] = lambda: send_many_rate(exchange, envelopes, purge)
-                measures["each"] = lambda: one_each_rate(exchange, messages[: sizes.publishes_each], purge)
-            rate = interleaved(sizes.runs, measures)
-            limit = f"raw pika SelectConnection, 1,000 in flight ({kind})"
-            rows.append(Row(PUBLISH_QUORUM if kind == "quorum" else PUBLISH_CLASSIC, rate["ours"], limit, rate["raw"],
-                            0.8, f"{len(messages)} shop envelopes, {avg_bytes(messages)} B average"))
-            if kind == "quorum":
-                rows.append(Row(SEND_MANY, rate["send_many"], limit, rate["raw"], 0.8, "serialises the envelopes too"))
-                rows.append(Row(PUBLISH_EACH, None, "raw pika BlockingConnection, confirm per message", rate["each"],
-                                note=f"{sizes.publishes_each} messages; publish_many is {rate['ours'] / rate['each']:.1f}x this"))
-    return rows
+    return (measure_publishing(sizes, f"bench.{tag}.publish.quorum", "quorum", envelopes, outgoing)
+            + measure_publishing(sizes, f"bench.{tag}.publish.classic", "classic", envelopes, outgoing))
+
+
+def measure_publishing(sizes: Sizes, exchange: str, kind: str, envelopes: list,  # type: ignore[type-arg]
+                       outgoing: Callable) -> list[Row]:  # type: ignore[type-arg]
+    """The producer rows for one queue kind (send_many and one-confirm-each on quorum only)."""
+    messages = [outgoing(e) for e in envelopes]
+    with publish_target(exchange, kind) as purge:
+        WindowedPika(exchange, messages[:200], 1000).run(purge)  # warm-up (publish_many warms itself)
+        measures = {"ours": lambda: publish_many_rate(exchange, messages, purge),
+                    "raw": lambda: WindowedPika(exchange, messages, 1000).run(purge)}
+        if kind == "quorum":
+            measures["send_many"] = lambda: send_many_rate(exchange, envelopes, purge)
+            measures["each"] = lambda: one_each_rate(exchange, messages[: sizes.publishes_each], purge)
+        rate = interleaved(sizes.runs, measures)
+    limit = f"raw pika SelectConnection, 1,000 in flight ({kind})"
+    note = f"{len(messages)} shop envelopes, {avg_bytes(messages)} B average"
+    if kind == "classic":
+        return [Row(PUBLISH_CLASSIC, rate["ours"], limit, rate["raw"], 0.8, note)]
+    each = f"{sizes.publishes_each} messages; publish_many is {rate['ours'] / rate['each']:.1f}x this"
+    return [Row(PUBLISH_QUORUM, rate["ours"], limit, rate["raw"], 0.8, note),
+            Row(SEND_MANY, rate["send_many"], limit, rate["raw"], 0.8, "serialises the envelopes too"),
+            Row(PUBLISH_EACH, None, "raw pika BlockingConnection, confirm per message", rate["each"], note=each)]
 
 
 def avg_bytes(messages: Sequence) -> int:  # type: ignore[type-arg]
@@ -637,7 +683,8 @@ def profile_appends(appends: Appends, console: Console) -> None:
 # -- the table ------------------------------------------------------------------------------
 def table(rows: list[Row]) -> Table:
     out = Table(title="cqrskit command side vs raw limits (medians, per second)", show_lines=True)
-    for column in ("measurement", "cqrskit", "raw limit", "limit", "ratio", "target", "note"):
+    out.add_column("measurement", no_wrap=True)
+    for column in ("cqrskit", "raw limit", "limit", "ratio", "target", "note"):
         out.add_column(column, justify="right" if column in ("cqrskit", "limit", "ratio", "target") else "left",
                        overflow="fold")
     for row in rows:
@@ -652,8 +699,8 @@ def table(rows: list[Row]) -> Table:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.command_side", description=__doc__.split("\n\n")[0])
     parser.add_argument("--commands", type=int, default=20_000, help="size of the shop mix (about)")
-    parser.add_argument("--processes", type=int, default=2, help="worker processes")
-    parser.add_argument("--threads", type=int, default=8, help="threads per worker process")
+    parser.add_argument("--processes", type=int, help="worker processes (default 2; 1 with --smoke)")
+    parser.add_argument("--threads", type=int, help="threads per worker process (default 8; 2 with --smoke)")
     parser.add_argument("--publishes", type=int, default=20_000, help="messages per producer run")
     parser.add_argument("--appends", type=int, default=2_000, help="appends per event-store run")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is shown)")
@@ -662,7 +709,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="measure only these sections (repeatable)")
     parser.add_argument("--profile", action="store_true", help="cProfile the event-store appends")
     parser.add_argument("--py-spy", metavar="DIR", help="record the worker processes with py-spy, a file per phase")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.processes = args.processes or (1 if args.smoke else 2)
+    args.threads = args.threads or (2 if args.smoke else 8)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -675,6 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     facts = machine_facts()
     console.print(" | ".join(f"[bold]{key}[/bold] {value}" for key, value in facts.items()))
+    if os.getloadavg()[0] > 1.0:
+        console.print("[yellow]the machine is busy (load average above 1): other processes share the cores, "
+                      "PostgreSQL and its disk with this run, and the figures say so[/yellow]")
     sections = args.only or ["execution", "producer", "appends"]
     rows: list[Row] = []
     started = time.perf_counter()
