@@ -31,3 +31,20 @@ def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     assert set(models) == {"orders", "products", "customers"}, out[-2000:]
     assert "every read model equals a fresh projection of the write store" in out
     assert (tmp_path / "var" / "cqrskit.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_against_real_services(tmp_path: Path, amqp_settings) -> None:  # type: ignore[no-untyped-def]
+    """The same demo with --database-url/--broker-url: PostgreSQL and RabbitMQ (the search server
+    stays the embedded one); the relay's and the workers' brokers share one process."""
+    s = amqp_settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
+    env.update(COLUMNS="160", CQRSKIT_COMMANDS_EXCHANGE=s.commands_exchange, CQRSKIT_COMMANDS_QUEUE=s.commands_queue,
+               CQRSKIT_EVENTS_EXCHANGE=s.events_exchange, CQRSKIT_INDEXER_QUEUE=s.indexer_queue)
+    done = subprocess.run([sys.executable, "-m", "infra.cli", "--database-url", s.database_url, "--broker-url",
+                           s.broker_url, "demo", "--size", "300"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "every read model equals a fresh projection of the write store" in done.stdout
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -14,6 +14,7 @@ import binascii
 import json
 import time
 import uuid
+import weakref
 from typing import Any
 
 import dramatiq
@@ -41,8 +42,10 @@ class CommandEncoder(JSONEncoder):
     eta (G10, G11)."""
 
     def __init__(self, commands_queue: str, broker: dramatiq.Broker | None = None, max_delay_ms: int = 90_000) -> None:
+        # Dramatiq's encoder is process-wide; a process with several brokers (the demo's pipeline:
+        # the workers' and the relay's) trusts the actors of every one of them.
+        self.brokers: weakref.WeakSet[dramatiq.Broker] = weakref.WeakSet([broker] if broker else [])
         self.commands_queue = commands_queue
-        self.broker = broker
         self.max_delay_ms = max_delay_ms
 
     def decode(self, data: bytes) -> MessageData:
@@ -55,10 +58,10 @@ class CommandEncoder(JSONEncoder):
         return wrap_command(data, self.commands_queue)
 
     def _is_own(self, message: Any) -> bool:
-        if self.broker is None or not isinstance(message, dict) or message.keys() != _MESSAGE_KEYS:
+        if not isinstance(message, dict) or message.keys() != _MESSAGE_KEYS:
             return False
         name, queue, options = message["actor_name"], message["queue_name"], message["options"]
-        actor = self.broker.actors.get(name) if isinstance(name, str) else None
+        actor = next((b.actors[name] for b in list(self.brokers) if isinstance(name, str) and name in b.actors), None)
         if actor is None or queue not in (actor.queue_name, dq_name(actor.queue_name)):
             return False
         if not isinstance(options, dict) or not options.keys() <= _OWN_OPTIONS or message["kwargs"] != {}:
@@ -149,7 +152,11 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
             delivery_limit=settings.delivery_limit,
         )
     # Retries wait at most max_backoff_ms; the rest allows for clocks that disagree between hosts.
-    dramatiq.set_encoder(CommandEncoder(settings.commands_queue, broker, max_delay_ms=settings.max_backoff_ms + 60_000))
+    encoder = dramatiq.get_encoder()
+    if isinstance(encoder, CommandEncoder) and encoder.commands_queue == settings.commands_queue:
+        encoder.brokers.add(broker)
+    else:
+        dramatiq.set_encoder(CommandEncoder(settings.commands_queue, broker, max_delay_ms=settings.max_backoff_ms + 60_000))
     dramatiq.set_broker(broker)
     return broker
 
