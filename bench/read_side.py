@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import math
@@ -315,6 +316,18 @@ def generate_store(url: str, events: int, console: Console, seed: int = 7, resto
 
 # -- services ----------------------------------------------------------------------------------
 @contextmanager
+def quiet_gc() -> Iterator[None]:
+    """No cyclic garbage collection over what the bench holds (a million events, 200k documents)
+    while something is timed in this process: a full collection walks every live object, and that
+    would be charged to whatever is measured (the raw bulk of 200k documents ran at 500/s with it,
+    against 866/s for the rebuild process, which holds one chunk)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+@contextmanager
 def osmem() -> Iterator[Any]:
     """A fresh osmem server (its own process, everything in memory), closed afterwards."""
     from osmem_server import OsmemServer
@@ -414,9 +427,10 @@ def raw_bulk(es: Any, index: str, model: Any, documents: Sequence[Any], chunk: i
     create_index(es, index, model, {})
     actions = ({"_index": index, "_id": d.id, "version": d.version, "version_type": "external", "_source": d.source}
                for d in documents)
-    started = time.perf_counter()
-    ok, errors = helpers.bulk(es, actions, chunk_size=chunk, max_chunk_bytes=1 << 30, raise_on_error=True)
-    seconds = time.perf_counter() - started
+    with quiet_gc():
+        started = time.perf_counter()
+        ok, errors = helpers.bulk(es, actions, chunk_size=chunk, max_chunk_bytes=1 << 30, raise_on_error=True)
+        seconds = time.perf_counter() - started
     if ok != len(documents):
         raise RuntimeError(f"raw bulk wrote {ok} of {len(documents)}: {errors[:3]}")
     return seconds
@@ -486,11 +500,12 @@ def run_indexer(url: str, batches: list[list[dict[str, Any]]], tag: str) -> Inde
             timed = TimedBulk(es)
             indexer = Indexer(engine, registry, timed, f"ix{tag}", SHOP_READ_MODELS)  # type: ignore[arg-type]
             written = stale = 0
-            started = time.perf_counter()
-            for batch in batches:
-                report = indexer.index_events(batch)
-                written, stale = written + report.written, stale + report.stale
-            seconds = time.perf_counter() - started
+            with quiet_gc():
+                started = time.perf_counter()
+                for batch in batches:
+                    report = indexer.index_events(batch)
+                    written, stale = written + report.written, stale + report.stale
+                seconds = time.perf_counter() - started
             return IndexerRun(seconds, written, stale, timed, proc_status_kb(server.pid, "VmRSS") // 1024)
         finally:
             es.close()
@@ -644,9 +659,10 @@ class RebuildRun:
     wall: float
     peak_rss_mb: float  # the process's VmHWM
     curve: list[float]  # RSS (MB) at 25/50/75/100 % of the run
+    bulk_seconds: float  # in bulk requests (the search client logs each one with its duration)
 
 
-def run_rebuild(env: dict[str, str], model: str) -> RebuildRun:
+def run_rebuild(env: dict[str, str], model: str, cwd: Path = PROJECT) -> RebuildRun:
     """``python -m infra.cli rebuild MODEL`` as an operator runs it. Its peak RSS is the last
     ``VmHWM`` read from /proc (every 50 ms; the high-water mark of the process's own memory since
     exec). Not ``wait4``'s ``ru_maxrss``: Linux carries the high-water mark of the image the child
@@ -655,7 +671,7 @@ def run_rebuild(env: dict[str, str], model: str) -> RebuildRun:
 
     with tempfile.TemporaryFile() as out:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "infra.cli", "rebuild", model], cwd=PROJECT, env=env,
+        process = subprocess.Popen([sys.executable, "-m", "infra.cli", "rebuild", model], cwd=cwd, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         samples: list[tuple[float, int]] = []
         peak = 0
@@ -677,7 +693,8 @@ def run_rebuild(env: dict[str, str], model: str) -> RebuildRun:
     for share in (0.25, 0.5, 0.75, 1.0):
         before = [kb for at, kb in samples if at <= wall * share]
         curve.append((before[-1] if before else 0) / 1024)
-    return RebuildRun(model, int(found[1]), float(found[2]), wall, peak / 1024, curve)
+    bulk = sum(float(d) for d in re.findall(r"_bulk\S* \[status:\d+ duration:([\d.]+)s\]", text))
+    return RebuildRun(model, int(found[1]), float(found[2]), wall, peak / 1024, curve, bulk)
 
 
 def measure_rebuild(sizes: Sizes, console: Console) -> list[Row]:
@@ -700,7 +717,9 @@ def measure_rebuild(sizes: Sizes, console: Console) -> list[Row]:
         engine = make_engine(url, pool_size=2)
         prefix = f"bench{tag}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
-        env.update(CQRSKIT_DATABASE_URL=url, CQRSKIT_INDEX_PREFIX=prefix, CQRSKIT_LOG_LEVEL="WARNING", COLUMNS="200")
+        # INFO: the search client logs every request with its duration (the bulk share below)
+        env.update(CQRSKIT_DATABASE_URL=url, CQRSKIT_INDEX_PREFIX=prefix, CQRSKIT_LOG_LEVEL="INFO",
+                   CQRSKIT_LOG_FORMAT="json", COLUMNS="200")
         load_before = os.getloadavg()[0]
         try:
             for model in SHOP_READ_MODELS:
@@ -732,12 +751,17 @@ def measure_rebuild(sizes: Sizes, console: Console) -> list[Row]:
     seconds = sum(r.seconds for r in runs)
     raw = sum(raw_seconds.values())
     per_model = "; ".join(f"{r.model} {r.documents:,} in {r.seconds:.1f} s = {r.documents / r.seconds:,.0f}/s "
-                          f"(raw {r.documents / raw_seconds[r.model]:,.0f}/s)" for r in runs)
+                          f"(raw {r.documents / raw_seconds[r.model]:,.0f}/s), {r.bulk_seconds / r.seconds:.0%} in bulk"
+                          for r in runs)
+    bulk_share = sum(r.bulk_seconds for r in runs) / seconds
     load = f"load {load_before:.1f}->{os.getloadavg()[0]:.1f}"
     peak = max(runs, key=lambda r: r.peak_rss_mb)
     return [
         rate_row(REBUILD_DOCS, documents / seconds, f"helpers.bulk, same documents, chunk {REBUILD_CHUNK}",
-                 documents / raw, 0.8, f"{per_model}; osmem peak RSS {osmem_peak // 1024:,} MB; {load}"),
+                 documents / raw, 0.8, f"{per_model}; the rebuild spent {bulk_share:.0%} of its time waiting for bulk "
+                                       f"requests, so at equal server speed it runs at about {bulk_share:.2f}x raw "
+                                       f"(the one-shot ratio moves with the machine's load); osmem peak RSS "
+                                       f"{osmem_peak // 1024:,} MB; {load}"),
         rate_row(REBUILD_EVENTS, events / seconds, "the same events over the raw bulk time", events / raw,
                  0.8, f"{events:,} events, streams {streams}; the 3 rebuilds took {seconds:.1f} s "
                       f"({sum(r.wall for r in runs):.1f} s wall, with interpreter start)"),
@@ -924,10 +948,13 @@ def percentile(values: Sequence[float], share: float) -> float:
 def stages(stack: Any, measured: list[Sent]) -> dict[str, list[float]]:
     """Where each command's lag went, from the JSON logs of the worker, relay and indexer:
     publish -> committed (the worker's ``command.succeeded``), -> relayed (the relay's batch that
-    carried its events), -> indexed (the indexer's batch written), -> visible (our search)."""
+    carried its events), -> indexed (the indexer's batch written: logged after its bookkeeping,
+    hence "indexed->visible" below zero), -> visible (our search). Also ``caught``: 1.0 when the
+    command's relayed->indexed window overlaps a bulk request the search server took >= 1 s over."""
     committed: dict[str, float] = {}
     relayed: dict[str, float] = {}
     indexed: dict[str, float] = {}
+    stalls = osmem_stalls(stack)
     for process in stack.started:
         for line in json_lines(process.log_path):
             event = line.get("event")
@@ -941,13 +968,54 @@ def stages(stack: Any, measured: list[Sent]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = defaultdict(list)
     for s in measured:
         c, r, i = committed.get(s.command_id), relayed.get(s.command_id), indexed.get(s.command_id)
-        if None in (c, r, i) or s.visible is None:
+        if c is None or r is None or i is None or s.visible is None:
             continue
-        out["publish->committed"].append(c - s.published)  # type: ignore[operator]
-        out["committed->relayed"].append(r - c)  # type: ignore[operator]
-        out["relayed->indexed"].append(i - r)  # type: ignore[operator]
-        out["indexed->visible"].append(s.visible - i)  # type: ignore[operator]
+        out["publish->committed"].append(c - s.published)
+        out["committed->relayed"].append(r - c)
+        out["relayed->indexed"].append(i - r)
+        out["indexed->visible"].append(s.visible - i)
+        out["total"].append(s.visible - s.published)
+        out["caught"].append(float(any(start < i and r < end for start, end in stalls)))
+    out["stalls"] = [end - start for start, end in stalls]
     return out
+
+
+def osmem_stalls(stack: Any, over: float = 1.0) -> list[tuple[float, float]]:
+    """(start, end) of the bulk requests the indexer waited ``over`` seconds or more for, from the
+    search client's own request log lines (``... _bulk ... [status:200 duration:2.034s]``)."""
+    import re
+
+    stalls = []
+    for process in stack.started:
+        for line in json_lines(process.log_path):
+            found = re.search(r"_bulk.*duration:([\d.]+)s", str(line.get("event", "")))
+            if found and float(found[1]) >= over:
+                end = log_time(line)
+                stalls.append((end - float(found[1]), end))
+    return stalls
+
+
+def batch_sizes(stack: Any, start: float, end: float) -> str:
+    """Relay batches and indexer batches written between ``start`` and ``end`` (wall clock)."""
+    relay: list[int] = []
+    indexer: list[int] = []
+    for process in stack.started:
+        for line in json_lines(process.log_path):
+            if line.get("event") in ("relay.published", "indexer.indexed") and start <= log_time(line) <= end:
+                (relay if line["event"] == "relay.published" else indexer).append(line.get("count", line.get("events", 0)))
+    seconds = max(end - start, 1e-9)
+    return (f"{len(relay) / seconds:.0f} relay batches/s of {statistics.mean(relay or [0]):.1f} events, "
+            f"{len(indexer) / seconds:.0f} indexer batches/s")
+
+
+def slowest(breakdown: dict[str, list[float]], share: float = 0.01) -> str:
+    """Where the slowest ``share`` of the commands lost their time (mean of each stage)."""
+    if not breakdown.get("total"):
+        return "no breakdown"
+    cut = percentile(breakdown["total"], 1 - share)
+    picked = [k for k, total in enumerate(breakdown["total"]) if total >= cut]
+    return ", ".join(f"{name} {statistics.mean(values[k] for k in picked) * 1000:,.0f}"
+                     for name, values in breakdown.items() if "->" in name) + " ms"
 
 
 def preload(url: str, sizes: Sizes, console: Console) -> tuple[ShopLoad, int]:
@@ -1008,23 +1076,35 @@ def measure_lag(sizes: Sizes, args: argparse.Namespace, console: Console) -> lis
             watcher.stop.set()
             watcher.join(timeout=10)
             breakdown = stages(stack, measured)
+            batches = batch_sizes(stack, measured[0].published, max(m.visible or 0 for m in measured))
             failed = sum(1 for p in stack.started for line in json_lines(p.log_path)
                          if line.get("event") in ("indexer.batch_failed", "relay.error"))
+            if args.keep_logs:
+                import shutil
+
+                shutil.copytree(tmp, args.keep_logs, dirs_exist_ok=True)
+                Path(args.keep_logs, "lags.json").write_text(json.dumps(
+                    [[m.command_id, m.wants, m.published, m.visible] for m in measured]))
         finally:
             watcher.stop.set()
             stack.close()
             delete_topology(settings)
     lags = [s.visible - s.published for s in measured if s.visible is not None]  # type: ignore[operator]
     p50, p99 = percentile(lags, 0.5), percentile(lags, 0.99)
+    stalls, caught = breakdown.get("stalls", []), breakdown.get("caught", [])
+    clear = [t for t, c in zip(breakdown.get("total", []), caught) if not c]
+    stalled = (f"osmem stalled {len(stalls)} bulk requests for >= 1 s (max {max(stalls):.1f} s), catching "
+               f"{int(sum(caught))} commands; without those p50 {percentile(clear, 0.5) * 1000:,.0f} / p99 "
+               f"{percentile(clear, 0.99) * 1000:,.0f} ms" if stalls and clear else "no osmem stall >= 1 s")
     kinds = Counter(s.wants for s in measured)
     where = "; ".join(f"{name} p50 {percentile(v, 0.5) * 1000:.0f} / p99 {percentile(v, 0.99) * 1000:.0f} ms"
-                      for name, v in breakdown.items())
+                      for name, v in breakdown.items() if "->" in name)
     rate = sustainable / 2
     common = (f"{len(lags):,} commands at {rate:,.0f}/s for {sizes.lag_seconds:.0f} s on a write store holding "
               f"{stored:,} events before the run "
               f"({kinds['placed']} PlaceOrder, {kinds['paid']} PayOrder), 1 worker process x {args.worker_threads} "
               f"threads, relay, 1 indexer x {args.indexer_threads} threads, osmem; {watcher.rounds:,} searches; "
-              f"load {load_before:.1f}->{load_after:.1f}")
+              f"{batches}; load {load_before:.1f}->{load_after:.1f}")
     return [
         Row(SUSTAINABLE, f"{sustainable:,.0f}", "", "", "", "", None,
             f"a burst of {sizes.burst} PlaceOrder published at once was searchable after {drained:.1f} s "
@@ -1032,7 +1112,8 @@ def measure_lag(sizes: Sizes, args: argparse.Namespace, console: Console) -> lis
             + "; ".join(steps)),
         Row(LAG_P50, f"{p50 * 1000:,.0f} ms", "", "", "", "<= 100 ms", p50 <= 0.1, f"{common}; {where}"),
         Row(LAG_P99, f"{p99 * 1000:,.0f} ms", "", "", "", "<= 500 ms", p99 <= 0.5,
-            f"max {max(lags) * 1000:,.0f} ms; {failed} indexer/relay failures logged"),
+            f"max {max(lags) * 1000:,.0f} ms; the slowest 1% on average: {slowest(breakdown)}; {stalled}; "
+            f"{failed} indexer/relay failures logged"),
     ]
 
 
@@ -1085,6 +1166,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=("indexer", "rebuild", "lag"), action="append",
                         help="measure only these sections (repeatable)")
     parser.add_argument("--profile", action="store_true", help="cProfile the in-process indexer (a fifth of the batches)")
+    parser.add_argument("--keep-logs", metavar="DIR", help="copy the lag run's process logs and lags here")
     parser.add_argument("--smoke", action="store_true", help="everything at a tiny size (CI)")
     return parser.parse_args(argv)
 
