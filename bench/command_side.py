@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.command_side [--commands 20000] [--processes 2] [--threads 8] [--smoke]
 
 Rows (docs/benchmarks.md says why each limit is the fair one):
-- command execution: the shop mix drained by ``dramatiq workers.app`` processes, queue full first,
+- command execution: the shop mix drained by ``dramatiq cqrskit.cli.processes:command_worker`` processes, queue full first,
   beside raw PostgreSQL one-row transactions at the same concurrency (P x T connections);
 - producer: ``AmqpPublisher.publish_many`` / ``CommandProducer.send_many`` beside raw pika with
   1,000 confirms in flight (and raw pika with one confirm each, for reference);
@@ -46,7 +46,7 @@ from rich.table import Table
 from sqlalchemy import make_url
 
 if TYPE_CHECKING:
-    from infra.settings import Settings
+    from cqrskit.infra.settings import Settings
 
 ADMIN_URL = os.environ.get("CQRSKIT_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("CQRSKIT_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -119,8 +119,8 @@ def dsn(url: str) -> str:
 @contextmanager
 def bench_database(tag: str) -> Iterator[str]:
     """A fresh, migrated database (SQLAlchemy URL), dropped afterwards."""
-    from infra.db import make_engine
-    from infra.migrate import upgrade
+    from cqrskit.infra.db import make_engine
+    from cqrskit.infra.migrate import upgrade
 
     name = f"cqrskit_bench_{tag}"
     with psycopg.connect(dsn(ADMIN_URL), autocommit=True) as conn:
@@ -146,7 +146,7 @@ def amqp_channel() -> Iterator[pika.adapters.blocking_connection.BlockingChannel
 
 
 def machine_facts() -> dict[str, str]:
-    from infra.migrate import head_revision
+    from cqrskit.infra.migrate import head_revision
 
     with psycopg.connect(dsn(ADMIN_URL)) as conn:
         pg = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
@@ -170,7 +170,7 @@ def machine_facts() -> dict[str, str]:
 # -- 1. command execution -------------------------------------------------------------------
 def shop_phases(commands: int) -> list[tuple[str, list]]:  # type: ignore[type-arg]
     """ShopLoad phases sized so that their total is close to ``commands``."""
-    from producers.shopload import ShopLoad
+    from cqrskit.producers.shopload import ShopLoad
 
     size = max(50, int(commands / 1.3))
     for _ in range(3):
@@ -184,7 +184,7 @@ def shop_phases(commands: int) -> list[tuple[str, list]]:  # type: ignore[type-a
 
 @dataclass(frozen=True)
 class Workers:
-    """How a phase's worker processes start: ``dramatiq workers.app``, P x T, optionally under py-spy
+    """How a phase's worker processes start: ``dramatiq cqrskit.cli.processes:command_worker``, P x T, optionally under py-spy
     (collapsed stacks of every process, one file per phase, in ``py_spy_dir``)."""
 
     settings: Settings
@@ -194,7 +194,7 @@ class Workers:
 
     def command(self, phase: str) -> list[str]:
         queue = self.settings.commands_queue
-        args = [sys.executable, "-m", "dramatiq", "workers.app", "--processes", str(self.processes),
+        args = [sys.executable, "-m", "dramatiq", "cqrskit.cli.processes:command_worker", "--processes", str(self.processes),
                 "--threads", str(self.threads), "--queues", queue, f"{queue}.DQ"]
         if self.py_spy_dir is None:
             return args
@@ -231,7 +231,7 @@ def py_spy() -> str:
 
 
 def measure_execution(sizes: Sizes, workers: Callable[[Settings], Workers], console: Console) -> Row:
-    from infra.settings import Settings
+    from cqrskit.infra.settings import Settings
 
     tag = uuid.uuid4().hex[:10]
     phases = shop_phases(sizes.commands)
@@ -257,8 +257,8 @@ def measure_execution(sizes: Sizes, workers: Callable[[Settings], Workers], cons
 
 
 def declare_commands(settings: Settings) -> None:
-    from workers.broker import make_broker
-    from workers.topology import declare_command_topology
+    from cqrskit.infra.broker import make_broker
+    from cqrskit.infra.topology import declare_command_topology
 
     broker = make_broker(settings)
     declare_command_topology(broker, settings)
@@ -278,7 +278,7 @@ def drain_phases(pool: Workers, phases: list,  # type: ignore[type-arg]
     """Publish each phase, then drain it with fresh worker processes. Returns the summed drain
     time (first consumer up to the last outcome recorded), the mean boot time and the workers'
     CPU seconds per command (start-up and shutdown excluded)."""
-    from producers.commands import CommandProducer
+    from cqrskit.producers.commands import CommandProducer
 
     drained, boots, expected = 0.0, [], 0
     idle = boot_cpu(pool)
@@ -395,7 +395,7 @@ def raw_pg_rate(url: str, connections: int, seconds: float) -> float:
 
 # -- 2. producer ----------------------------------------------------------------------------
 def measure_producer(sizes: Sizes) -> list[Row]:
-    from producers.commands import outgoing
+    from cqrskit.producers.commands import outgoing
 
     envelopes = [e for _, phase in shop_phases(sizes.publishes) for e in phase][: sizes.publishes]
     tag = uuid.uuid4().hex[:10]
@@ -447,7 +447,7 @@ def publish_target(exchange: str, kind: str) -> Iterator[Callable[[], None]]:
 
 
 def publish_many_rate(exchange: str, messages: Sequence, purge: Callable[[], None]) -> float:  # type: ignore[type-arg]
-    from producers.amqp import AmqpPublisher
+    from cqrskit.infra.amqp import AmqpPublisher
 
     with AmqpPublisher(AMQP_URL, exchange, window=1000) as publisher:
         publisher.publish_many(messages[:200])  # warm-up: connected, confirm channel open
@@ -461,8 +461,8 @@ def publish_many_rate(exchange: str, messages: Sequence, purge: Callable[[], Non
 
 
 def send_many_rate(exchange: str, envelopes: Sequence, purge: Callable[[], None]) -> float:  # type: ignore[type-arg]
-    from producers.amqp import AmqpPublisher
-    from producers.commands import CommandProducer
+    from cqrskit.infra.amqp import AmqpPublisher
+    from cqrskit.producers.commands import CommandProducer
 
     with CommandProducer(AmqpPublisher(AMQP_URL, exchange, window=1000)) as producer:
         producer.send_many(envelopes[:200])
@@ -558,9 +558,9 @@ class Appends:
     """Single-client appends, one event per transaction: cqrskit's EventStore and pyeventsourcing."""
 
     def __init__(self, url: str) -> None:
-        from domain.shop import registry
-        from infra.db import make_engine
-        from infra.store import EventStore
+        from cqrskit.domain.shop import registry
+        from cqrskit.infra.db import make_engine
+        from cqrskit.infra.store import EventStore
 
         self.store = EventStore(make_engine(url, pool_size=2), registry)
         self.app = pyeventsourcing_app(url)
@@ -569,7 +569,7 @@ class Appends:
         self.renames = 0
 
     def ours_new(self, count: int) -> float:
-        from domain.shop.customers import Customer
+        from cqrskit.domain.shop.customers import Customer
 
         ids = [f"bench-{uuid.uuid4().hex}" for _ in range(count)]
         started = time.perf_counter()
@@ -581,7 +581,7 @@ class Appends:
         return count / (time.perf_counter() - started)
 
     def ours_existing(self, count: int) -> float:
-        from domain.shop.customers import Customer
+        from cqrskit.domain.shop.customers import Customer
 
         started = time.perf_counter()
         for i in range(count):
@@ -716,8 +716,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from infra.logs import configure_logging
-    from infra.settings import Settings
+    from cqrskit.infra.logs import configure_logging
+    from cqrskit.infra.settings import Settings
 
     args = parse(argv)
     sizes = Sizes.of(args)

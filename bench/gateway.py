@@ -93,18 +93,18 @@ def commands_queue(exchange: str) -> Iterator[Callable[[int], None]]:
 @contextmanager
 def gateway(exchange: str, workers: int) -> Iterator[tuple[str, int]]:
     """``run_gateway`` in a process of its own (plus its uvicorn workers) on a free port."""
-    from infra.settings import Settings
-    from producers.gateway import settings_environment
+    from cqrskit.infra.settings import Settings
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     settings = Settings(broker_url=AMQP_URL, database_url=ADMIN_URL, commands_exchange=exchange,
                         log_level="WARNING", log_format="json")
-    env = {**os.environ, **settings_environment(settings)}
-    code = ("from infra.logs import configure_logging; from infra.settings import load_settings; "
-            "from producers.gateway import run_gateway; settings = load_settings(); "
-            f"configure_logging(settings); run_gateway(settings, '127.0.0.1', {port}, workers={workers})")
+    env = {**os.environ, **settings.environment()}
+    code = ("from cqrskit.infra.logs import configure_logging; from cqrskit.infra.settings import load_settings; "
+            "from cqrskit.producers.gateway import run_gateway; settings = load_settings(); "
+            f"configure_logging(settings); run_gateway(settings, '127.0.0.1', {port}, workers={workers}, "
+            "factory='cqrskit.cli.processes:gateway_app')")
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
@@ -186,7 +186,7 @@ def http_rate(address: tuple[str, int], requests: Sequence[bytes], clients: int,
 # -- the raw producer -----------------------------------------------------------------------------
 def publish_rate(exchange: str, messages: Sequence[Any], threads: int) -> float:
     """``AmqpPublisher.publish`` (a confirm each) from ``threads`` threads sharing one publisher."""
-    from producers.amqp import AmqpPublisher
+    from cqrskit.infra.amqp import AmqpPublisher
 
     with AmqpPublisher(AMQP_URL, exchange) as publisher:
         publisher.publish(messages[0])  # connected, confirm channel open
@@ -207,7 +207,7 @@ def publish_each(publisher: Any, messages: Sequence[Any]) -> None:
 
 
 def publish_many_rate(exchange: str, messages: Sequence[Any]) -> float:
-    from producers.amqp import AmqpPublisher
+    from cqrskit.infra.amqp import AmqpPublisher
 
     with AmqpPublisher(AMQP_URL, exchange, window=1000) as publisher:
         publisher.publish(messages[0])
@@ -221,8 +221,8 @@ def publish_many_rate(exchange: str, messages: Sequence[Any]) -> float:
 
 # -- measuring ------------------------------------------------------------------------------------
 def measure(args: argparse.Namespace, console: Console) -> dict[str, Rates]:
-    from infra.envelope import CommandEnvelope
-    from producers.commands import outgoing
+    from cqrskit.infra.envelope import CommandEnvelope
+    from cqrskit.producers.commands import outgoing
 
     exchange = f"bench.{uuid.uuid4().hex[:10]}.gateway"
     bodies = [json.dumps(c).encode() for c in commands(args.commands)]
@@ -288,8 +288,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from infra.logs import configure_logging
-    from infra.settings import Settings
+    from cqrskit.infra.logs import configure_logging
+    from cqrskit.infra.settings import Settings
 
     args = parse(argv)
     configure_logging(Settings(log_level="WARNING"))

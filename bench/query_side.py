@@ -10,7 +10,7 @@ very same queries, at the same concurrency, on one orders index.
   everything in memory: ~1.8 GB for 100k orders).
 - The mix: what a back office does (recent orders, filters, full text, a customer's orders, next
   pages, one order, facets, revenue per day). The raw side sends exactly the requests the query
-  layer builds (captured from ``read_models.queries``), through the same plain-JSON client.
+  layer builds (captured from ``cqrskit.read_models.queries``), through the same plain-JSON client.
 - The API runs in its own process (``run_query_api``: uvicorn, one worker), like the Procfile's
   ``query``; the load comes from ``--concurrency`` threads with keep-alive connections.
 Each figure is the median of ``--runs`` interleaved runs after a warm-up.
@@ -42,11 +42,11 @@ from elasticsearch import Elasticsearch, helpers
 from rich.console import Console
 from rich.table import Table
 
-from producers.shopload import FIRST, GOODS, LAST
-from read_models import queries as q
-from read_models.indices import alias, create_index, physical
-from read_models.search import make_client
-from read_models.shop import OrdersModel
+from cqrskit.producers.shopload import FIRST, GOODS, LAST
+from cqrskit.read_models import queries as q
+from cqrskit.read_models.indices import alias, create_index, physical
+from cqrskit.read_models.search import make_client
+from cqrskit.read_models.shop import OrdersModel
 
 PREFIX = "bench"
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -239,7 +239,7 @@ def query_api(search_url: str) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "CQRSKIT_ELASTICSEARCH_URL": search_url, "CQRSKIT_INDEX_PREFIX": PREFIX}
-    code = f"from infra.settings import Settings; from read_models.api import run_query_api; " \
+    code = f"from cqrskit.infra.settings import Settings; from cqrskit.read_models.api import run_query_api; " \
            f"run_query_api(Settings(), '127.0.0.1', {port})"
     process = subprocess.Popen([sys.executable, "-c", code], env=env)
     url = f"http://127.0.0.1:{port}"

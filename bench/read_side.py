@@ -8,8 +8,8 @@ Rows (docs/benchmarks.md, section "Read side", says why each limit is the fair o
   (500 events, relay order), into a fresh osmem, documents/s; beside ``elasticsearch.helpers.bulk``
   of the very same final documents (computed once with the read models' ``build()``) into the
   same server, at the indexer's mean bulk-request size. Then the same backlog drained by the real
-  processes (``cqrskit relay`` + ``dramatiq workers.indexer_app``).
-- rebuild: ``python -m infra.cli rebuild orders|products|customers`` as subprocesses on a write
+  processes (``cqrskit relay`` + ``dramatiq cqrskit.cli.processes:indexer_worker``).
+- rebuild: ``python -m cqrskit.cli rebuild orders|products|customers`` as subprocesses on a write
   store of ``--events`` events, documents/s, events/s and peak RSS (``wait4`` rusage, plus
   /proc polling for the curve); beside raw bulk of the same documents at the rebuild's chunk size.
 - lag: the full pipeline as processes (command workers, relay, indexer, osmem): its sustainable
@@ -17,7 +17,7 @@ Rows (docs/benchmarks.md, section "Read side", says why each limit is the fair o
   publish to the first search that shows its effect; p50/p99 and where the time goes (from the
   processes' JSON logs).
 
-Write stores are generated fast (``ShopWriter``): the ``producers.shopload`` mix decided by the
+Write stores are generated fast (``ShopWriter``): the ``cqrskit.producers.shopload`` mix decided by the
 shop's real handlers on live in-memory aggregates, the resulting events and stream snapshots
 COPYed into PostgreSQL. It makes its own databases, queues, exchanges and osmem servers and
 removes them afterwards.
@@ -43,9 +43,9 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
@@ -56,7 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.command_side import ADMIN_URL, AMQP_URL, amqp_channel, bench_database, dsn
-from producers.shopload import ShopLoad
+from cqrskit.producers.shopload import ShopLoad
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ LAG_P50 = "publish-to-searchable lag p50"
 LAG_P99 = "publish-to-searchable lag p99"
 ROWS = (INDEXER, INDEXER_PROCS, REBUILD_DOCS, REBUILD_EVENTS, REBUILD_RSS, SUSTAINABLE, LAG_P50, LAG_P99)
 RELAY_BATCH = 500
-REBUILD_CHUNK = 1000  # read_models.rebuild's chunk: ids per snapshot and documents per bulk request
+REBUILD_CHUNK = 1000  # cqrskit.read_models.rebuild's chunk: ids per snapshot and documents per bulk request
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class LinearShopLoad(ShopLoad):
 
 
 class _Context:
-    """The shop handlers' port (``domain.ports.HandlerContext``) over live aggregates held in memory:
+    """The shop handlers' port (``cqrskit.domain.ports.HandlerContext``) over live aggregates held in memory:
     loading copies the live state (a rejected command leaves nothing behind), ``ShopWriter`` commits."""
 
     def __init__(self, writer: ShopWriter) -> None:
@@ -143,7 +143,7 @@ class _Context:
         self.claims: dict[tuple[str, str], str | None] = {}
 
     def load(self, cls: Any, aggregate_id: str) -> Any:
-        from domain.model import stream_id
+        from cqrskit.domain.model import stream_id
 
         sid = stream_id(cls.stream_type, aggregate_id)
         if sid not in self.loaded:
@@ -158,7 +158,7 @@ class _Context:
         return self.writer.claims.get((scope, key))
 
     def claim(self, scope: str, key: str, owner: str) -> None:
-        from domain.model import RuleViolation
+        from cqrskit.domain.model import RuleViolation
 
         if self.owner_of(scope, key) not in (None, owner):
             raise RuleViolation(f"{scope} {key!r} is already taken")
@@ -188,7 +188,7 @@ class ShopWriter:
     events its 200 products would otherwise run dry and most orders be rejected."""
 
     def __init__(self, url: str | None, flush_rows: int = 20_000) -> None:
-        from domain.shop import registry
+        from cqrskit.domain.shop import registry
 
         self.registry = registry
         self.db = dsn(url) if url else None
@@ -223,8 +223,8 @@ class ShopWriter:
                 correlation_id: str | None) -> str:
         from pydantic import ValidationError
 
-        from domain.model import RuleViolation
-        from domain.registry import UnknownType
+        from cqrskit.domain.model import RuleViolation
+        from cqrskit.domain.registry import UnknownType
 
         self.clock += timedelta(milliseconds=40)
         try:
@@ -351,7 +351,7 @@ def proc_status_kb(pid: int, key: str) -> int:
 
 
 def bench_settings(url: str, search_url: str, tag: str, **extra: Any) -> Any:
-    from infra.settings import QueueType, Settings
+    from cqrskit.infra.settings import QueueType, Settings
 
     return Settings(database_url=url, broker_url=AMQP_URL, elasticsearch_url=search_url,
                     commands_exchange=f"bench.{tag}.commands", commands_queue=f"bench.{tag}.commands",
@@ -393,8 +393,8 @@ def log_time(line: dict[str, Any]) -> float:
 def relay_batches(engine: Any, size: int = RELAY_BATCH) -> list[list[dict[str, Any]]]:
     """Every event in relay order, in relay-sized batches of wire-format dicts, as the relay
     hands them to the indexer (read with the relay's own query)."""
-    from infra.event_wire import EventMessage
-    from workers.relay import read_batch
+    from cqrskit.infra.event_wire import EventMessage
+    from cqrskit.workers.relay import read_batch
 
     batches, checkpoint = [], (0, 0)
     with engine.connect() as conn:
@@ -406,8 +406,8 @@ def relay_batches(engine: Any, size: int = RELAY_BATCH) -> list[list[dict[str, A
 
 def final_documents(engine: Any, model: Any) -> list[Any]:
     """Every document of ``model`` as the write store holds it now, computed with ``build()``."""
-    from domain.shop import registry
-    from read_models.source import WriteStoreSource, snapshot
+    from cqrskit.domain.shop import registry
+    from cqrskit.read_models.source import WriteStoreSource, snapshot
 
     documents = []
     with snapshot(engine) as conn:
@@ -422,7 +422,7 @@ def raw_bulk(es: Any, index: str, model: Any, documents: Sequence[Any], chunk: i
     version, source) into a fresh index with the model's mappings; seconds taken."""
     from elasticsearch import helpers
 
-    from read_models.indices import create_index
+    from cqrskit.read_models.indices import create_index
 
     create_index(es, index, model, {})
     actions = ({"_index": index, "_id": d.id, "version": d.version, "version_type": "external", "_source": d.source}
@@ -438,7 +438,7 @@ def raw_bulk(es: Any, index: str, model: Any, documents: Sequence[Any], chunk: i
 
 def raw_bulk_all(es: Any, tag: str, documents: dict[str, list[Any]], chunk: int) -> float:
     """Raw bulk of every model's documents into fresh indices (deleted afterwards); seconds."""
-    from read_models.shop import SHOP_READ_MODELS
+    from cqrskit.read_models.shop import SHOP_READ_MODELS
 
     seconds = 0.0
     for model in SHOP_READ_MODELS:
@@ -480,12 +480,12 @@ class IndexerRun:
 
 def run_indexer(url: str, batches: list[list[dict[str, Any]]], tag: str) -> IndexerRun:
     """``Indexer.index_events`` over ``batches``, one after the other, into a fresh osmem."""
-    from domain.shop import registry
-    from infra.db import make_engine
-    from read_models.indexer import Indexer
-    from read_models.indices import ensure
-    from read_models.search import make_client
-    from read_models.shop import SHOP_READ_MODELS
+    from cqrskit.domain.shop import registry
+    from cqrskit.infra.db import make_engine
+    from cqrskit.read_models.indexer import Indexer
+    from cqrskit.read_models.indices import ensure
+    from cqrskit.read_models.search import make_client
+    from cqrskit.read_models.shop import SHOP_READ_MODELS
 
     engine = make_engine(url, pool_size=4)
     with osmem() as server:
@@ -514,8 +514,8 @@ def run_indexer(url: str, batches: list[list[dict[str, Any]]], tag: str) -> Inde
 
 def raw_bulk_fresh(tag: str, documents: dict[str, list[Any]], chunk: int) -> float:
     """Raw bulk of every model's documents into a fresh osmem; seconds spent in bulk."""
-    from read_models.search import make_client
-    from read_models.shop import SHOP_READ_MODELS
+    from cqrskit.read_models.search import make_client
+    from cqrskit.read_models.shop import SHOP_READ_MODELS
 
     with osmem() as server:
         es = make_client(server.url, timeout=600)
@@ -528,8 +528,8 @@ def raw_bulk_fresh(tag: str, documents: dict[str, list[Any]], chunk: int) -> flo
 def measure_indexer(sizes: Sizes, args: argparse.Namespace, console: Console) -> list[Row]:
     """Raw, indexer, raw (each on a fresh osmem: deleting an index does not give osmem's memory
     back); the raw figure is the mean of the two, at the indexer's mean bulk-request size."""
-    from infra.db import make_engine
-    from read_models.shop import SHOP_READ_MODELS
+    from cqrskit.infra.db import make_engine
+    from cqrskit.read_models.shop import SHOP_READ_MODELS
 
     tag = uuid.uuid4().hex[:8]
     with bench_database(f"idx_{tag}") as url:
@@ -568,12 +568,12 @@ def measure_indexer(sizes: Sizes, args: argparse.Namespace, console: Console) ->
 
 
 def profile_indexer(url: str, batches: list[list[dict[str, Any]]], tag: str, console: Console) -> None:
-    from domain.shop import registry
-    from infra.db import make_engine
-    from read_models.indexer import Indexer
-    from read_models.indices import ensure
-    from read_models.search import make_client
-    from read_models.shop import SHOP_READ_MODELS
+    from cqrskit.domain.shop import registry
+    from cqrskit.infra.db import make_engine
+    from cqrskit.read_models.indexer import Indexer
+    from cqrskit.read_models.indices import ensure
+    from cqrskit.read_models.search import make_client
+    from cqrskit.read_models.shop import SHOP_READ_MODELS
 
     engine = make_engine(url, pool_size=2)
     with osmem() as server:
@@ -598,7 +598,7 @@ def profile_indexer(url: str, batches: list[list[dict[str, Any]]], tag: str, con
 def measure_indexer_processes(url: str, events: int, finals: int, raw_rate: float, chunk: int,
                               args: argparse.Namespace, console: Console) -> Row:
     """The same backlog drained by the Procfile's processes: ``cqrskit relay`` publishing every
-    event (confirmed) and enqueueing 500-event batches, ``dramatiq workers.indexer_app`` (one
+    event (confirmed) and enqueueing 500-event batches, ``dramatiq cqrskit.cli.processes:indexer_worker`` (one
     process, ``--indexer-threads``) writing them. Timed from the relay's start (after its
     interpreter started) to the last batch written, from the processes' JSON logs."""
     from tests.stack import Stack
@@ -663,7 +663,7 @@ class RebuildRun:
 
 
 def run_rebuild(env: dict[str, str], model: str, cwd: Path = PROJECT) -> RebuildRun:
-    """``python -m infra.cli rebuild MODEL`` as an operator runs it. Its peak RSS is the last
+    """``python -m cqrskit.cli rebuild MODEL`` as an operator runs it. Its peak RSS is the last
     ``VmHWM`` read from /proc (every 50 ms; the high-water mark of the process's own memory since
     exec). Not ``wait4``'s ``ru_maxrss``: Linux carries the high-water mark of the image the child
     was forked from (this bench, with the whole write store in memory) across the exec."""
@@ -671,7 +671,7 @@ def run_rebuild(env: dict[str, str], model: str, cwd: Path = PROJECT) -> Rebuild
 
     with tempfile.TemporaryFile() as out:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "infra.cli", "rebuild", model], cwd=cwd, env=env,
+        process = subprocess.Popen([sys.executable, "-m", "cqrskit.cli", "rebuild", model], cwd=cwd, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         samples: list[tuple[float, int]] = []
         peak = 0
@@ -701,10 +701,10 @@ def measure_rebuild(sizes: Sizes, console: Console) -> list[Row]:
     """Per read model: ``cqrskit rebuild`` into a fresh osmem (after ``setup``'s empty live index),
     then raw bulk of the same documents into another fresh osmem (osmem keeps everything in memory
     and does not give a deleted index's memory back: one index at a time)."""
-    from infra.db import make_engine
-    from read_models.indices import ensure
-    from read_models.search import make_client
-    from read_models.shop import SHOP_READ_MODELS
+    from cqrskit.infra.db import make_engine
+    from cqrskit.read_models.indices import ensure
+    from cqrskit.read_models.search import make_client
+    from cqrskit.read_models.shop import SHOP_READ_MODELS
 
     tag = uuid.uuid4().hex[:8]
     runs: list[RebuildRun] = []
@@ -841,7 +841,7 @@ class Orders:
         self.payable: list[str] = []
 
     def place(self) -> tuple[Any, Sent]:
-        from producers.commands import new_command
+        from cqrskit.producers.commands import new_command
 
         self.count += 1
         order_id = f"{self.load.tag}-lag{self.count}"
@@ -851,7 +851,7 @@ class Orders:
         return envelope, Sent(envelope.command_id, order_id, "placed", 0.0)
 
     def pay(self, order_id: str) -> tuple[Any, Sent]:
-        from producers.commands import new_command
+        from cqrskit.producers.commands import new_command
 
         envelope = new_command("PayOrder", order_id, {}, issuer="bench.read_side")
         return envelope, Sent(envelope.command_id, order_id, "paid", 0.0)
@@ -1035,7 +1035,7 @@ def preload(url: str, sizes: Sizes, console: Console) -> tuple[ShopLoad, int]:
 
 
 def measure_lag(sizes: Sizes, args: argparse.Namespace, console: Console) -> list[Row]:
-    from read_models.indices import alias
+    from cqrskit.read_models.indices import alias
     from tests.stack import Stack
 
     tag = uuid.uuid4().hex[:8]
@@ -1172,8 +1172,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from infra.logs import configure_logging
-    from infra.settings import Settings
+    from cqrskit.infra.logs import configure_logging
+    from cqrskit.infra.settings import Settings
 
     args = parse(argv)
     sizes = Sizes.of(args)

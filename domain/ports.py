@@ -1,7 +1,7 @@
 """What a command handler may ask of the write store, as a small abstract port.
 
 The infrastructure implements it inside ONE write-store transaction; the shop's handlers and
-their unit tests (``domain.testing.InMemoryContext``) use nothing else.
+their unit tests (``cqrskit.domain.testing.InMemoryContext``) use nothing else.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol, TypeVar
 
-from domain.model import Aggregate
+from cqrskit.domain.model import Aggregate
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 

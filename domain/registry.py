@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from domain.model import Command, Event
-from domain.ports import HandlerContext
+from cqrskit.domain.model import Command, Event
+from cqrskit.domain.ports import HandlerContext
 
 C = TypeVar("C", bound=type[Command])
 E = TypeVar("E", bound=type[Event])

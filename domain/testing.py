@@ -10,8 +10,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from domain.model import Aggregate, Event, RuleViolation
-from domain.registry import Registry
+from cqrskit.domain.model import Aggregate, Event, RuleViolation
+from cqrskit.domain.registry import Registry
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 

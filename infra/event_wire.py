@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.store import StoredEvent
+from cqrskit.infra.store import StoredEvent
 
 
 class EventMessage(BaseModel):

@@ -12,7 +12,7 @@ import sys
 
 import structlog
 
-from infra.settings import LogFormat, Settings
+from cqrskit.infra.settings import LogFormat, Settings
 
 _configured = False
 

@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     def embedded_broker(self) -> bool:
         return self.broker_url == EMBEDDED_BROKER
 
+    def environment(self) -> dict[str, str]:
+        """Every setting as the ``CQRSKIT_*`` variables that ``load_settings`` reads back: how a
+        parent hands its effective settings (flags included) to the processes it starts. An unset
+        optional stays unset."""
+        return {f"CQRSKIT_{name.upper()}": str(value) for name, value in self.model_dump(mode="json").items()
+                if value is not None}
+
     @cached_property
     def sqlite_path(self) -> Path | None:
         """The file of a SQLite write store (None for PostgreSQL or an in-memory SQLite)."""

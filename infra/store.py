@@ -24,10 +24,10 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from domain.model import Aggregate, RuleViolation, stream_id
-from domain.registry import Registry
-from infra.outcomes import Outcome
-from infra.schema import command_outcomes, events, streams, unique_claims
+from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
+from cqrskit.domain.registry import Registry
+from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.schema import command_outcomes, events, streams, unique_claims
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 

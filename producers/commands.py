@@ -16,10 +16,10 @@ from typing import Any, Protocol
 import dramatiq
 from dramatiq import Message
 
-from infra.envelope import CommandEnvelope, CommandMetadata
-from infra.settings import Settings
-from producers.amqp import AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublishReport
-from workers.broker import wrap_command
+from cqrskit.infra.envelope import CommandEnvelope, CommandMetadata
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.amqp import AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublishReport
+from cqrskit.infra.broker import wrap_command
 
 __all__ = ["CommandProducer", "CommandNotConfirmed", "PublishReport", "new_command"]
 

@@ -44,15 +44,15 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from domain.registry import Registry, UnknownType
-from infra.db import make_engine
-from infra.envelope import IDENTIFIER, CommandEnvelope
-from infra.schema import events
-from infra.settings import Settings
-from infra.store import read_outcome
-from infra.tokens import ConsistencyToken
-from producers.amqp import AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublisherClosed
-from producers.commands import Publisher
+from cqrskit.domain.registry import Registry, UnknownType
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
+from cqrskit.infra.schema import events
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.store import read_outcome
+from cqrskit.infra.tokens import ConsistencyToken
+from cqrskit.infra.amqp import AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublisherClosed
+from cqrskit.producers.commands import Publisher
 
 log = structlog.get_logger("cqrskit.gateway")
 PROBLEM = "application/problem+json"
@@ -474,7 +474,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, publishe
 
 
 def _shop_registry() -> Registry:
-    from domain.shop import registry
+    from cqrskit.domain.shop import registry
 
     return registry
 
@@ -642,20 +642,11 @@ PROBLEM_HANDLERS: dict[Any, Callable[..., Any]] = {
 
 
 # -- running it ----------------------------------------------------------------------------
-def app_from_environment() -> FastAPI:
-    """For ``uvicorn --factory`` and the worker processes of ``run_gateway``: settings from the
-    environment."""
-    from infra.logs import configure_logging
-    from infra.settings import load_settings
-
-    settings = load_settings()
-    configure_logging(settings)
-    return create_app(settings)
-
-
-def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
-    """Serve the gateway with uvicorn until interrupted; ``workers`` > 1 runs that many processes,
-    each with its own publisher and engine (the settings reach them through the environment)."""
+def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+                factory: str = "") -> None:
+    """Serve the gateway with uvicorn until interrupted; ``workers`` > 1 runs that many processes
+    from ``factory`` (a ``module:callable`` import string), each with its own publisher and engine;
+    the settings reach them through the environment."""
     import uvicorn
 
     options: dict[str, Any] = dict(host=host, port=port, log_config=None, access_log=False,
@@ -663,11 +654,5 @@ def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8000, w
     if workers == 1:
         uvicorn.run(create_app(settings), **options)
         return
-    os.environ.update(settings_environment(settings))
-    uvicorn.run("producers.gateway:app_from_environment", factory=True, workers=workers, **options)
-
-
-def settings_environment(settings: Settings) -> dict[str, str]:
-    """``settings`` as the CQRSKIT_* variables that ``load_settings`` reads back."""
-    return {f"CQRSKIT_{name.upper()}": str(value) for name, value in settings.model_dump(mode="json").items()
-            if value is not None}  # an unset optional stays unset
+    os.environ.update(settings.environment())
+    uvicorn.run(factory, factory=True, workers=workers, **options)

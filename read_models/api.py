@@ -2,14 +2,14 @@
 
 Contracts:
 - holds a search client and nothing else: no write-store or broker setting is read (G11);
-- parameters are validated by the models of ``read_models.queries``; every error is an RFC 9457
+- parameters are validated by the models of ``cqrskit.read_models.queries``; every error is an RFC 9457
   problem (``application/problem+json``): 400 a bad cursor or consistency token, 404 no such
   document, 422 invalid parameters (with each error), 503 search unavailable, 504 not reflected
   in time; bad input never gets a 5xx;
 - ``consistent_with=TOKEN`` (a command outcome's consistency token) makes a request wait until
   the read model reflects that write (G8), polling without blocking a thread, for at most
   ``wait`` seconds, never more than the server's cap, whatever the token or the client says;
-- responses are the DTOs of ``read_models.queries``: no index names, versions or scores of
+- responses are the DTOs of ``cqrskit.read_models.queries``: no index names, versions or scores of
   Elasticsearch leak (except ``score`` when sorting by relevance).
 """
 
@@ -31,10 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from infra.settings import EMBEDDED_SEARCH, Settings
-from infra.tokens import ConsistencyToken, InvalidToken
-from read_models import queries as q
-from read_models.indices import alias
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
+from cqrskit.read_models import queries as q
+from cqrskit.read_models.indices import alias
 
 log = structlog.get_logger("cqrskit.query")
 PROBLEM = "application/problem+json"
@@ -342,7 +342,7 @@ def create_app(settings: Settings, *, max_wait: float = MAX_WAIT_SECONDS,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if url == EMBEDDED_SEARCH:
             raise RuntimeError("the query API needs a search server: set CQRSKIT_ELASTICSEARCH_URL")
-        from read_models.search import make_client
+        from cqrskit.read_models.search import make_client
 
         es = make_client(url, timeout=search_timeout)
         app.state.query_side = QuerySide(es, prefix, secret, max_wait)

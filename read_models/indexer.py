@@ -18,12 +18,12 @@ import structlog
 from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
-from domain.registry import Registry
-from read_models.indices import next_alias, write_targets
-from read_models.model import Document, ReadModel
-from read_models.parking import park, parked_models, unpark
-from read_models.source import WriteStoreSource, snapshot
-from read_models.writer import Write, write_documents
+from cqrskit.domain.registry import Registry
+from cqrskit.read_models.indices import next_alias, write_targets
+from cqrskit.read_models.model import Document, ReadModel
+from cqrskit.read_models.parking import park, parked_models, unpark
+from cqrskit.read_models.source import WriteStoreSource, snapshot
+from cqrskit.read_models.writer import Write, write_documents
 
 log = structlog.get_logger("cqrskit.indexer")
 

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
-from infra.schema import read_model_indices
-from read_models.model import SETTINGS, ReadModel
+from cqrskit.infra.schema import read_model_indices
+from cqrskit.read_models.model import SETTINGS, ReadModel
 
 LIVE, BUILDING = "live", "building"
 

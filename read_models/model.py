@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from read_models.source import WriteStoreSource
+from cqrskit.read_models.source import WriteStoreSource
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from infra.schema import parked_documents
+from cqrskit.infra.schema import parked_documents
 
 
 def park(engine: Engine, entries: list[tuple[str, str, str, list[int]]]) -> None:

@@ -36,9 +36,9 @@ from elasticsearch import ConnectionTimeout, Elasticsearch, NotFoundError
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator,
                       model_validator)
 
-from infra.tokens import ConsistencyToken
-from read_models.indices import alias
-from read_models.model import iso
+from cqrskit.infra.tokens import ConsistencyToken
+from cqrskit.read_models.indices import alias
+from cqrskit.read_models.model import iso
 
 TOTAL_CAP = 10_000
 FACET_SIZE = 20

@@ -22,12 +22,12 @@ from datetime import UTC, datetime
 from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
-from domain.registry import Registry
-from read_models.indices import alias, begin_build, finish_build, next_alias
-from read_models.model import ReadModel
-from read_models.parking import get_parked, park, unpark
-from read_models.source import WriteStoreSource, snapshot
-from read_models.writer import Write, write_documents
+from cqrskit.domain.registry import Registry
+from cqrskit.read_models.indices import alias, begin_build, finish_build, next_alias
+from cqrskit.read_models.model import ReadModel
+from cqrskit.read_models.parking import get_parked, park, unpark
+from cqrskit.read_models.source import WriteStoreSource, snapshot
+from cqrskit.read_models.writer import Write, write_documents
 
 
 @dataclass

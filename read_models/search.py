@@ -13,7 +13,7 @@ from typing import Any
 from elastic_transport import Urllib3HttpNode
 from elasticsearch import Elasticsearch
 
-from infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 _COMPAT = re.compile(r"application/vnd\.elasticsearch\+(json|x-ndjson); compatible-with=\d+")
 
@@ -34,7 +34,7 @@ class PlainJsonNode(Urllib3HttpNode):
 def make_client(url: str, *, timeout: float = 30.0) -> Elasticsearch:
     """A client for ``url`` (an http(s) URL; the embedded server must be started first)."""
     if url == EMBEDDED_SEARCH:
-        raise ValueError("start the embedded search server first (read_models.search.EmbeddedSearch)")
+        raise ValueError("start the embedded search server first (cqrskit.read_models.search.EmbeddedSearch)")
     return Elasticsearch(url, node_class=PlainJsonNode, request_timeout=timeout, retry_on_timeout=False, max_retries=0)
 
 

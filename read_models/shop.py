@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from domain.shop import Customer, Order, Product
-from read_models.model import Document, iso, text_keyword
-from read_models.source import WriteStoreSource
+from cqrskit.domain.shop import Customer, Order, Product
+from cqrskit.read_models.model import Document, iso, text_keyword
+from cqrskit.read_models.source import WriteStoreSource
 
 LONG, INT, KEYWORD, DATE = ({"type": t} for t in ("long", "integer", "keyword", "date"))
 # The streams a document was computed from, each at its version (the document's external version

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from domain.model import Aggregate, stream_id
-from domain.registry import Registry
-from infra.schema import events, streams
+from cqrskit.domain.model import Aggregate, stream_id
+from cqrskit.domain.registry import Registry
+from cqrskit.infra.schema import events, streams
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 CHUNK = 500

@@ -10,10 +10,10 @@ from typing import Any
 from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
-from domain.registry import Registry
-from read_models.indices import alias
-from read_models.model import ReadModel
-from read_models.source import WriteStoreSource, snapshot
+from cqrskit.domain.registry import Registry
+from cqrskit.read_models.indices import alias
+from cqrskit.read_models.model import ReadModel
+from cqrskit.read_models.source import WriteStoreSource, snapshot
 
 
 @dataclass

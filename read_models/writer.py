@@ -18,7 +18,7 @@ from typing import Any
 
 from elasticsearch import Elasticsearch
 
-from read_models.model import Document
+from cqrskit.read_models.model import Document
 
 
 class TransientIndexError(Exception):

@@ -14,11 +14,11 @@ import psycopg
 import pytest
 from sqlalchemy import make_url
 
-from domain.shop import registry
-from infra.db import make_engine
-from infra.migrate import upgrade
-from infra.settings import QueueType, Settings
-from infra.store import EventStore
+from cqrskit.domain.shop import registry
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.migrate import upgrade
+from cqrskit.infra.settings import QueueType, Settings
+from cqrskit.infra.store import EventStore
 
 PG_ADMIN = os.environ.get("CQRSKIT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("CQRSKIT_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")

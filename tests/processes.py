@@ -30,12 +30,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from domain.shop import registry
-from infra.db import make_engine
-from infra.outcomes import Outcome
-from infra.schema import command_outcomes, events
-from infra.settings import Settings
-from infra.store import EventStore
+from cqrskit.domain.shop import registry
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.schema import command_outcomes, events
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.store import EventStore
 
 PROJECT = Path(__file__).resolve().parent.parent
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux only
@@ -63,7 +63,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 @dataclass
 class WorkerProcess:
-    """One ``dramatiq workers.app`` process group (the parent and its worker children)."""
+    """One ``dramatiq cqrskit.cli.processes:command_worker`` process group (the parent and its worker children)."""
 
     popen: subprocess.Popen[bytes]
     log_path: Path
@@ -176,7 +176,7 @@ class Workers:
     def start(
         self, threads: int = 4, processes: int = 1, *, stall_logs: bool = False, **env: str
     ) -> WorkerProcess:
-        """Start ``dramatiq workers.app`` on the commands queue and its delay queue, logging JSON
+        """Start ``dramatiq cqrskit.cli.processes:command_worker`` on the commands queue and its delay queue, logging JSON
         to a file. With ``stall_logs`` its output goes to a pipe nobody reads: once ~70 KB are
         written every worker thread blocks on its next log line, which for a command that
         succeeded is written after its commit and before its ack."""
@@ -186,7 +186,7 @@ class Workers:
             sys.executable,
             "-m",
             "dramatiq",
-            "workers.app",
+            "cqrskit.cli.processes:command_worker",
             "--processes",
             str(processes),
             "--threads",
@@ -218,8 +218,8 @@ class Workers:
 
 def declare_topology(settings: Settings) -> None:
     """What ``cqrskit setup`` declares on the broker: exchange, queues, binding."""
-    from workers.broker import make_broker
-    from workers.topology import declare_command_topology
+    from cqrskit.infra.broker import make_broker
+    from cqrskit.infra.topology import declare_command_topology
 
     broker = make_broker(settings)
     try:

@@ -14,7 +14,7 @@ import uuid
 import pika
 import pytest
 
-from producers.amqp import (AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublisherClosed,
+from cqrskit.infra.amqp import (AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublisherClosed,
                             PublishReport)
 
 URL = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -10,9 +10,9 @@ import pika
 import pytest
 from typer.testing import CliRunner
 
-from infra.cli import app
-from infra.settings import Settings
-from producers.commands import new_command
+from cqrskit.cli.main import app
+from cqrskit.infra.settings import Settings
+from cqrskit.producers.commands import new_command
 
 runner = CliRunner()
 COMMANDS = ["setup", "send", "outcome", "worker", "demo", "schema"]

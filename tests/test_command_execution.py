@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-from infra.outcomes import Status
-from infra.store import EventStore
-from producers.commands import new_command
+from cqrskit.infra.outcomes import Status
+from cqrskit.infra.store import EventStore
+from cqrskit.producers.commands import new_command
 from tests.bad_inputs import BAD_INPUTS, outcome_text
-from workers.execution import BadCommand, CommandExecutor
+from cqrskit.workers.execution import BadCommand, CommandExecutor
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_same_command_delivered_three_times_takes_effect_once(executor: CommandE
     assert len({tuple(o.positions) for o in outcomes}) == 1
     assert [e.type for e in executor.store.read_all(0)].count("OrderPlaced") == 1
     with executor.store.unit_of_work() as uow:
-        from domain.shop import Product
+        from cqrskit.domain.shop import Product
 
         assert uow.load(Product, "p1").state.stock == 8
 

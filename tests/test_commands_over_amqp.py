@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pika
 import pytest
 
-from infra.outcomes import Status
-from infra.settings import Settings
+from cqrskit.infra.outcomes import Status
+from cqrskit.infra.settings import Settings
 from tests.bad_inputs import BAD_INPUTS, outcome_text
 from tests.processes import (  # noqa: F401  (fixtures: commands_topology, workers, write_store)
     PikaProducer,

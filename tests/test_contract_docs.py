@@ -8,9 +8,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from infra.cli import app
-from infra.envelope import CommandEnvelope, envelope_json_schema, envelope_json_schema_text
-from producers.commands import new_command
+from cqrskit.cli.main import app
+from cqrskit.infra.envelope import CommandEnvelope, envelope_json_schema, envelope_json_schema_text
+from cqrskit.producers.commands import new_command
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

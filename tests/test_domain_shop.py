@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from domain.model import Aggregate, Event, RuleViolation
-from domain.shop import Customer, Order, Product, registry
-from domain.shop.orders import OrderLine, OrderPlaced
-from domain.shop.products import StockReleased, StockReserved
-from domain.testing import ConcurrencyConflict, InMemoryStore
+from cqrskit.domain.model import Aggregate, Event, RuleViolation
+from cqrskit.domain.shop import Customer, Order, Product, registry
+from cqrskit.domain.shop.orders import OrderLine, OrderPlaced
+from cqrskit.domain.shop.products import StockReleased, StockReserved
+from cqrskit.domain.testing import ConcurrencyConflict, InMemoryStore
 
 
 @pytest.fixture

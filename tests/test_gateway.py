@@ -34,9 +34,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from infra.settings import Settings
-from infra.tokens import ConsistencyToken
-from producers.gateway import check_command, create_app, read_only_engine, settings_environment
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.tokens import ConsistencyToken
+from cqrskit.producers.gateway import check_command, create_app, read_only_engine
 from tests.bad_inputs import BAD_INPUTS
 from tests.processes import (  # noqa: F401  (fixtures)
     Workers,
@@ -405,12 +405,12 @@ def test_creating_the_app_connects_to_nothing_and_documents_the_envelope() -> No
 def test_settings_pass_to_worker_processes_through_the_environment() -> None:
     settings = Settings(broker_url="amqp://u:p@rabbit:5672/%2F", max_command_bytes=1234,
                         commands_exchange="x.y")
-    env = settings_environment(settings)
+    env = settings.environment()
     assert Settings(**{k.removeprefix("CQRSKIT_").lower(): v for k, v in env.items()}) == settings
 
 
 def test_check_command_publishes_the_bytes_it_checked() -> None:
-    from domain.shop import registry
+    from cqrskit.domain.shop import registry
 
     body = json.dumps(customer("c-check")).encode()
     message = check_command(body, registry, 65536)

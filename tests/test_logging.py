@@ -8,11 +8,11 @@ import json
 import pytest
 import structlog
 
-from infra.logs import configure_logging
-from infra.settings import LogFormat, Settings
-from infra.store import EventStore
-from producers.commands import new_command
-from workers.execution import CommandExecutor
+from cqrskit.infra.logs import configure_logging
+from cqrskit.infra.settings import LogFormat, Settings
+from cqrskit.infra.store import EventStore
+from cqrskit.producers.commands import new_command
+from cqrskit.workers.execution import CommandExecutor
 
 TRACE = ("command_id", "correlation_id", "causation_id", "type", "aggregate_id")
 

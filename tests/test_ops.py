@@ -24,13 +24,13 @@ import psycopg
 import pytest
 from sqlalchemy import make_url
 
-from infra.db import make_engine
-from infra.migrate import upgrade
-from infra.outcomes import Outcome, Status
-from infra.settings import Settings
-from producers.commands import new_command
-from read_models.indices import alias
-from read_models.parking import list_parked
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.migrate import upgrade
+from cqrskit.infra.outcomes import Outcome, Status
+from cqrskit.infra.settings import Settings
+from cqrskit.producers.commands import new_command
+from cqrskit.read_models.indices import alias
+from cqrskit.read_models.parking import list_parked
 from tests.processes import (  # noqa: F401  (fixtures: commands_topology, workers, write_store)
     PROJECT,
     WorkerProcess,
@@ -78,7 +78,7 @@ def holder_of(process: WorkerProcess) -> str:
 @pytest.mark.parametrize("command", [["status"], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "retry"],
                                      ["dlq", "purge"]])
 def test_every_operator_command_has_help(command: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "infra.cli", *command, "--help"], cwd=PROJECT, text=True,
+    result = subprocess.run([sys.executable, "-m", "cqrskit.cli", *command, "--help"], cwd=PROJECT, text=True,
                             capture_output=True, timeout=60)
     assert result.returncode == 0 and "Usage" in result.stdout, result.stdout + result.stderr
 
@@ -179,7 +179,7 @@ def test_status_reports_what_it_cannot_reach_and_exits_1(tmp_path: Path) -> None
     env = {"CQRSKIT_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{closed}/nowhere",
            "CQRSKIT_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{closed}/%2F",
            "CQRSKIT_ELASTICSEARCH_URL": f"http://127.0.0.1:{closed}"}
-    result = subprocess.run([sys.executable, "-m", "infra.cli", "status", "--json"], cwd=PROJECT, text=True,
+    result = subprocess.run([sys.executable, "-m", "cqrskit.cli", "status", "--json"], cwd=PROJECT, text=True,
                             capture_output=True, timeout=60, env=worker_env(Settings(), **env))
     assert result.returncode == 1, result.stderr
     status = json.loads(result.stdout)
@@ -273,7 +273,7 @@ def test_dlq_purge_asks_then_leaves_every_readable_command_an_outcome(workers: W
 
 
 def cli(settings: Settings, *args: str, input: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=PROJECT, text=True, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cqrskit.cli", *args], cwd=PROJECT, text=True, capture_output=True,
                           input=input, timeout=60, env=worker_env(settings, COLUMNS="200", **env))
 
 

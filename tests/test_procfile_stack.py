@@ -27,10 +27,10 @@ import pytest
 import sqlalchemy as sa
 from honcho.environ import expand_processes, parse_procfile
 
-from infra.envelope import CommandEnvelope
-from infra.schema import events
-from infra.settings import Settings
-from producers.shopload import ShopLoad
+from cqrskit.infra.envelope import CommandEnvelope
+from cqrskit.infra.schema import events
+from cqrskit.infra.settings import Settings
+from cqrskit.producers.shopload import ShopLoad
 from tests.processes import PROJECT
 from tests.stack import Stack, wait_until
 from tests.test_ops import metric_samples, ready

@@ -1,4 +1,4 @@
-"""The typed queries (read_models.queries) against real osmem holding a generated shop: every
+"""The typed queries (cqrskit.read_models.queries) against real osmem holding a generated shop: every
 query type answers exactly what a brute-force filter and sort over the write store's state gives
 (the documents the read models' ``build`` computes for every id, as ``verify`` does); deep
 pagination visits every match once, in order; read-your-writes waits are bounded (G8).
@@ -28,22 +28,22 @@ import typer
 from elasticsearch import Elasticsearch
 from typer.testing import CliRunner
 
-from domain.shop import registry
-from infra.cli_search import register
-from infra.db import make_engine
-from infra.migrate import upgrade
-from infra.schema import events
-from infra.store import EventStore
-from infra.settings import Settings
-from infra.tokens import ConsistencyToken
-from producers.shopload import ShopLoad
-from read_models import queries as q
-from read_models.indices import alias, ensure
-from read_models.rebuild import rebuild
-from read_models.search import make_client
-from read_models.shop import SHOP_READ_MODELS
-from read_models.source import WriteStoreSource, snapshot
-from workers.execution import CommandExecutor
+from cqrskit.domain.shop import registry
+from cqrskit.cli.search import register
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.migrate import upgrade
+from cqrskit.infra.schema import events
+from cqrskit.infra.store import EventStore
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.tokens import ConsistencyToken
+from cqrskit.producers.shopload import ShopLoad
+from cqrskit.read_models import queries as q
+from cqrskit.read_models.indices import alias, ensure
+from cqrskit.read_models.rebuild import rebuild
+from cqrskit.read_models.search import make_client
+from cqrskit.read_models.shop import SHOP_READ_MODELS
+from cqrskit.read_models.source import WriteStoreSource, snapshot
+from cqrskit.workers.execution import CommandExecutor
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 SPAN = timedelta(days=120)

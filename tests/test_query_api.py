@@ -21,21 +21,21 @@ import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
-from domain.shop import registry
-from infra.db import make_engine
-from infra.event_wire import EventMessage
-from infra.settings import Settings
-from infra.store import EventStore
-from infra.tokens import ConsistencyToken
-from producers.commands import new_command
-from read_models import queries as q
-from read_models.api import create_app
-from read_models.indexer import Indexer
-from read_models.indices import ensure
-from read_models.search import make_client
-from read_models.shop import SHOP_READ_MODELS
+from cqrskit.domain.shop import registry
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.event_wire import EventMessage
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.store import EventStore
+from cqrskit.infra.tokens import ConsistencyToken
+from cqrskit.producers.commands import new_command
+from cqrskit.read_models import queries as q
+from cqrskit.read_models.api import create_app
+from cqrskit.read_models.indexer import Indexer
+from cqrskit.read_models.indices import ensure
+from cqrskit.read_models.search import make_client
+from cqrskit.read_models.shop import SHOP_READ_MODELS
 from test_queries import ShopIndex, expected_ids, order_matches, shop  # noqa: F401 (shop: the fixture)
-from workers.execution import CommandExecutor
+from cqrskit.workers.execution import CommandExecutor
 
 SECRET = "query-api-test-secret"
 CAP = 1.5  # the server's cap on waits, small for the tests

@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 from elasticsearch import Elasticsearch
 
-from infra.store import EventStore
-from producers.commands import new_command
-from read_models.indexer import Indexer
-from read_models.indices import alias, ensure
-from read_models.parking import list_parked
-from read_models.rebuild import rebuild
-from read_models.search import make_client
-from read_models.shop import SHOP_READ_MODELS
-from read_models.verify import verify
-from infra.event_wire import EventMessage
-from workers.execution import CommandExecutor
+from cqrskit.infra.store import EventStore
+from cqrskit.producers.commands import new_command
+from cqrskit.read_models.indexer import Indexer
+from cqrskit.read_models.indices import alias, ensure
+from cqrskit.read_models.parking import list_parked
+from cqrskit.read_models.rebuild import rebuild
+from cqrskit.read_models.search import make_client
+from cqrskit.read_models.shop import SHOP_READ_MODELS
+from cqrskit.read_models.verify import verify
+from cqrskit.infra.event_wire import EventMessage
+from cqrskit.workers.execution import CommandExecutor
 
 
 @pytest.fixture

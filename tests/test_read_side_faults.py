@@ -22,17 +22,17 @@ from urllib.parse import urlsplit
 import pytest
 from osmem_server import OsmemServer
 
-from infra.envelope import CommandEnvelope
-from infra.event_wire import EventMessage
-from infra.settings import Settings
-from producers.commands import new_command
-from producers.shopload import ShopLoad
-from read_models.indices import alias, next_alias, physical
-from read_models.parking import list_parked
+from cqrskit.infra.envelope import CommandEnvelope
+from cqrskit.infra.event_wire import EventMessage
+from cqrskit.infra.settings import Settings
+from cqrskit.producers.commands import new_command
+from cqrskit.producers.shopload import ShopLoad
+from cqrskit.read_models.indices import alias, next_alias, physical
+from cqrskit.read_models.parking import list_parked
 from tests.processes import WorkerProcess
 from tests.stack import Stack, unread_request_bytes, wait_until
-from workers.broker import index_message, make_broker
-from workers.runtime import Runtime
+from cqrskit.infra.broker import index_message, make_broker
+from cqrskit.cli import bootstrap
 
 pytestmark = pytest.mark.slow
 MODELS = ("orders", "products", "customers")
@@ -118,7 +118,7 @@ class ShuffledFeed:
     duplicated deliveries, holding a fifth of them back for the end (late deliveries)."""
 
     def __init__(self, stack: Stack, rng: random.Random) -> None:
-        self.runtime = Runtime(stack.settings)
+        self.runtime = bootstrap.runtime(stack.settings)
         self.broker = make_broker(stack.settings)
         self.queue = stack.settings.indexer_queue
         self.broker.declare_queue(self.queue, ensure=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.settings import Settings
-from producers.gateway import create_app as gateway_app
-from read_models.api import create_app as query_app
+from cqrskit.infra.settings import Settings
+from cqrskit.producers.gateway import create_app as gateway_app
+from cqrskit.read_models.api import create_app as query_app
 from tests.stack import Stack
 from tests.test_gateway import serving
 

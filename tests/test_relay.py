@@ -26,19 +26,19 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy import Engine, make_url
 
-from domain.shop import registry
-from domain.shop.customers import Customer
-from infra.db import make_engine
-from infra.event_wire import EventMessage, event_message_schema_text
-from infra.schema import events, leases, relay_checkpoints, unique_claims
-from infra.settings import Settings
-from infra.store import EventStore, UnitOfWork
+from cqrskit.domain.shop import registry
+from cqrskit.domain.shop.customers import Customer
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.event_wire import EventMessage, event_message_schema_text
+from cqrskit.infra.schema import events, leases, relay_checkpoints, unique_claims
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.store import EventStore, UnitOfWork
 from tests.processes import PROJECT, WorkerProcess, worker_env
-from workers.relay import EventRelay, LeaseLost, relay_lag
+from cqrskit.workers.relay import EventRelay, LeaseLost, relay_lag
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-RELAY_PROGRAM = ("from infra.settings import load_settings; from infra.logs import configure_logging; "
-                 "from workers.relay import run_relay; s = load_settings(); configure_logging(s); run_relay(s)")
+RELAY_PROGRAM = ("from cqrskit.infra.settings import load_settings; from cqrskit.infra.logs import configure_logging; "
+                 "from cqrskit.cli.bootstrap import run_relay; s = load_settings(); configure_logging(s); run_relay(s)")
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------
@@ -602,5 +602,5 @@ def test_the_indexer_queue_gets_one_dramatiq_message_per_batch(relay_settings: S
 
 def test_event_message_schema_file_equals_the_model() -> None:
     assert (DOCS / "event-message.schema.json").read_text() == event_message_schema_text(), (
-        "docs/event-message.schema.json is stale: regenerate it from infra.event_wire.event_message_schema_text()"
+        "docs/event-message.schema.json is stale: regenerate it from cqrskit.infra.event_wire.event_message_schema_text()"
     )

@@ -19,11 +19,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import make_url
 
-from domain.shop import Order, Product
-from infra.db import make_engine
-from infra.migrate import upgrade
-from infra.outcomes import Outcome, Status
-from infra.settings import Settings
+from cqrskit.domain.shop import Order, Product
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.migrate import upgrade
+from cqrskit.infra.outcomes import Outcome, Status
+from cqrskit.infra.settings import Settings
 from tests.processes import (  # noqa: F401  (fixtures: commands_topology, workers, write_store)
     PikaProducer,
     Workers,

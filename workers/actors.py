@@ -7,9 +7,9 @@ import base64
 import dramatiq
 import structlog
 
-from workers.broker import COMMAND_ACTOR, INDEX_ACTOR
-from workers.execution import BadCommand
-from workers.runtime import Runtime
+from cqrskit.infra.broker import COMMAND_ACTOR, INDEX_ACTOR
+from cqrskit.workers.execution import BadCommand
+from cqrskit.workers.runtime import Runtime
 
 log = structlog.get_logger("cqrskit.indexer")
 

@@ -26,11 +26,11 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from domain.model import RuleViolation
-from domain.registry import Registry, UnknownType
-from infra.envelope import IDENTIFIER, CommandEnvelope
-from infra.outcomes import Outcome, Status
-from infra.store import ConcurrencyConflict, EventStore, read_outcome
+from cqrskit.domain.model import RuleViolation
+from cqrskit.domain.registry import Registry, UnknownType
+from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
+from cqrskit.infra.outcomes import Outcome, Status
+from cqrskit.infra.store import ConcurrencyConflict, EventStore, read_outcome
 
 log = structlog.get_logger("cqrskit.commands")
 _IDENTIFIER = re.compile(IDENTIFIER)

@@ -47,18 +47,23 @@ import dramatiq
 import structlog
 from dramatiq.middleware import prometheus as dramatiq_prometheus
 
-from infra.outcomes import Outcome
-from infra.settings import Settings
-from workers.broker import COMMAND_ACTOR
+from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.broker import COMMAND_ACTOR
 
 log = structlog.get_logger("cqrskit.metrics")
 COMMANDS, INDEXER = "commands", "indexer"
 
 
-def worker_metrics(settings: Settings, runtime: Any, kind: str) -> list[dramatiq.Middleware]:
+def worker_metrics(settings: Settings, runtime: Any, kind: str,
+                   server: Callable[[], int] | None = None) -> list[dramatiq.Middleware]:
     """The middleware to put first in a worker's ``extra_middleware`` ([] when metrics are off).
-    ``kind``: ``commands`` or ``indexer``."""
-    return [] if settings.metrics_port is None else [WorkerMetrics(settings, runtime, kind)]
+    ``kind``: ``commands`` or ``indexer``. ``server``: the process entry point (a module-level
+    function, which Dramatiq forks by its import path) that serves the group's metrics, usually
+    ``serve_metrics`` behind the composition root's reading of the settings."""
+    if settings.metrics_port is None:
+        return []
+    return [WorkerMetrics(settings, runtime, kind, server)]
 
 
 def group_directory(settings: Settings) -> Path:
@@ -78,15 +83,15 @@ class WorkerMetrics(dramatiq_prometheus.Prometheus):
     are unchanged. Must come before Retries (first in ``extra_middleware``): ``dead`` is counted
     in ``after_process_message`` once Retries has decided that a message failed."""
 
-    def __init__(self, settings: Settings, runtime: Any, kind: str) -> None:
+    def __init__(self, settings: Settings, runtime: Any, kind: str, server: Callable[[], int] | None) -> None:
         super().__init__()
         if kind not in (COMMANDS, INDEXER):
             raise ValueError(f"kind must be {COMMANDS} or {INDEXER}, not {kind!r}")
-        self.settings, self.runtime, self.kind = settings, runtime, kind
+        self.settings, self.runtime, self.kind, self.server = settings, runtime, kind, server
 
     @property
     def forks(self) -> list[Callable[[], int]]:
-        return [serve_metrics]
+        return [] if self.server is None else [self.server]
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         directory = group_directory(self.settings)
@@ -147,14 +152,10 @@ class MeasuredIndexer:
         return getattr(self.indexer, name)
 
 
-def serve_metrics() -> int:
-    """Dramatiq fork: serve this process group's metrics on ``CQRSKIT_METRICS_PORT`` until the
-    group stops. Returns 1 (the fork ends, the workers go on) when the port cannot be bound."""
-    from infra.logs import configure_logging
-    from infra.settings import load_settings
-
-    settings = load_settings()
-    configure_logging(settings)
+def serve_metrics(settings: Settings) -> int:
+    """The body of a Dramatiq fork: serve this process group's metrics on ``settings.metrics_port``
+    until the group stops. Returns 1 (the fork ends, the workers go on) when the port cannot be
+    bound."""
     directory = group_directory(settings)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_dead_groups(_base_directory(settings))
@@ -215,7 +216,7 @@ class RelayMetrics:
         import sqlalchemy as sa
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from workers.relay import relay_lag
+        from cqrskit.workers.relay import relay_lag
 
         yield CounterMetricFamily("cqrskit_relay_events_published", "Events confirmed by the broker on the "
                                   "events exchange.", value=self.published)

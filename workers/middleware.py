@@ -9,9 +9,9 @@ import dramatiq
 import structlog
 from dramatiq.broker import MessageProxy
 
-from infra.outcomes import Outcome, Status
-from workers.broker import COMMAND_ACTOR
-from workers.execution import BadCommand, readable_command_id
+from cqrskit.infra.outcomes import Outcome, Status
+from cqrskit.infra.broker import COMMAND_ACTOR
+from cqrskit.workers.execution import BadCommand, readable_command_id
 
 log = structlog.get_logger("cqrskit.commands")
 

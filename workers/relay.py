@@ -36,7 +36,6 @@ serialises every command's commit (measured: 16 connections fell from 4,106 to 1
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import time
@@ -52,14 +51,12 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from infra.db import make_engine
-from infra.event_wire import EventMessage
-from infra.schema import events, leases, relay_checkpoints
-from infra.settings import Settings
-from infra.store import StoredEvent
-from producers.amqp import AmqpPublisher, OutgoingMessage
-from workers.broker import index_message, make_broker
-from workers.metrics import serve_relay_metrics
+from cqrskit.infra.event_wire import EventMessage
+from cqrskit.infra.schema import events, leases, relay_checkpoints
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.store import StoredEvent
+from cqrskit.infra.amqp import AmqpPublisher, OutgoingMessage
+from cqrskit.infra.broker import index_message, make_broker
 
 log = structlog.get_logger("cqrskit.relay")
 NAME = "relay"  # the relay's checkpoint row and lease row
@@ -388,25 +385,3 @@ def _dialect(conn: Connection) -> Any:
 
 def default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-# -- the ``relay`` process ---------------------------------------------------------------------
-def run_relay(settings: Settings) -> None:
-    """Run the relay of ``settings`` until SIGTERM or SIGINT (the Procfile's ``relay``). Needs
-    RabbitMQ: the embedded broker lives inside another process. Never migrates the write store."""
-    if settings.embedded_broker:
-        raise ValueError("the relay process needs a real broker: set CQRSKIT_BROKER_URL=amqp://...")
-    engine = make_engine(settings.database_url, pool_size=2)
-    relay = EventRelay.for_rabbitmq(settings, engine)
-    metrics = serve_relay_metrics(settings, relay)  # None unless CQRSKIT_METRICS_PORT is set
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        relay.run(stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if metrics is not None:
-            metrics.close()
-        relay.close()
-        engine.dispose()

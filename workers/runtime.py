@@ -2,34 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 
 from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
-from domain.registry import Registry
-from infra.db import make_engine
-from infra.settings import Settings
-from infra.store import EventStore
-from read_models.indexer import Indexer
-from read_models.search import make_client
-from read_models.shop import SHOP_READ_MODELS
-from workers.execution import CommandExecutor
-
-
-def default_registry() -> Registry:
-    from domain.shop import registry
-
-    return registry
+from cqrskit.domain.registry import Registry
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.store import EventStore
+from cqrskit.read_models.indexer import Indexer
+from cqrskit.read_models.model import ReadModel
+from cqrskit.read_models.search import make_client
+from cqrskit.workers.execution import CommandExecutor
 
 
 @dataclass
 class Runtime:
-    """Lazily made engine, event store and command executor for ``settings``."""
+    """Lazily made engine, event store, command executor and indexer for ``settings``, running
+    the domain of ``registry`` and the read models ``read_models`` (both chosen by the caller:
+    the composition root)."""
 
     settings: Settings
-    registry: Registry = field(default_factory=default_registry)
+    registry: Registry
+    read_models: Sequence[ReadModel]
     pool_size: int = 8
     search_url: str | None = None  # where the embedded search server listens, when there is one
 
@@ -56,7 +54,7 @@ class Runtime:
 
     @cached_property
     def indexer(self) -> Indexer:
-        return Indexer(self.engine, self.registry, self.search, self.settings.index_prefix, SHOP_READ_MODELS)
+        return Indexer(self.engine, self.registry, self.search, self.settings.index_prefix, self.read_models)
 
     def close(self) -> None:
         if "search" in self.__dict__:

@@ -1,27 +1,30 @@
-"""Putting a command worker together: settings -> runtime, broker, middleware, actor."""
+"""Putting a worker process together: runtime -> broker, middleware, actor."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import dramatiq
 
-from infra.settings import Settings
-from workers.actors import declare_command_actor, declare_indexer_actor
-from workers.broker import make_broker
-from workers.metrics import COMMANDS, INDEXER, worker_metrics
-from workers.middleware import DeadOutcomes, LogContext
-from workers.runtime import Runtime
+from cqrskit.infra.broker import make_broker
+from cqrskit.workers.actors import declare_command_actor, declare_indexer_actor
+from cqrskit.workers.metrics import COMMANDS, INDEXER, worker_metrics
+from cqrskit.workers.middleware import DeadOutcomes, LogContext
+from cqrskit.workers.runtime import Runtime
 
 
-def build_command_worker(settings: Settings, threads: int = 8) -> tuple[dramatiq.Broker, Runtime]:
-    runtime = Runtime(settings, pool_size=threads + 2)
-    metrics = worker_metrics(settings, runtime, COMMANDS)
-    broker = make_broker(settings, extra_middleware=[*metrics, LogContext(), DeadOutcomes(runtime)])
+def build_command_worker(runtime: Runtime, metrics_server: Callable[[], int] | None = None) -> dramatiq.Broker:
+    """The broker of a command worker process, with its middleware and the command actor.
+    ``metrics_server``: the fork that serves the group's metrics (see ``worker_metrics``)."""
+    metrics = worker_metrics(runtime.settings, runtime, COMMANDS, metrics_server)
+    broker = make_broker(runtime.settings, extra_middleware=[*metrics, LogContext(), DeadOutcomes(runtime)])
     declare_command_actor(broker, runtime)
-    return broker, runtime
+    return broker
 
 
-def build_indexer_worker(settings: Settings, threads: int = 4) -> tuple[dramatiq.Broker, Runtime]:
-    runtime = Runtime(settings, pool_size=threads + 2)
-    broker = make_broker(settings, extra_middleware=[*worker_metrics(settings, runtime, INDEXER), LogContext()])
+def build_indexer_worker(runtime: Runtime, metrics_server: Callable[[], int] | None = None) -> dramatiq.Broker:
+    """The broker of an indexer process, with its middleware and the indexer actor."""
+    metrics = worker_metrics(runtime.settings, runtime, INDEXER, metrics_server)
+    broker = make_broker(runtime.settings, extra_middleware=[*metrics, LogContext()])
     declare_indexer_actor(broker, runtime)
-    return broker, runtime
+    return broker

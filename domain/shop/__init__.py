@@ -6,11 +6,11 @@ keeps its own part (``customers.registry``...), merged here. Rules are in each m
 
 from __future__ import annotations
 
-from domain.registry import Registry
-from domain.shop import customers, orders, products
-from domain.shop.customers import Customer
-from domain.shop.orders import Order
-from domain.shop.products import Product
+from cqrskit.domain.registry import Registry
+from cqrskit.domain.shop import customers, orders, products
+from cqrskit.domain.shop.customers import Customer
+from cqrskit.domain.shop.orders import Order
+from cqrskit.domain.shop.products import Product
 
 
 def merged(*parts: Registry) -> Registry:

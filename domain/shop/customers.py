@@ -20,9 +20,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from domain.model import Aggregate, Command, Event, RuleViolation
-from domain.ports import HandlerContext
-from domain.registry import Registry
+from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
+from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.registry import Registry
 
 _SINGLE_LINE = r"^[^\x00-\x1f\x7f]*$"
 _MULTI_LINE = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"  # tab, LF and CR allowed
@@ -38,7 +38,7 @@ _EMAIL = re.compile(rf"(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?:{_LABEL}\.)+[a-z]{{2,
 
 
 def _email(value: str) -> str:
-    """Lower-case an address of the usual ``local@domain.tld`` shape, or raise ValueError."""
+    """Lower-case an address of the usual ``local@cqrskit.domain.tld`` shape, or raise ValueError."""
     lowered = value.lower()
     match = _EMAIL.fullmatch(lowered)
     if match is None or len(match["local"]) > 64:

@@ -21,11 +21,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from domain.model import Aggregate, Command, Event
-from domain.ports import HandlerContext
-from domain.registry import Registry
-from domain.shop.customers import AggregateId, Customer, MultiLine
-from domain.shop.products import Product, Sku, product_for_sku
+from cqrskit.domain.model import Aggregate, Command, Event
+from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.registry import Registry
+from cqrskit.domain.shop.customers import AggregateId, Customer, MultiLine
+from cqrskit.domain.shop.products import Product, Sku, product_for_sku
 
 Status = Literal["new", "placed", "paid", "shipped", "cancelled"]
 MAX_LINES = 100

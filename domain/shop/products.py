@@ -15,10 +15,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from domain.model import Aggregate, Command, Event, RuleViolation
-from domain.ports import HandlerContext
-from domain.registry import Registry
-from domain.shop.customers import MultiLine, Name
+from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
+from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.registry import Registry
+from cqrskit.domain.shop.customers import MultiLine, Name
 
 SKU_SCOPE = "product.sku"
 MAX_PRICE_CENTS = 1_000_000_000_000

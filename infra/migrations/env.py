@@ -1,10 +1,10 @@
-"""Alembic environment: runs on the connection handed over by ``infra.migrate``, or on the URL
+"""Alembic environment: runs on the connection handed over by ``cqrskit.infra.migrate``, or on the URL
 in ``sqlalchemy.url`` when alembic's own CLI is used."""
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from infra.schema import metadata
+from cqrskit.infra.schema import metadata
 
 config = context.config
 

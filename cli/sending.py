@@ -12,11 +12,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from infra.envelope import CommandEnvelope
-from infra.outcomes import Outcome
-from infra.settings import Settings
-from infra.store import EventStore
-from producers.commands import CommandProducer, new_command
+from cqrskit.infra.envelope import CommandEnvelope
+from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.store import EventStore
+from cqrskit.producers.commands import CommandProducer, new_command
 
 
 def one_envelope(type: str, aggregate: str, data: str, command_id: str | None, expected: int | None,
@@ -55,7 +55,7 @@ def send_envelopes(settings: Settings, envelopes: list[CommandEnvelope], *, wait
                    console: Console) -> tuple[int, list[tuple[str | None, str]], list[Outcome]]:
     """Publish; returns (confirmed, failures, outcomes found within ``wait`` seconds)."""
     if settings.embedded_broker:  # the broker lives in this process: so must the worker
-        from workers.local import LocalPipeline
+        from cqrskit.cli.local import LocalPipeline
 
         with LocalPipeline(settings) as pipeline:
             report = _publish(pipeline.producer, envelopes, console)
@@ -65,10 +65,10 @@ def send_envelopes(settings: Settings, envelopes: list[CommandEnvelope], *, wait
         report = _publish(producer, envelopes, console)
     if wait <= 0:
         return report.confirmed, report.failed, []
-    from infra.db import make_engine
-    from workers.runtime import default_registry
+    from cqrskit.infra.db import make_engine
+    from cqrskit.cli import bootstrap
 
-    store = EventStore(make_engine(settings.database_url), default_registry())
+    store = EventStore(make_engine(settings.database_url), bootstrap.registry())
     return report.confirmed, report.failed, _outcomes(store, envelopes, wait)
 
 

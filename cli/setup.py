@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from infra.db import make_engine
-from infra.migrate import current_revision, upgrade
-from infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.migrate import current_revision, upgrade
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 
 def setup_all(settings: Settings, say: Callable[[str], None] = print) -> None:
-    from workers.broker import make_broker
-    from workers.topology import declare_command_topology, declare_read_side_topology
+    from cqrskit.infra.broker import make_broker
+    from cqrskit.infra.topology import declare_command_topology, declare_read_side_topology
 
     engine = make_engine(settings.database_url)
     try:
@@ -34,13 +34,13 @@ def setup_all(settings: Settings, say: Callable[[str], None] = print) -> None:
 
 
 def _ensure_indices(settings: Settings, engine, say: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
-    from read_models.indices import alias, ensure
-    from read_models.search import make_client
-    from read_models.shop import SHOP_READ_MODELS
+    from cqrskit.read_models.indices import alias, ensure
+    from cqrskit.read_models.search import make_client
+    from cqrskit.cli import bootstrap
 
     es = make_client(settings.elasticsearch_url)
     try:
-        for model in SHOP_READ_MODELS:
+        for model in bootstrap.read_models():
             created = ensure(es, engine, settings.index_prefix, model)
             say(f"read model {alias(settings.index_prefix, model.name)}: " + (f"created {created}" if created else "exists"))
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dramatiq
 
-from infra.settings import Settings
+from cqrskit.infra.settings import Settings
 
 
 def declare_command_topology(broker: dramatiq.Broker, settings: Settings) -> None:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 console = Console()
 err = Console(stderr=True)
@@ -25,13 +25,13 @@ MODELS = ["orders", "products", "customers"]
 @contextmanager
 def read_side(settings: Settings) -> Iterator:  # type: ignore[type-arg]
     """The runtime (engine, search client, indexer) of a command run against real services."""
-    from workers.runtime import Runtime
+    from cqrskit.cli import bootstrap
 
     if settings.elasticsearch_url == EMBEDDED_SEARCH:
         err.print("[red]this command needs a search server:[/red] set CQRSKIT_ELASTICSEARCH_URL=http://... "
                   "(the embedded one lives inside `cqrskit demo`)")
         raise typer.Exit(2)
-    runtime = Runtime(settings)
+    runtime = bootstrap.runtime(settings)
     try:
         yield runtime
     finally:
@@ -39,18 +39,18 @@ def read_side(settings: Settings) -> Iterator:  # type: ignore[type-arg]
 
 
 def _model(name: str):  # type: ignore[no-untyped-def]
-    from read_models.shop import SHOP_READ_MODELS
+    from cqrskit.cli import bootstrap
 
-    for model in SHOP_READ_MODELS:
-        if model.name == name:
-            return model
+    model = bootstrap.read_model(name)
+    if model is not None:
+        return model
     err.print(f"[red]unknown read model {name!r}[/red]; known: {', '.join(MODELS)}")
     raise typer.Exit(2)
 
 
 def relay(ctx: typer.Context) -> None:
     """Run the event relay (one active at a time; others wait as standbys) until interrupted."""
-    from workers.relay import run_relay
+    from cqrskit.cli.bootstrap import run_relay
 
     try:
         run_relay(ctx.obj)
@@ -70,15 +70,17 @@ def indexer(
         err.print("[red]the indexer needs a real broker and search server:[/red] set CQRSKIT_BROKER_URL and "
                   "CQRSKIT_ELASTICSEARCH_URL")
         raise typer.Exit(2)
-    exec_dramatiq(settings, "workers.indexer_app", settings.indexer_queue, processes, threads)
+    exec_dramatiq(settings, "cqrskit.cli.processes:indexer_worker", settings.indexer_queue, processes, threads)
 
 
-def exec_dramatiq(settings: Settings, module: str, queue: str, processes: int, threads: int) -> None:
-    """Become Dramatiq's CLI on ``module``, consuming ``queue`` and its delay queue, with the
-    effective settings (flags included) handed over through the environment."""
-    os.environ.update(CQRSKIT_DATABASE_URL=settings.database_url, CQRSKIT_BROKER_URL=settings.broker_url,
-                      CQRSKIT_ELASTICSEARCH_URL=settings.elasticsearch_url)
-    args = ["dramatiq", module, "--processes", str(processes), "--threads", str(threads),
+def exec_dramatiq(settings: Settings, factory: str, queue: str, processes: int, threads: int) -> None:
+    """Become Dramatiq's CLI on ``factory`` (``module:callable``), consuming ``queue`` and its delay
+    queue, with every effective setting (flags included) handed over through the environment."""
+    from cqrskit.cli.processes import THREADS
+
+    os.environ.update(settings.environment())
+    os.environ[THREADS] = str(threads)
+    args = ["dramatiq", factory, "--processes", str(processes), "--threads", str(threads),
             "--queues", queue, f"{queue}.DQ"]
     os.execvp(sys.executable, [sys.executable, "-m", *args])
 
@@ -89,7 +91,7 @@ def verify(
     show: Annotated[int, typer.Option(help="How many differing ids to list per kind.")] = 10,
 ) -> None:
     """Compare every document with a fresh projection from the write store; exit 1 when they differ."""
-    from read_models.verify import verify as run_verify
+    from cqrskit.read_models.verify import verify as run_verify
 
     names = [read_model] if read_model else MODELS
     with read_side(ctx.obj) as rt:
@@ -109,7 +111,7 @@ def rebuild(
     read_model: Annotated[str, typer.Argument(help="orders, products or customers.")],
 ) -> None:
     """Build a new index from the write store while live indexing goes on, then swap the alias."""
-    from read_models.rebuild import rebuild as run_rebuild
+    from cqrskit.read_models.rebuild import rebuild as run_rebuild
 
     model = _model(read_model)
     columns = (TextColumn(f"rebuilding {read_model}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -126,7 +128,7 @@ def rebuild(
 @parked_app.command("list")
 def parked_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many.")] = 100) -> None:
     """List parked documents with their errors."""
-    from read_models.parking import list_parked
+    from cqrskit.read_models.parking import list_parked
 
     with read_side(ctx.obj) as rt:
         rows = list_parked(rt.engine, limit)
@@ -140,7 +142,7 @@ def parked_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At 
 @parked_app.command("show")
 def parked_show(ctx: typer.Context, parked_id: Annotated[int, typer.Argument(help="The parked entry's id.")]) -> None:
     """Show one parked document: its full error and the event positions that touched it."""
-    from read_models.parking import get_parked
+    from cqrskit.read_models.parking import get_parked
 
     with read_side(ctx.obj) as rt:
         rows = get_parked(rt.engine, [parked_id])
@@ -160,7 +162,7 @@ def parked_retry(
     all_: Annotated[bool, typer.Option("--all", help="Retry every parked document.")] = False,
 ) -> None:
     """Compute the parked documents again and write them; entries that now succeed are removed."""
-    from read_models.parking import get_parked
+    from cqrskit.read_models.parking import get_parked
 
     if not ids and not all_:
         err.print("give parked ids, or --all")
@@ -182,7 +184,7 @@ def parked_drop(
     all_: Annotated[bool, typer.Option("--all", help="Drop every parked entry.")] = False,
 ) -> None:
     """Forget parked entries (the documents stay as they are in the index)."""
-    from read_models.parking import drop_parked
+    from cqrskit.read_models.parking import drop_parked
 
     if not ids and not all_:
         err.print("give parked ids, or --all")

@@ -13,21 +13,20 @@ from collections.abc import Callable, Sequence
 import dramatiq
 import sqlalchemy as sa
 
-from infra.migrate import upgrade
-from infra.schema import command_outcomes
-from infra.settings import Settings
-from infra.store import EventStore
-from producers.commands import CommandProducer
-from read_models.indices import ensure
-from read_models.search import EmbeddedSearch
-from read_models.shop import SHOP_READ_MODELS
-from read_models.verify import VerifyReport, verify
-from workers.actors import declare_command_actor, declare_indexer_actor
-from workers.broker import index_message, make_broker
-from workers.middleware import DeadOutcomes, LogContext
-from workers.relay import EventRelay, default_holder
-from workers.runtime import Runtime
-from workers.topology import declare_command_topology
+from cqrskit.infra.migrate import upgrade
+from cqrskit.infra.schema import command_outcomes
+from cqrskit.infra.settings import Settings
+from cqrskit.infra.store import EventStore
+from cqrskit.producers.commands import CommandProducer
+from cqrskit.read_models.indices import ensure
+from cqrskit.read_models.search import EmbeddedSearch
+from cqrskit.cli import bootstrap
+from cqrskit.read_models.verify import VerifyReport, verify
+from cqrskit.workers.actors import declare_command_actor, declare_indexer_actor
+from cqrskit.infra.broker import index_message, make_broker
+from cqrskit.workers.middleware import DeadOutcomes, LogContext
+from cqrskit.workers.relay import EventRelay, default_holder
+from cqrskit.infra.topology import declare_command_topology
 
 
 class LocalPipeline:
@@ -42,13 +41,13 @@ class LocalPipeline:
 
     def __enter__(self) -> LocalPipeline:
         self.search = EmbeddedSearch(self.settings).__enter__()
-        self.runtime = Runtime(self.settings, pool_size=self.threads + 4, search_url=self.search.url)
+        self.runtime = bootstrap.runtime(self.settings, pool_size=self.threads + 4, search_url=self.search.url)
         self.broker = make_broker(self.settings, extra_middleware=[LogContext(), DeadOutcomes(self.runtime)])
         declare_command_actor(self.broker, self.runtime)
         declare_indexer_actor(self.broker, self.runtime)
         upgrade(self.runtime.engine)
         declare_command_topology(self.broker, self.settings)
-        for model in SHOP_READ_MODELS:
+        for model in bootstrap.read_models():
             ensure(self.runtime.search, self.runtime.engine, self.settings.index_prefix, model)
         self.worker = dramatiq.Worker(self.broker, worker_timeout=50, worker_threads=self.threads)
         self.worker.start()
@@ -99,7 +98,7 @@ class LocalPipeline:
 
     def verify(self) -> list[VerifyReport]:
         es, engine, prefix = self.runtime.search, self.runtime.engine, self.settings.index_prefix
-        return [verify(engine, self.runtime.registry, es, prefix, model) for model in SHOP_READ_MODELS]
+        return [verify(engine, self.runtime.registry, es, prefix, model) for model in bootstrap.read_models()]
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()

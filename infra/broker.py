@@ -25,7 +25,7 @@ from dramatiq.common import dq_name
 from dramatiq.encoder import JSONEncoder, MessageData
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
-from infra.settings import QueueType, Settings
+from cqrskit.infra.settings import QueueType, Settings
 
 COMMAND_ACTOR = "execute_command"
 INDEX_ACTOR = "index_events"

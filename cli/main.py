@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infra.logs import configure_logging
-from infra.settings import LogFormat, Settings, load_settings
+from cqrskit.infra.logs import configure_logging
+from cqrskit.infra.settings import LogFormat, Settings, load_settings
 
 app = typer.Typer(help="cqrskit: message-queue driven CQRS workers.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -43,7 +43,7 @@ def main(
 @app.command()
 def setup(ctx: typer.Context) -> None:
     """Migrate the write store, declare the broker topology and create the read models' indices (idempotent)."""
-    from infra.setup import setup_all
+    from cqrskit.cli.setup import setup_all
 
     setup_all(ctx.obj, console.print)
 
@@ -60,7 +60,7 @@ def send(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome (0: don't).")] = 0.0,
 ) -> None:
     """Publish one command (TYPE --aggregate ID --data JSON) or a file of envelopes (--file)."""
-    from infra.sending import envelopes_from_file, one_envelope, send_envelopes
+    from cqrskit.cli.sending import envelopes_from_file, one_envelope, send_envelopes
 
     settings: Settings = ctx.obj
     if file is not None:
@@ -89,11 +89,11 @@ def outcome(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show what became of a command: status, reason, aggregate version, event positions."""
-    from infra.db import make_engine
-    from infra.store import EventStore
-    from workers.runtime import default_registry
+    from cqrskit.infra.db import make_engine
+    from cqrskit.infra.store import EventStore
+    from cqrskit.cli import bootstrap
 
-    store = EventStore(make_engine(ctx.obj.database_url), default_registry())
+    store = EventStore(make_engine(ctx.obj.database_url), bootstrap.registry())
     deadline = time.monotonic() + wait
     found = store.outcome(command_id)
     while found is None and time.monotonic() < deadline:
@@ -115,13 +115,13 @@ def worker(
     threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 8,
 ) -> None:
     """Run command workers on the commands queue (Dramatiq), until interrupted."""
-    from infra.cli_read import exec_dramatiq
+    from cqrskit.cli.read import exec_dramatiq
 
     settings: Settings = ctx.obj
     if settings.embedded_broker:
         err.print("[red]the command worker needs a real broker:[/red] set CQRSKIT_BROKER_URL=amqp://...")
         raise typer.Exit(2)
-    exec_dramatiq(settings, "workers.app", settings.commands_queue, processes, threads)
+    exec_dramatiq(settings, "cqrskit.cli.processes:command_worker", settings.commands_queue, processes, threads)
 
 
 @app.command()
@@ -131,7 +131,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed of the shop load.")] = 7,
 ) -> None:
     """Run the whole pipeline on the embedded default (or the configured services) with a shop load."""
-    from infra.demo import run_demo
+    from cqrskit.cli.demo import run_demo
 
     settings: Settings = ctx.obj
     if "log_level" not in settings.model_fields_set:  # the tables tell the story; keep worker logs quiet
@@ -145,7 +145,7 @@ def schema(
     path: Annotated[Path, typer.Option(help="Where the schema lives.")] = Path("docs/command-envelope.schema.json"),
 ) -> None:
     """Write (or --check) the JSON Schema of the command envelope."""
-    from infra.envelope import envelope_json_schema_text
+    from cqrskit.infra.envelope import envelope_json_schema_text
 
     text = envelope_json_schema_text()
     if check:
@@ -164,9 +164,9 @@ def gateway(
     workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
 ) -> None:
     """Serve the HTTP command gateway (POST /commands, GET /commands/{id}; OpenAPI at /docs)."""
-    from producers.gateway import run_gateway
+    from cqrskit.producers.gateway import run_gateway
 
-    run_gateway(ctx.obj, host, port, workers)
+    run_gateway(ctx.obj, host, port, workers, factory="cqrskit.cli.processes:gateway_app")
 
 
 @app.command()
@@ -176,7 +176,7 @@ def query(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
 ) -> None:
     """Serve the HTTP query API over the read models (OpenAPI at /docs); reads the search indices only."""
-    from read_models.api import run_query_api
+    from cqrskit.read_models.api import run_query_api
 
     try:
         run_query_api(ctx.obj, host, port)
@@ -202,13 +202,10 @@ def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
     return "".join(f"\n  {e['loc']}: {e['msg']}" for e in (errors or [])[:10])
 
 
-from infra.cli_ops import register as register_ops  # noqa: E402
-from infra.cli_read import register  # noqa: E402
-from infra.cli_search import register as register_search  # noqa: E402
+from cqrskit.cli.ops import register as register_ops  # noqa: E402
+from cqrskit.cli.read import register  # noqa: E402
+from cqrskit.cli.search import register as register_search  # noqa: E402
 
 register(app)
 register_search(app)
 register_ops(app)
-
-if __name__ == "__main__":
-    app()

@@ -12,11 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infra.envelope import CommandEnvelope
-from infra.schema import command_outcomes, events
-from infra.settings import Settings
-from producers.shopload import ShopLoad
-from workers.local import LocalPipeline
+from cqrskit.infra.envelope import CommandEnvelope
+from cqrskit.infra.schema import command_outcomes, events
+from cqrskit.infra.settings import Settings
+from cqrskit.producers.shopload import ShopLoad
+from cqrskit.cli.local import LocalPipeline
 
 
 def run_demo(settings: Settings, *, size: int, seed: int, console: Console) -> int:
@@ -107,7 +107,7 @@ def _print_read_models(console: Console, reports: list, catch_up: float) -> None
 
 def _print_queries(console: Console, pipeline: LocalPipeline, load: ShopLoad) -> None:
     """A few back-office questions, asked through the typed query API (read_models/queries.py)."""
-    from read_models import queries as q
+    from cqrskit.read_models import queries as q
 
     es, prefix = pipeline.runtime.search, pipeline.settings.index_prefix
     page = q.search_orders(es, prefix, q.OrderQuery(text="Ada", status=["shipped"], sort="total", order="desc",

@@ -12,7 +12,7 @@ What each number is, and where it comes from:
   batches that outlived their retries.
 - ``outcomes``: terminal outcomes recorded in the write store, by status (G3).
 - ``relay``: committed events not yet published and the age of the oldest
-  (``workers.relay.relay_lag``: exact), the checkpoint, and the lease: which relay is active,
+  (``cqrskit.workers.relay.relay_lag``: exact), the checkpoint, and the lease: which relay is active,
   until when (the database's clock; a lease that expired means no relay is running).
 - ``read_models``: per read model, documents in the live index, parked documents (G7), and the
   lag. The indexers keep no checkpoint per read model, so the lag is measured on the documents
@@ -48,11 +48,11 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from infra.db import make_engine
-from infra.schema import command_outcomes, events, leases, parked_documents, read_model_indices, streams
-from infra.settings import EMBEDDED_SEARCH, Settings
-from read_models.indices import alias
-from read_models.model import ReadModel
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.schema import command_outcomes, events, leases, parked_documents, read_model_indices, streams
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.read_models.indices import alias
+from cqrskit.read_models.model import ReadModel
 
 STATUSES = ("succeeded", "rejected", "invalid", "dead")
 LAG_WINDOW = 2000
@@ -117,9 +117,9 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
     """A snapshot of the pipeline of ``settings`` (see the module docstring). Never raises for
     a component that cannot be reached: it is reported unreachable and its numbers stay null."""
     if models is None:
-        from read_models.shop import SHOP_READ_MODELS
+        from cqrskit.cli import bootstrap
 
-        models = SHOP_READ_MODELS
+        models = bootstrap.read_models()
     status = Status(taken_at=datetime.now(UTC), components={})
     status.read_models = {m.name: ReadModelState(alias=alias(settings.index_prefix, m.name), lag_window=lag_window)
                           for m in models}
@@ -150,7 +150,7 @@ def queue_roles(settings: Settings) -> dict[str, str]:
 
 def amqp_parameters(url: str) -> pika.ConnectionParameters:
     """One quick connection attempt (an operator's command must not hang on a dead broker)."""
-    from workers.broker import connection_parameters
+    from cqrskit.infra.broker import connection_parameters
 
     params = connection_parameters(url) | {"connection_attempts": 1, "socket_timeout": TIMEOUT,
                                            "stack_timeout": TIMEOUT * 2, "blocked_connection_timeout": TIMEOUT * 2}
@@ -220,7 +220,7 @@ def _write_store(url: str) -> Iterator[Engine]:
 
 
 def _gather_write_store(engine: Engine, status: Status) -> bool:
-    from workers.relay import relay_lag
+    from cqrskit.workers.relay import relay_lag
 
     try:
         lag = relay_lag(engine)
@@ -252,7 +252,7 @@ def _parked(conn: Connection) -> dict[str, int]:
 
 
 def _relay_state(conn: Connection, unpublished: int, oldest_age: float) -> RelayState:
-    from workers.relay import NAME, read_checkpoint
+    from cqrskit.workers.relay import NAME, read_checkpoint
 
     state = RelayState(unpublished_events=unpublished, oldest_unpublished_seconds=round(oldest_age, 3),
                        checkpoint_position=read_checkpoint(conn)[1])
@@ -271,7 +271,7 @@ def _search(settings: Settings) -> Iterator[Elasticsearch | None]:
     if settings.elasticsearch_url == EMBEDDED_SEARCH:
         yield None
         return
-    from read_models.search import make_client
+    from cqrskit.read_models.search import make_client
 
     es = make_client(settings.elasticsearch_url, timeout=TIMEOUT)
     try:

@@ -1,4 +1,4 @@
-"""``cqrskit search``: the typed queries of ``read_models.queries`` from the command line, printed
+"""``cqrskit search``: the typed queries of ``cqrskit.read_models.queries`` from the command line, printed
 as tables (or JSON), against the search server of CQRSKIT_ELASTICSEARCH_URL."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 console = Console()
 err = Console(stderr=True)
@@ -27,7 +27,7 @@ FIELDS: dict[str, dict[str, str]] = {
 
 def _query(read_model: str, options: dict[str, Any]) -> BaseModel:
     """The validated query for ``read_model``; exits 2 with the errors when the options do not fit."""
-    from read_models import queries as q
+    from cqrskit.read_models import queries as q
 
     if read_model not in FIELDS:
         err.print(f"[red]unknown read model {read_model!r}[/red]; known: {', '.join(FIELDS)}")
@@ -127,8 +127,8 @@ def search(
     from elastic_transport import TransportError
     from elasticsearch import ApiError
 
-    from read_models import queries as q
-    from read_models.search import make_client
+    from cqrskit.read_models import queries as q
+    from cqrskit.read_models.search import make_client
 
     settings: Settings = ctx.obj
     options = dict(text=text, status=status, since=since, until=until, customer=customer, sku=sku,

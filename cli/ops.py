@@ -28,10 +28,10 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
 
-from infra.outcomes import Outcome, Status
-from infra.settings import Settings
-from infra.status import Status as PipelineStatus
-from infra.status import amqp_parameters, gather_status
+from cqrskit.infra.outcomes import Outcome, Status
+from cqrskit.infra.settings import Settings
+from cqrskit.cli.status import Status as PipelineStatus
+from cqrskit.cli.status import amqp_parameters, gather_status
 
 console = Console()
 err = Console(stderr=True)
@@ -140,7 +140,7 @@ class DeadLetter:
 
     @property
     def command_id(self) -> str | None:
-        from workers.execution import readable_command_id
+        from cqrskit.workers.execution import readable_command_id
 
         return readable_command_id(self.body)
 
@@ -371,7 +371,7 @@ def dlq_purge(
 
 @contextmanager
 def _engine(settings: Settings) -> Iterator[Engine]:
-    from infra.db import make_engine
+    from cqrskit.infra.db import make_engine
 
     engine = make_engine(settings.database_url, pool_size=1)
     try:
@@ -384,7 +384,7 @@ def _engine(settings: Settings) -> Iterator[Engine]:
 
 
 def _delete_dead_outcome(engine: Engine, command_id: str) -> Outcome | None:
-    from infra.schema import command_outcomes
+    from cqrskit.infra.schema import command_outcomes
 
     with engine.begin() as conn:
         row = conn.execute(command_outcomes.delete().where(
@@ -394,10 +394,10 @@ def _delete_dead_outcome(engine: Engine, command_id: str) -> Outcome | None:
 
 
 def _record(engine: Engine, outcome: Outcome) -> Outcome:
-    from infra.store import EventStore
-    from workers.runtime import default_registry
+    from cqrskit.infra.store import EventStore
+    from cqrskit.cli import bootstrap
 
-    return EventStore(engine, default_registry()).record_outcome(outcome)
+    return EventStore(engine, bootstrap.registry()).record_outcome(outcome)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,138 @@
+"""The house rules, checked from the source: every ``cqrskit.*`` import points down the layers
+and no modules import each other in a circle (lazy imports inside functions count too).
+
+    cqrskit.cli                        the composition root: CLI verbs, process entry points
+      └─ cqrskit.workers               Dramatiq actors, relay, worker wiring
+           ├─ cqrskit.read_models      projections, indexer, queries, query API
+           └─ cqrskit.producers        command producers, HTTP gateway (independent of read_models)
+                └─ cqrskit.infra       settings, store, schema, envelope, broker, logs
+                     └─ cqrskit.domain the domain core: imports no infrastructure
+
+Run it alone with ``python -m pytest tests/test_layering.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"cli": 4, "workers": 3, "read_models": 2, "producers": 2, "infra": 1, "domain": 0}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for folder in PACKAGES:
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found["cqrskit." + ".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The cqrskit modules ``name`` imports, resolved to modules of this tree."""
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets.update(f"{node.module}.{a.name}" for a in node.names)
+            targets.add(node.module)
+    return {_resolve(t) for t in targets if t.startswith("cqrskit.")} - {None, name}  # type: ignore[misc]
+
+
+def _resolve(target: str) -> str | None:
+    while target and target not in MODULES:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_the_tree_is_found() -> None:
+    assert {_layer(m) for m in MODULES} == set(PACKAGES)
+    assert len(MODULES) > 40
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_point_down_the_layers(module: str) -> None:
+    own = _layer(module)
+    upward = sorted(t for t in GRAPH[module]
+                    if _layer(t) != own and PACKAGES[_layer(t)] >= PACKAGES[own])
+    assert not upward, f"{module} imports {upward}: only lower layers may be imported ({PACKAGES})"
+
+
+def test_the_domain_core_imports_no_infrastructure() -> None:
+    banned = ("sqlalchemy", "dramatiq", "pika", "elasticsearch", "fastapi", "psycopg", "structlog")
+    for name, path in MODULES.items():
+        if _layer(name) != "domain":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not [n for n in names if n.split(".")[0] in banned], f"{name} imports {names}"
+
+
+def test_no_module_cycles() -> None:
+    cycles = [c for c in _strongly_connected(GRAPH) if len(c) > 1]
+    assert not cycles, f"modules that import each other in a circle: {cycles}"
+
+
+def test_modules_stay_small() -> None:
+    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 420}
+    assert not long, f"modules over ~400 lines (split them along their concerns): {long}"
+
+
+def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's algorithm, iterative."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    result: list[list[str]] = []
+    counter = 0
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    result.append(sorted(component))
+            elif child not in index:
+                index[child] = low[child] = counter
+                counter += 1
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(sorted(graph.get(child, ())))))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+    return result
