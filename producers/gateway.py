@@ -1,11 +1,11 @@
 """The command gateway (Procfile: ``gateway``): commands over HTTP for systems that do not speak AMQP.
 
 Contracts (docs/commands.md is the envelope; this is the HTTP around it):
-- ``POST /commands`` checks the body exactly as the command workers will (the same envelope
-  models, the same NUL rule, the registry's payload models), publishes those very bytes and
+- ``POST /commands`` checks the body exactly as the command workers will (both call
+  ``cqrskit.infra.validation.validate_command``), publishes those very bytes and
   answers 202 only once the broker has confirmed them: from then on the command is durable (G1)
   and reaches an outcome (G3).
-- Bad input gets a problem document (RFC 9457, ``application/problem+json``) naming every error
+- Bad input gets a problem document (RFC 9457, ``cqrskit.infra.problems``) naming every error
   at its path, and nothing is published (G10): 400 for a bad command, 413 for one over
   ``CQRSKIT_MAX_COMMAND_BYTES`` (refused from its Content-Length, before the body is read).
 - 503 when the broker did not confirm: nothing is promised; send it again with the same command
@@ -15,341 +15,49 @@ Contracts (docs/commands.md is the envelope; this is the HTTP around it):
 - ``GET /commands/{id}`` answers the outcome; a succeeded one carries a consistency token naming
   the version each written stream reached (G8). ``?wait=`` long-polls (capped).
 - The gateway reads the write store and cannot write it: its connections are read-only (G11).
+
+Here: the app, its routes and its resources; ``gateway_checks`` checks what it publishes,
+``gateway_dto`` holds its response models and OpenAPI document.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import json
-import math
 import os
-import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import quote
 
-import pydantic_core
 import sqlalchemy as sa
 import structlog
 from fastapi import APIRouter, FastAPI, Path, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
-from cqrskit.domain.registry import Registry, UnknownType
+from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import make_engine
-from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
+from cqrskit.infra.envelope import IDENTIFIER
+from cqrskit.infra.problems import Problem, ProblemError, add_problem_handlers, problem_response, problem_type
 from cqrskit.infra.schema import events
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import read_outcome
 from cqrskit.infra.tokens import ConsistencyToken
 from cqrskit.infra.amqp import AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublisherClosed
+from cqrskit.infra.validation import CommandTooLarge
 from cqrskit.producers.commands import Publisher
+from cqrskit.producers.gateway_checks import check_batch, check_command, command_problem
+from cqrskit.producers.gateway_dto import (MAX_BATCH_COMMANDS, Accepted, BatchAccepted, BatchItem, Health,
+                                           OutcomeView, document, problem_responses, request_body)
+
+__all__ = ["check_command", "create_app", "read_only_engine", "run_gateway"]
 
 log = structlog.get_logger("cqrskit.gateway")
-PROBLEM = "application/problem+json"
-PROBLEMS = "https://cqrskit.dev/problems/"
 MAX_WAIT = 30.0
-MAX_BATCH_COMMANDS = 1000
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 DRAIN_BYTES = 1024 * 1024  # how far over its limit a body is still read (and dropped) before the 413
-
-
-class ProblemError(Exception):
-    """Answered as a problem document; ``extra`` members are added to it (RFC 9457 extensions)."""
-
-    def __init__(self, status: int, kind: str, title: str, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.status, self.kind, self.title, self.detail, self.extra = status, kind, title, detail, extra
-
-
-class InvalidCommand(ProblemError):
-    def __init__(self, detail: str, errors: list[dict[str, str]] | None = None) -> None:
-        super().__init__(400, "invalid-command", "Invalid command", detail, errors=errors or [])
-        self.errors = errors or []
-
-
-class CommandTooLarge(ProblemError):
-    def __init__(self, size: int | str, limit: int) -> None:
-        detail = f"command of {size} bytes exceeds CQRSKIT_MAX_COMMAND_BYTES={limit}"
-        super().__init__(413, "command-too-large", "Command too large", detail)
-        self.errors = [_error([], detail, "too_large")]
-
-
-def _invalid_batch(detail: str, status: int = 400, **extra: Any) -> ProblemError:
-    return ProblemError(status, "invalid-batch", "Invalid batch", detail, **extra)
-
-
-# -- checking commands, as the workers will -------------------------------------------------
-def check_command(body: bytes, registry: Registry, max_bytes: int) -> OutgoingMessage:
-    """The message to publish for ``body``: the body itself, byte for byte, so that the workers
-    decide on exactly what was checked here. Raises InvalidCommand (400) or CommandTooLarge (413)."""
-    if len(body) > max_bytes:
-        raise CommandTooLarge(len(body), max_bytes)
-    try:
-        envelope = CommandEnvelope.model_validate_json(body)
-    except ValidationError as exc:
-        raise InvalidCommand("invalid command envelope", _document_errors(exc, body)) from None
-    nul = _find_string(envelope.payload, ["payload"], _has_nul)
-    if nul is not None:
-        raise InvalidCommand("NUL character in a string", [_nul_error(nul)])
-    huge = _find_string(envelope.payload, ["payload"], lambda v: isinstance(v, float) and not math.isfinite(v))
-    if huge is not None:
-        raise InvalidCommand("number out of range", [_error(huge, "not a finite number", "non_finite")])
-    try:
-        registry.command_type(envelope.type).model_validate(envelope.payload)
-    except UnknownType as exc:
-        known = ", ".join(sorted(registry.commands))
-        errors = [_error(["type"], str(exc), "unknown_type")]
-        raise InvalidCommand(f"{exc}; known types: {known}", errors) from None
-    except ValidationError as exc:
-        raise InvalidCommand(f"invalid payload for {envelope.type}", _errors(exc, ["payload"])) from None
-    return OutgoingMessage(body=body, routing_key=envelope.type, message_id=envelope.command_id)
-
-
-def check_batch(body: bytes, registry: Registry, max_bytes: int, max_commands: int) -> list[OutgoingMessage]:
-    """Every command of a JSON array checked as ``check_command`` checks one, on its own bytes.
-    Raises ProblemError: 400 listing each bad command's index and errors, 413 for too many."""
-    try:
-        count = len(_json_array(body))
-        items = _array_items(body)
-    except (ValueError, IndexError, RecursionError) as exc:
-        raise _invalid_batch(str(exc), errors=_json_errors(body) or []) from None
-    if count > max_commands:
-        raise _invalid_batch(f"batch of {count} commands exceeds the limit of {max_commands}", 413)
-    messages, bad, seen = [], [], {}
-    for index, item in enumerate(items):
-        try:
-            message = check_command(item, registry, max_bytes)
-        except (InvalidCommand, CommandTooLarge) as exc:
-            bad.append({"index": index, "detail": exc.detail, "errors": exc.errors})
-            continue
-        if message.message_id in seen:
-            detail = f"command_id {message.message_id!r} is also at index {seen[message.message_id]}"
-            errors = [_error(["command_id"], detail, "duplicate")]
-            bad.append({"index": index, "detail": detail, "errors": errors})
-        seen.setdefault(message.message_id, index)
-        messages.append(message)
-    if bad:
-        raise _invalid_batch(f"{len(bad)} of {count} commands are invalid; nothing was published", items=bad)
-    return messages
-
-
-def _json_array(body: bytes) -> list[Any]:
-    try:
-        items = pydantic_core.from_json(body)
-    except ValueError as exc:
-        raise ValueError(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(items, list) or not items:
-        raise ValueError("the body must be a JSON array of 1 or more commands")
-    return items
-
-
-_BLANK = re.compile(r"[ \t\n\r]*")
-
-
-def _array_items(body: bytes) -> list[bytes]:
-    """The bytes of each item of a JSON array (one ``_json_array`` accepted)."""
-    text, decoder, items = body.decode(), json.JSONDecoder(), []
-    at = _BLANK.match(text, _BLANK.match(text).end() + 1).end()  # type: ignore[union-attr]  # past "["
-    while text[at] != "]":
-        _, end = decoder.raw_decode(text, at)
-        items.append(text[at:end].encode())
-        at = _BLANK.match(text, end).end()  # type: ignore[union-attr]
-        at = _BLANK.match(text, at + 1).end() if text[at] == "," else at  # type: ignore[union-attr]
-    return items
-
-
-def _document_errors(exc: ValidationError, body: bytes) -> list[dict[str, str]]:
-    """Pydantic's errors, made precise where its own are not: lone surrogates and NUL."""
-    if any(e["type"] == "json_invalid" for e in exc.errors()):
-        return _json_errors(body) or _errors(exc)
-    nul = _find_string(_loads(body), [], _has_nul)
-    return _errors(exc) + ([] if nul is None else [_nul_error(nul)])
-
-
-def _nul_error(path: list[str]) -> dict[str, str]:
-    return _error(path, "NUL (\\u0000) is not allowed", "nul")
-
-
-def _json_errors(body: bytes) -> list[dict[str, str]] | None:
-    """A lone surrogate's path, when that is why the JSON was refused (``json`` decodes them)."""
-    where = _find_string(_loads(body), [], lambda v: isinstance(v, str) and any("\ud800" <= c <= "\udfff" for c in v))
-    if where is None:
-        return None
-    return [_error(where, "lone surrogate (unpaired \\ud800-\\udfff escape) in a string", "lone_surrogate")]
-
-
-def _loads(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _find_string(value: Any, path: list[str], bad: Callable[[str], bool]) -> list[str] | None:
-    """The path of the first string or key for which ``bad`` holds."""
-    try:
-        return _find(value, path, bad)
-    except RecursionError:  # deeper than any command; the parser's error says so
-        return None
-
-
-def _has_nul(value: Any) -> bool:
-    return isinstance(value, str) and "\x00" in value
-
-
-def _find(value: Any, path: list[str], bad: Callable[[Any], bool]) -> list[str] | None:
-    if not isinstance(value, (dict, list)):
-        return path if bad(value) else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        where = [*path, str(key)]
-        found = where if isinstance(key, str) and bad(key) else _find(item, where, bad)
-        if found is not None:
-            return found
-    return None
-
-
-def _errors(exc: ValidationError, prefix: Sequence[str] = ()) -> list[dict[str, str]]:
-    """Pydantic's errors with their paths; the (hostile) input is never echoed."""
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)[:50]
-    return [_error([*prefix, *map(str, e["loc"])], e["msg"], e["type"]) for e in errors]
-
-
-def _error(path: Sequence[str], msg: str, type: str) -> dict[str, str]:
-    safe = [_safe(part, 100) for part in path]
-    pointer = "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in safe)
-    return {"loc": ".".join(safe), "pointer": pointer, "msg": _safe(msg, 500), "type": type}
-
-
-def _safe(text: str, limit: int) -> str:
-    """Encodable anywhere (no lone surrogates, no NUL), cut to ``limit``."""
-    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\u0000")[:limit]
-
-
-# -- the HTTP contract: DTOs and the OpenAPI document ----------------------------------------
-class FieldError(BaseModel):
-    loc: str = Field(description="Dotted path of the bad value, e.g. payload.lines.0.quantity ('': body).")
-    pointer: str = Field(description="The same path as a JSON Pointer (RFC 6901).")
-    msg: str
-    type: str = Field(description="Machine-readable error type: missing, extra_forbidden, lone_surrogate...")
-
-
-class BadItem(BaseModel):
-    index: int = Field(description="Position of the bad command in the batch (from 0).")
-    detail: str
-    errors: list[FieldError]
-
-
-class Accepted(BaseModel):
-    command_id: str
-    status: Literal["accepted"] = Field(description="The broker confirmed the command: it is durable.")
-    outcome_url: str = Field(description="Where the outcome will be (GET; 404 until there is one).")
-
-
-class BatchItem(BaseModel):
-    command_id: str
-    confirmed: bool = Field(description="False: the broker did not take it; send it again (same command id).")
-    reason: str | None = Field(None, description="Why it was not confirmed.")
-    outcome_url: str
-
-
-class BatchAccepted(BaseModel):
-    confirmed: int
-    failed: int
-    commands: list[BatchItem] = Field(description="One per command, in the order sent.")
-
-
-class Problem(BaseModel):
-    """RFC 9457 problem details; extension members: ``errors``, ``items`` (batch), ``commands``."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
-    instance: str | None = None
-    errors: list[FieldError] | None = Field(None, description="Every validation error, with its path.")
-    items: list[BadItem] | None = Field(None, description="Batch: each bad command, by index.")
-    commands: list[BatchItem] | None = Field(None, description="Batch refused by the broker: each command.")
-
-
-class OutcomeView(BaseModel):
-    command_id: str
-    status: Literal["succeeded", "rejected", "invalid", "dead"]
-    type: str | None = None
-    aggregate_id: str | None = None
-    reason: str | None = Field(None, description="Rejected, invalid, dead: why.")
-    errors: list[dict[str, Any]] | None = Field(None, description="Invalid: each error as {loc, msg, type}.")
-    aggregate_version: int | None = Field(None, description="Succeeded: the aggregate's new version.")
-    positions: list[int] = Field(default_factory=list, description="Succeeded: positions of its events.")
-    correlation_id: str | None = None
-    causation_id: str | None = None
-    recorded_at: datetime
-    consistency_token: str | None = Field(
-        None, description="Succeeded: pass as consistent_with to the query API to read your write (G8)."
-    )
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-    write_store: str = Field(description="'ok', or why the write store (outcomes) did not answer.")
-
-
-_PROBLEM_WHEN = {
-    400: "Invalid command(s): every error with its path; nothing was published.",
-    404: "No outcome yet: the command is pending or was never received.",
-    413: "Over CQRSKIT_MAX_COMMAND_BYTES (or the batch limits); nothing was published.",
-    415: "The body is not application/json.",
-    422: "Invalid path or query parameters.",
-    503: "The broker did not confirm (nothing is promised: send again, same command id), "
-         "or the write store did not answer.",
-}
-
-
-def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    schema = {"$ref": "#/components/schemas/Problem"}
-    return {status: {"description": _PROBLEM_WHEN[status], "content": {PROBLEM: {"schema": schema}}}
-            for status in statuses}
-
-
-def _body(ref: str) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}}}
-
-
-def document(app: FastAPI, registry: Registry) -> dict[str, Any]:
-    """The OpenAPI document: the request body is one of the registry's command types, each the
-    envelope's own JSON Schema with that type and its payload's schema."""
-    if app.openapi_schema is None:
-        spec = get_openapi(title=app.title, version=app.version, description=app.description,
-                           routes=app.routes)
-        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CommandEnvelope, Problem, *registry.commands.values()):
-            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            schemas.update(schema.pop("$defs", {}))
-            schemas[model.__name__] = schema
-        mapping = {}
-        for name, model in sorted(registry.commands.items()):
-            variant = copy.deepcopy(schemas["CommandEnvelope"])
-            variant["title"] = f"{name} command"
-            variant["properties"]["type"] = {"const": name, "type": "string"}
-            variant["properties"]["payload"] = {"$ref": f"#/components/schemas/{model.__name__}"}
-            schemas[f"{name}Command"] = variant
-            mapping[name] = f"#/components/schemas/{name}Command"
-        schemas["Command"] = {"oneOf": [{"$ref": ref} for ref in mapping.values()],
-                              "discriminator": {"propertyName": "type", "mapping": mapping}}
-        schemas["CommandBatch"] = {"type": "array", "items": {"$ref": "#/components/schemas/Command"},
-                                   "minItems": 1, "maxItems": MAX_BATCH_COMMANDS}
-        app.openapi_schema = spec
-    return app.openapi_schema
 
 
 # -- the application ------------------------------------------------------------------------
@@ -467,8 +175,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, publishe
 
     app = FastAPI(title="cqrskit command gateway", version="1", description=__doc__, lifespan=lifespan)
     app.include_router(router)
-    for error, handler in PROBLEM_HANDLERS.items():
-        app.add_exception_handler(error, handler)
+    add_problem_handlers(app, log, {sa.exc.DBAPIError: _on_store_error})
     app.openapi = lambda: document(app, commands)  # type: ignore[method-assign]
     return app
 
@@ -488,7 +195,7 @@ WaitSeconds = Annotated[float, Query(ge=0, allow_inf_nan=False, description=(
 
 @router.post("/commands", status_code=202, response_model=Accepted, summary="Send one command",
              response_description="Accepted: the broker confirmed the command.",
-             openapi_extra=_body("#/components/schemas/Command"),
+             openapi_extra=request_body("#/components/schemas/Command"),
              responses=problem_responses(400, 413, 415, 503))
 async def send_command(request: Request) -> JSONResponse:
     """Check the command as the workers will and publish it with a broker confirm. 202: the
@@ -505,7 +212,7 @@ async def send_command(request: Request) -> JSONResponse:
 
 @router.post("/commands/batch", status_code=202, response_model=BatchAccepted, summary="Send many commands",
              response_description="Accepted, each command with whether the broker confirmed it.",
-             openapi_extra=_body("#/components/schemas/CommandBatch"),
+             openapi_extra=request_body("#/components/schemas/CommandBatch"),
              responses=problem_responses(400, 413, 415, 503))
 async def send_batch(request: Request) -> BatchAccepted:
     """Check every command (400 lists each bad one by index; then nothing is published), then
@@ -575,16 +282,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
                            f"send the command as application/json, not {media_type!r}")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + DRAIN_BYTES:
-        raise CommandTooLarge(declared, limit)
+        raise command_problem(CommandTooLarge(declared, limit))
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit + DRAIN_BYTES:
-            raise CommandTooLarge(f"more than {limit + DRAIN_BYTES}", limit)
+            raise command_problem(CommandTooLarge(f"more than {limit + DRAIN_BYTES}", limit))
         if size <= limit:
             chunks.append(chunk)
     if size > limit:
-        raise CommandTooLarge(size, limit)
+        raise command_problem(CommandTooLarge(size, limit))
     return b"".join(chunks)
 
 
@@ -592,53 +299,17 @@ def _outcome_url(request: Request, command_id: str) -> str:
     return f"{request.scope.get('root_path', '')}/commands/{quote(command_id, safe='')}"
 
 
-def _broker_problem(reason: str, **extra: Any) -> ProblemError:
+def _broker_problem(reason: str, **extensions: Any) -> ProblemError:
     return ProblemError(503, "broker-unavailable", "Broker did not confirm",
                         "the broker did not confirm the command, so nothing is promised; send it again "
-                        f"with the same command id: {reason}", **extra)
-
-
-# -- problem documents (RFC 9457) -----------------------------------------------------------
-def problem(request: Request, status: int, title: str, detail: str, type: str,
-            headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    body = Problem(type=type, title=title, status=status, detail=detail, instance=request.url.path)
-    content = {**body.model_dump(exclude_none=True), **extra}
-    return JSONResponse(content, status_code=status, media_type=PROBLEM, headers=headers)
-
-
-async def _on_problem(request: Request, exc: ProblemError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status == 503 else {}
-    if exc.status == 413:
-        headers["Connection"] = "close"  # the body may not have been read to its end
-    extra = {key: value for key, value in exc.extra.items() if value}
-    return problem(request, exc.status, exc.title, exc.detail, PROBLEMS + exc.kind, headers, **extra)
-
-
-async def _on_invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [_error([str(part) for part in e["loc"]], e["msg"], e["type"]) for e in exc.errors()[:50]]
-    return problem(request, 422, "Invalid request", "invalid request parameters",
-                   PROBLEMS + "invalid-request", errors=errors)
-
-
-async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
-    return problem(request, exc.status_code, exc.detail, exc.detail, "about:blank", exc.headers or {})
+                        f"with the same command id: {reason}", headers={"Retry-After": "1"}, **extensions)
 
 
 async def _on_store_error(request: Request, exc: sa.exc.DBAPIError) -> JSONResponse:
     log.warning("gateway.write_store_error", error=type(exc.orig).__name__)
-    return problem(request, 503, "Write store unavailable", "the write store did not answer; try again",
-                   PROBLEMS + "write-store-unavailable", {"Retry-After": "1"})
-
-
-async def _on_bug(request: Request, exc: Exception) -> JSONResponse:
-    log.error("gateway.unexpected_error", exc_info=exc)
-    return problem(request, 500, "Internal error", "the gateway failed unexpectedly (a bug)", "about:blank")
-
-
-PROBLEM_HANDLERS: dict[Any, Callable[..., Any]] = {
-    ProblemError: _on_problem, RequestValidationError: _on_invalid_request, HTTPException: _on_http,
-    sa.exc.DBAPIError: _on_store_error, Exception: _on_bug,
-}
+    problem = Problem(type=problem_type("write-store-unavailable"), title="Write store unavailable", status=503,
+                      detail="the write store did not answer; try again")
+    return problem_response(request, problem, {"Retry-After": "1"})
 
 
 # -- running it ----------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Contracts:
 - holds a search client and nothing else: no write-store or broker setting is read (G11);
 - parameters are validated by the models of ``cqrskit.read_models.queries``; every error is an RFC 9457
-  problem (``application/problem+json``): 400 a bad cursor or consistency token, 404 no such
+  problem (``cqrskit.infra.problems``, the gateway's format too): 400 a bad cursor or consistency token, 404 no such
   document, 422 invalid parameters (with each error), 503 search unavailable, 504 not reflected
   in time; bad input never gets a 5xx;
 - ``consistent_with=TOKEN`` (a command outcome's consistency token) makes a request wait until
@@ -26,40 +26,23 @@ from elastic_transport import TransportError
 from elasticsearch import ApiError, Elasticsearch
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
+from cqrskit.infra.problems import (PROBLEM_JSON, Problem, ProblemError, add_problem_handlers, problem_response,
+                                   problem_type)
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
 from cqrskit.read_models import queries as q
 from cqrskit.read_models.indices import alias
 
 log = structlog.get_logger("cqrskit.query")
-PROBLEM = "application/problem+json"
 MAX_WAIT_SECONDS = 10.0
 MODELS = ("orders", "products", "customers")
 
 
 # ---------------------------------------------------------------- problems
-
-class Problem(BaseModel):
-    type: str = Field("about:blank", description="A URI naming the kind of problem.")
-    title: str
-    status: int
-    detail: str | None = None
-
-
-class ParameterError(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
-
-
-class ValidationProblem(Problem):
-    errors: list[ParameterError]
-
 
 class NotReflectedProblem(Problem):
     read_model: str
@@ -68,48 +51,14 @@ class NotReflectedProblem(Problem):
     waited_seconds: float
 
 
-class ProblemError(Exception):
-    def __init__(self, problem: Problem, headers: dict[str, str] | None = None) -> None:
-        super().__init__(problem.detail)
-        self.problem, self.headers = problem, headers
-
-
-def _problem_type(slug: str) -> str:
-    return f"urn:cqrskit:problem:{slug}"
-
-
 def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    models = {422: ValidationProblem, 504: NotReflectedProblem}
-    return {s: {"model": models.get(s, Problem), "content": {PROBLEM: {}}} for s in statuses}
+    return {s: {"model": NotReflectedProblem if s == 504 else Problem, "content": {PROBLEM_JSON: {}}}
+            for s in statuses}
 
 
-def _problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(problem.model_dump(mode="json"), problem.status, headers=headers, media_type=PROBLEM)
-
-
-async def _on_problem(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ProblemError)
-    return _problem_response(exc.problem, exc.headers)
-
-
-async def _on_invalid(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    errors = [ParameterError(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")),
-                             type=str(e.get("type", ""))) for e in exc.errors()]
-    detail = "; ".join(f"{'.'.join(map(str, e.loc[1:])) or e.loc[0]}: {e.msg}" for e in errors[:5])
-    problem = ValidationProblem(type=_problem_type("invalid-parameters"), title="Invalid request parameters",
-                                status=422, detail=detail, errors=errors)
-    return _problem_response(problem)
-
-
-async def _on_http(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return _problem_response(Problem(title=str(exc.detail), status=exc.status_code), exc.headers)
-
-
-async def _on_query_error(_: Request, exc: Exception) -> Response:
-    return _problem_response(Problem(type=_problem_type("bad-cursor"), title="Bad cursor", status=400,
-                                     detail=str(exc)))
+async def _on_query_error(request: Request, exc: Exception) -> Response:
+    return problem_response(request, Problem(type=problem_type("bad-cursor"), title="Bad cursor", status=400,
+                                             detail=str(exc)))
 
 
 async def _on_search_error(request: Request, exc: Exception) -> Response:
@@ -117,18 +66,13 @@ async def _on_search_error(request: Request, exc: Exception) -> Response:
     status = exc.meta.status if isinstance(exc, ApiError) else None
     if status == 400:
         log.warning("query.refused", path=request.url.path, error=str(exc)[:500])
-        return _problem_response(Problem(type=_problem_type("query-refused"), title="Query refused",
-                                         status=400, detail="the search server refused this query"))
+        return problem_response(request, Problem(type=problem_type("query-refused"), title="Query refused",
+                                                 status=400, detail="the search server refused this query"))
     log.error("query.search_unavailable", path=request.url.path, status=status, error=str(exc)[:500])
     detail = ("the read model has no index (run `cqrskit setup`)" if status == 404
               else "the search server is unavailable; try again")
-    return _problem_response(Problem(type=_problem_type("search-unavailable"), title="Search unavailable",
-                                     status=503, detail=detail), {"Retry-After": "1"})
-
-
-async def _on_crash(request: Request, exc: Exception) -> Response:
-    log.exception("query.crashed", path=request.url.path)
-    return _problem_response(Problem(title="Internal Server Error", status=500))
+    return problem_response(request, Problem(type=problem_type("search-unavailable"), title="Search unavailable",
+                                             status=503, detail=detail), {"Retry-After": "1"})
 
 
 # ---------------------------------------------------------------- parameters
@@ -224,19 +168,18 @@ async def _reflected(side: QuerySide, model: str, params: Consistency) -> None:
     try:
         token = ConsistencyToken.decode(params.consistent_with, side.secret)
     except InvalidToken as exc:
-        raise ProblemError(Problem(type=_problem_type("invalid-token"), title="Invalid consistency token",
-                                   status=400, detail=str(exc))) from None
+        raise ProblemError(400, "invalid-token", "Invalid consistency token", str(exc)) from None
     wait = min(params.wait, side.max_wait)
     reflection = q.Reflection(model, token, wait)
     while not await run_in_threadpool(reflection.check, side.es, side.prefix):
         delay = reflection.next_delay()
         if delay is None:
-            raise ProblemError(NotReflectedProblem(
-                type=_problem_type("not-reflected"), title="Write not reflected in time", status=504,
-                detail=f"the {model} read model did not reflect the token's writes within {wait:g} s "
+            raise ProblemError(
+                504, "not-reflected", "Write not reflected in time",
+                f"the {model} read model did not reflect the token's writes within {wait:g} s "
                        f"(pending: {', '.join(map(str, reflection.pending[:5]))}); retry later",
                 read_model=model, awaited=[str(a) for a in reflection.awaited],
-                pending=[str(a) for a in reflection.pending], waited_seconds=wait))
+                pending=[str(a) for a in reflection.pending], waited_seconds=wait)
         await asyncio.sleep(delay)
 
 
@@ -253,8 +196,7 @@ async def _one(request: Request, model: str, doc_id: str, params: Consistency) -
     await _reflected(side, model, params)
     view = await run_in_threadpool(q.get_document, side.es, side.prefix, model, doc_id)
     if view is None:
-        raise ProblemError(Problem(title="Not Found", status=404,
-                                   detail=f"no {model[:-1]} with id {doc_id!r}"))
+        raise ProblemError(404, "document-not-found", "Not Found", f"no {model[:-1]} with id {doc_id!r}")
     return Response(view.model_dump_json(), media_type="application/json")
 
 
@@ -353,11 +295,8 @@ def create_app(settings: Settings, *, max_wait: float = MAX_WAIT_SECONDS,
 
     app = FastAPI(title="cqrskit query API", version="1", description=DESCRIPTION, openapi_tags=TAGS,
                   lifespan=lifespan)
-    for exc_type, handler in ((ProblemError, _on_problem), (RequestValidationError, _on_invalid),
-                              (HTTPException, _on_http), (q.QueryError, _on_query_error),
-                              (ApiError, _on_search_error), (TransportError, _on_search_error),
-                              (Exception, _on_crash)):
-        app.add_exception_handler(exc_type, handler)
+    add_problem_handlers(app, log, {q.QueryError: _on_query_error, ApiError: _on_search_error,
+                                    TransportError: _on_search_error})
     _routes(app)
     return app
 

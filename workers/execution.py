@@ -2,6 +2,8 @@
 calls ``CommandExecutor.execute`` and nothing else, so the logic is tested without one.
 
 Contracts:
+- a body is checked by ``cqrskit.infra.validation.validate_command``, the very check the gateway
+  makes before it answers 202; an invalid one records the same reason and errors;
 - bad input never raises past this module except as ``BadCommand`` (the body is unreadable and
   names no command id: the actor parks it in the dead-letter queue, never retried) (G10);
 - otherwise returns the command's outcome: ``invalid`` and ``rejected`` are final and recorded
@@ -15,22 +17,21 @@ Contracts:
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from cqrskit.domain.model import RuleViolation
-from cqrskit.domain.registry import Registry, UnknownType
+from cqrskit.domain.registry import Registry
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.store import ConcurrencyConflict, EventStore, read_outcome
+from cqrskit.infra.validation import CommandTooLarge, InvalidCommand, ValidCommand, safe_text, validate_command
 
 log = structlog.get_logger("cqrskit.commands")
 _IDENTIFIER = re.compile(IDENTIFIER)
@@ -56,55 +57,32 @@ class CommandExecutor:
         parsed = self._parse(body)
         if isinstance(parsed, Outcome):
             return self._record_final(parsed)
-        envelope, command = parsed
-        with structlog.contextvars.bound_contextvars(**_log_context(envelope)):
-            return self._decide_with_retries(envelope, command)
+        with structlog.contextvars.bound_contextvars(**_log_context(parsed.envelope)):
+            return self._decide_with_retries(parsed.envelope, parsed.command)
 
     # -- reading the body -------------------------------------------------------------------
-    def _parse(self, body: bytes) -> Outcome | tuple[CommandEnvelope, BaseModel]:
-        if len(body) > self.max_bytes:
-            reason = f"command of {len(body)} bytes exceeds CQRSKIT_MAX_COMMAND_BYTES={self.max_bytes}"
-            return self._invalid_or_bad(_sniff_id(body[:4096]), reason, [], None)
+    def _parse(self, body: bytes) -> Outcome | ValidCommand:
         try:
-            envelope = CommandEnvelope.model_validate_json(body)
-        except ValidationError as exc:
-            raw = _loads(body)
-            try:
-                surrogate = _find_char(raw, "", _is_surrogate)
-            except RecursionError:  # deeper than any command; pydantic's error says so
-                surrogate = None
-            if surrogate is not None:
-                errors = [{"loc": surrogate, "msg": "lone surrogate (unpaired \\ud800-\\udfff escape) in a string",
-                           "type": "lone_surrogate"}]
-                return self._invalid_or_bad(_id_of(raw), "invalid command envelope", errors, raw)
-            command_id = _id_of(raw) or _sniff_id(body[:4096])
-            return self._invalid_or_bad(command_id, "invalid command envelope", _errors(exc), raw)
-        nul = _find_char(envelope.payload, "payload", _has_nul)
-        if nul:
-            return _invalid(envelope, "NUL character in a string", [{"loc": nul, "msg": "NUL (\\u0000) is not allowed"}])
-        huge = _find_char(envelope.payload, "payload", _is_non_finite)
-        if huge:
-            return _invalid(envelope, "number out of range", [{"loc": huge, "msg": "not a finite number"}])
-        try:
-            command = self.registry.command_type(envelope.type).model_validate(envelope.payload)
-        except UnknownType as exc:
-            known = ", ".join(sorted(self.registry.commands))
-            return _invalid(envelope, f"{exc}; known types: {known}", [])
-        except ValidationError as exc:
-            return _invalid(envelope, f"invalid payload for {envelope.type}", _errors(exc, prefix="payload"))
-        return envelope, command
+            return validate_command(body, self.registry, self.max_bytes)
+        except InvalidCommand as exc:
+            errors = [error.record() for error in exc.errors]
+            if exc.envelope is not None:
+                return _invalid(exc.envelope, exc.reason, errors)
+            return self._invalid_or_bad(body, exc, errors)
 
-    def _invalid_or_bad(self, command_id: str | None, reason: str, errors: list[dict[str, Any]], raw: Any) -> Outcome:
+    def _invalid_or_bad(self, body: bytes, exc: InvalidCommand, errors: list[dict[str, str]]) -> Outcome:
+        command_id = _id_of(exc.document) or _sniff_id(body[:4096])
         if command_id is None:
-            detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:5])
-            raise BadCommand(f"{reason}, and no readable command_id" + (f" ({detail})" if detail else ""))
-        fields = raw if isinstance(raw, dict) else {}
+            shown = [] if isinstance(exc, CommandTooLarge) else errors[:5]  # its one error is the reason
+            detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in shown)
+            raise BadCommand(f"{exc.reason}, and no readable command_id" + (f" ({detail})" if detail else ""))
+        fields = exc.document if isinstance(exc.document, dict) else {}
         return Outcome(
             command_id=command_id,
             status=Status.invalid,
             type=_text(fields.get("type"), 200),
             aggregate_id=_text(fields.get("aggregate_id"), 200),
-            reason=reason,
+            reason=exc.reason,
             errors=errors,
         )
 
@@ -224,48 +202,5 @@ def _sniff_id(head: bytes) -> str | None:
     return match.group(1).decode() if match else None
 
 
-def _errors(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
-    """Pydantic errors as storable JSON: dotted locations, no echo of the (hostile) input."""
-    out = []
-    for err in exc.errors(include_url=False, include_context=False, include_input=False)[:50]:
-        loc = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
-        out.append({"loc": _text(loc, 300), "msg": _text(err["msg"], 500), "type": err["type"]})
-    return out
-
-
 def _text(value: Any, limit: int) -> str | None:
-    """A string safe to store anywhere (no NUL, no lone surrogates), cut to ``limit``."""
-    if not isinstance(value, str):
-        return None
-    safe = value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")
-    return safe[:limit]
-
-
-def _is_surrogate(value: Any) -> bool:
-    return isinstance(value, str) and any("\ud800" <= char <= "\udfff" for char in value)
-
-
-def _has_nul(value: Any) -> bool:
-    return isinstance(value, str) and "\x00" in value
-
-
-def _is_non_finite(value: Any) -> bool:
-    return isinstance(value, float) and not math.isfinite(value)
-
-
-def _find_char(value: Any, path: str, bad: Callable[[Any], bool]) -> str | None:
-    """The dotted path of the first leaf value (or key) for which ``bad`` holds, if any."""
-    if not isinstance(value, (dict, list)):
-        return path if bad(value) else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{_text(key, 100)}".lstrip(".")
-            found = where if bad(key) else _find_char(item, where, bad)
-            if found is not None:
-                return found
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _find_char(item, f"{path}.{index}".lstrip("."), bad)
-            if found is not None:
-                return found
-    return None
+    return safe_text(value, limit) if isinstance(value, str) else None
