@@ -1,22 +1,16 @@
 """The operator's commands: ``cqrskit status`` (the pipeline at a glance, G12) and ``cqrskit dlq``
-over the commands' dead-letter queue (``<commands queue>.XQ``).
-
-The dead-letter queue holds two kinds of message: raw bodies (a body with no readable command
-id, dead-lettered at once, G10; or a message a quorum queue parked after too many deliveries)
-and Dramatiq messages (``args[0]`` = the base64 body) of commands that ran out of retries.
-``dlq`` shows both by the command inside. Positions count from the head of the queue (1).
+over the commands' dead-letter queue (``<commands queue>.XQ``, see ``cqrskit.infra.deadletters``).
+``dlq`` shows both kinds of dead letter by the command inside. Positions count from the head of
+the queue (1).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
 import pika
@@ -26,17 +20,17 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy import Engine
 
+from cqrskit.cli import bootstrap
+from cqrskit.cli.status import PipelineStatus, gather_status
+from cqrskit.infra.deadletters import DeadLetter, DeadLetterQueue
 from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.settings import Settings
-from cqrskit.cli.status import Status as PipelineStatus
-from cqrskit.cli.status import amqp_parameters, gather_status
+from cqrskit.infra.store import EventStore
 
 console = Console()
 err = Console(stderr=True)
 dlq_app = typer.Typer(help="The commands' dead-letter queue: list, show, retry, purge.", no_args_is_help=True)
-_DRAMATIQ_KEYS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp"})
 
 
 # -- status -------------------------------------------------------------------------------------
@@ -120,131 +114,16 @@ def _n(value: int | float | None) -> str:
 
 
 # -- dead letters -------------------------------------------------------------------------------
-@dataclass
-class DeadLetter:
-    """One message of the dead-letter queue, and the command body inside it."""
-
-    position: int
-    raw: bytes
-    body: bytes
-    wrapper: dict[str, Any] | None  # the Dramatiq message around ``body``, if it was one
-    headers: dict[str, Any]
-
-    @property
-    def envelope(self) -> dict[str, Any] | None:
-        try:
-            decoded = json.loads(self.body)
-        except (ValueError, RecursionError):
-            return None
-        return decoded if isinstance(decoded, dict) else None
-
-    @property
-    def command_id(self) -> str | None:
-        from cqrskit.workers.execution import readable_command_id
-
-        return readable_command_id(self.body)
-
-    @property
-    def type(self) -> str | None:
-        kind = (self.envelope or {}).get("type")
-        return kind[:200] if isinstance(kind, str) else None
-
-    @property
-    def traceback(self) -> str | None:
-        return (self.wrapper or {}).get("options", {}).get("traceback")
-
-    @property
-    def reason(self) -> str:
-        """The exception of Dramatiq's last traceback, or why RabbitMQ dead-lettered the raw body."""
-        if self.traceback:
-            retries = self.wrapper["options"].get("retries", 0)  # type: ignore[index]
-            return f"{exception_line(self.traceback)} (after {retries} retries)"
-        deaths = self.headers.get("x-death") or [{}]
-        how = f"{_text(deaths[0].get('reason')) or 'dead-lettered'} by {_text(deaths[0].get('queue')) or '?'}"
-        if self.command_id is None:
-            return f"{how}: no readable command_id (not a command envelope)"
-        return how if self.wrapper is None else f"{how} (retries exhausted)"
-
-
-def exception_line(traceback: str) -> str:
-    """The line naming the exception, at the end of a formatted traceback (the first line after the
-    last frame: messages may span lines, e.g. SQLAlchemy's "(Background on this error at: ...)")."""
-    lines = traceback.rstrip().splitlines()
-    frames = [i for i, line in enumerate(lines) if line.startswith("  ")]
-    after = frames[-1] + 1 if frames else 0
-    return lines[after] if after < len(lines) else lines[-1]
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
-
-
-def unwrap(raw: bytes) -> tuple[bytes, dict[str, Any] | None]:
-    """The command body of a dead letter, and the Dramatiq message around it if there was one."""
-    try:
-        message = json.loads(raw)
-    except (ValueError, RecursionError):
-        return raw, None
-    if not (isinstance(message, dict) and message.keys() == _DRAMATIQ_KEYS and isinstance(message["args"], list)
-            and len(message["args"]) == 1 and isinstance(message["args"][0], str)):
-        return raw, None
-    try:
-        return base64.b64decode(message["args"][0], validate=True), message
-    except (ValueError, binascii.Error):
-        return raw, None
-
-
-class DeadLetterQueue:
-    """The commands' XQ over one AMQP connection. ``take`` gets the next message without
-    acknowledging it: it stays invisible until ``ack`` removes it, or until ``close`` puts back
-    every message taken and not acknowledged, in its place."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.name = f"{settings.commands_queue}.XQ"
-        self.connection = pika.BlockingConnection(amqp_parameters(settings.broker_url))
-        self.channel = self.connection.channel()
-        self.publisher: Any = None
-        self.taken = 0
-
-    def count(self) -> int:
-        return int(self.channel.queue_declare(self.name, passive=True).method.message_count)
-
-    def take(self) -> tuple[int, DeadLetter] | None:
-        method, properties, raw = self.channel.basic_get(self.name, auto_ack=False)
-        if method is None:
-            return None
-        self.taken += 1
-        body, wrapper = unwrap(raw)
-        return method.delivery_tag, DeadLetter(self.taken, raw, body, wrapper, dict(properties.headers or {}))
-
-    def ack(self, tag: int) -> None:
-        self.channel.basic_ack(tag)
-
-    def republish(self, letter: DeadLetter) -> None:
-        """Publish the command body to the commands exchange; returns once the broker confirmed
-        it (raises pika's UnroutableError or NackError otherwise)."""
-        if self.publisher is None:
-            self.publisher = self.connection.channel()
-            self.publisher.confirm_delivery()
-        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json",
-                                          message_id=letter.command_id, headers={"cqrskit-retried-from": self.name})
-        self.publisher.basic_publish(self.settings.commands_exchange, letter.type or "dlq.retry", letter.body,
-                                     properties, mandatory=True)
-
-    def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()  # messages taken and not acknowledged go back in their places
-
-
 @contextmanager
 def dead_letter_queue(settings: Settings) -> Iterator[DeadLetterQueue]:
     _quiet_clients()
     if settings.embedded_broker:
         err.print("[red]the dead-letter queue lives in RabbitMQ:[/red] set CQRSKIT_BROKER_URL=amqp://...")
         raise typer.Exit(2)
+    from cqrskit.workers.execution import readable_command_id
+
     try:
-        queue = DeadLetterQueue(settings)
+        queue = DeadLetterQueue(settings, readable_command_id)
     except (pika.exceptions.AMQPError, OSError) as exc:
         err.print(f"[red]cannot reach the broker:[/red] {exc!r}")
         raise typer.Exit(2) from None
@@ -318,27 +197,27 @@ def dlq_retry(
         raise typer.Exit(2)
     wanted = set(positions or [])
     retried = skipped = 0
-    with _engine(ctx.obj) as engine, dead_letter_queue(ctx.obj) as queue:
+    with _store(ctx.obj) as store, dead_letter_queue(ctx.obj) as queue:
         for tag, letter in _letters(queue, 1_000_000 if all_ else max(wanted)):
             if not all_ and letter.position not in wanted:
                 continue
             if letter.command_id is None:
                 skipped += 1
                 continue
-            _retry(queue, engine, tag, letter)
+            _retry(queue, store, tag, letter)
             retried += 1
     console.print(f"retried {retried}" + (f", left {skipped} unreadable in place (dlq purge)" if skipped else ""))
 
 
-def _retry(queue: DeadLetterQueue, engine: Engine, tag: int, letter: DeadLetter) -> None:
+def _retry(queue: DeadLetterQueue, store: EventStore, tag: int, letter: DeadLetter) -> None:
     """Delete a dead outcome, republish, then ack. If the broker does not confirm, the outcome is
     put back and the message stays in the dead-letter queue."""
-    removed = _delete_dead_outcome(engine, letter.command_id)  # type: ignore[arg-type]
+    removed = store.delete_dead_outcome(letter.command_id)  # type: ignore[arg-type]
     try:
         queue.republish(letter)
     except (pika.exceptions.AMQPError, OSError) as exc:
         if removed is not None:
-            _record(engine, removed)
+            store.record_outcome(removed)
         err.print(f"[red]#{letter.position} {letter.command_id} not republished:[/red] {exc!r}")
         raise typer.Exit(1) from None
     queue.ack(tag)
@@ -352,7 +231,7 @@ def dlq_purge(
     """Remove every dead letter. A command with a readable id and no outcome yet is recorded
     ``dead`` first, so that it keeps a queryable outcome (G3)."""
     purged = recorded = 0
-    with _engine(ctx.obj) as engine, dead_letter_queue(ctx.obj) as queue:
+    with _store(ctx.obj) as store, dead_letter_queue(ctx.obj) as queue:
         count = queue.count()
         if not count:
             console.print(f"{queue.name} is empty")
@@ -363,41 +242,24 @@ def dlq_purge(
             if letter.command_id is not None:
                 outcome = Outcome(command_id=letter.command_id, status=Status.dead, type=letter.type,
                                   reason=f"{letter.reason}; purged from {queue.name}"[:1000])
-                recorded += not _record(engine, outcome).duplicate
+                recorded += not store.record_outcome(outcome).duplicate
             queue.ack(tag)
             purged += 1
     console.print(f"purged {purged} from {queue.name}; recorded {recorded} dead outcomes")
 
 
 @contextmanager
-def _engine(settings: Settings) -> Iterator[Engine]:
+def _store(settings: Settings) -> Iterator[EventStore]:
     from cqrskit.infra.db import make_engine
 
     engine = make_engine(settings.database_url, pool_size=1)
     try:
-        yield engine
+        yield EventStore(engine, bootstrap.registry())
     except sa.exc.SQLAlchemyError as exc:  # messages taken and not acknowledged are back in place
         err.print(f"[red]write store error:[/red] {exc}")
         raise typer.Exit(2) from None
     finally:
         engine.dispose()
-
-
-def _delete_dead_outcome(engine: Engine, command_id: str) -> Outcome | None:
-    from cqrskit.infra.schema import command_outcomes
-
-    with engine.begin() as conn:
-        row = conn.execute(command_outcomes.delete().where(
-            command_outcomes.c.command_id == command_id, command_outcomes.c.status == Status.dead.value)
-            .returning(*command_outcomes.c)).first()
-    return None if row is None else Outcome.from_row(row._mapping)
-
-
-def _record(engine: Engine, outcome: Outcome) -> Outcome:
-    from cqrskit.infra.store import EventStore
-    from cqrskit.cli import bootstrap
-
-    return EventStore(engine, bootstrap.registry()).record_outcome(outcome)
 
 
 def register(app: typer.Typer) -> None:

@@ -51,6 +51,7 @@ from sqlalchemy.pool import NullPool
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.schema import command_outcomes, events, leases, parked_documents, read_model_indices, streams
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.utc import as_utc
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
 
@@ -98,7 +99,9 @@ class Workers(BaseModel):
     relay: str | None = Field(default=None, description="The active relay (lease holder).")
 
 
-class Status(BaseModel):
+class PipelineStatus(BaseModel):
+    """The pipeline at one moment (``cqrskit status``); not a command's outcome status."""
+
     taken_at: datetime
     components: dict[str, Component]
     queues: dict[str, QueueState] = Field(default_factory=dict)
@@ -113,14 +116,14 @@ class Status(BaseModel):
         return all(c.reachable for c in self.components.values())
 
 
-def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None, lag_window: int = LAG_WINDOW) -> Status:
+def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None, lag_window: int = LAG_WINDOW) -> PipelineStatus:
     """A snapshot of the pipeline of ``settings`` (see the module docstring). Never raises for
     a component that cannot be reached: it is reported unreachable and its numbers stay null."""
     if models is None:
         from cqrskit.cli import bootstrap
 
         models = bootstrap.read_models()
-    status = Status(taken_at=datetime.now(UTC), components={})
+    status = PipelineStatus(taken_at=datetime.now(UTC), components={})
     status.read_models = {m.name: ReadModelState(alias=alias(settings.index_prefix, m.name), lag_window=lag_window)
                           for m in models}
     _gather_broker(settings, status)
@@ -148,20 +151,13 @@ def queue_roles(settings: Settings) -> dict[str, str]:
     return roles
 
 
-def amqp_parameters(url: str) -> pika.ConnectionParameters:
-    """One quick connection attempt (an operator's command must not hang on a dead broker)."""
-    from cqrskit.infra.broker import connection_parameters
-
-    params = connection_parameters(url) | {"connection_attempts": 1, "socket_timeout": TIMEOUT,
-                                           "stack_timeout": TIMEOUT * 2, "blocked_connection_timeout": TIMEOUT * 2}
-    return pika.ConnectionParameters(**params)
-
-
-def _gather_broker(settings: Settings, status: Status) -> None:
+def _gather_broker(settings: Settings, status: PipelineStatus) -> None:
     if settings.embedded_broker:
         status.components["broker"] = Component(reachable=False, error="embedded in-process broker: nothing to inspect")
         return
-    parameters = amqp_parameters(settings.broker_url)
+    from cqrskit.infra.broker import amqp_parameters
+
+    parameters = amqp_parameters(settings.broker_url, TIMEOUT)
     try:
         connection = pika.BlockingConnection(parameters)
     except (pika.exceptions.AMQPError, OSError) as exc:
@@ -194,12 +190,12 @@ def _queue_state(connection: pika.BlockingConnection, name: str) -> QueueState:
             channel.close()
 
 
-def _ready(status: Status, role: str) -> int | None:
+def _ready(status: PipelineStatus, role: str) -> int | None:
     queue = status.queues.get(role)
     return None if queue is None else (queue.ready or 0)
 
 
-def _consumers(status: Status, role: str) -> int | None:
+def _consumers(status: PipelineStatus, role: str) -> int | None:
     queue = status.queues.get(role)
     return None if queue is None else (queue.consumers or 0)
 
@@ -219,7 +215,7 @@ def _write_store(url: str) -> Iterator[Engine]:
         engine.dispose()
 
 
-def _gather_write_store(engine: Engine, status: Status) -> bool:
+def _gather_write_store(engine: Engine, status: PipelineStatus) -> bool:
     from cqrskit.workers.relay import relay_lag
 
     try:
@@ -260,8 +256,8 @@ def _relay_state(conn: Connection, unpublished: int, oldest_age: float) -> Relay
     if lease is not None:
         now = conn.execute(sa.select(sa.func.now())).scalar_one() if conn.dialect.name == "postgresql" \
             else datetime.now(UTC)  # the relay's lease runs on the database's clock on PostgreSQL
-        state.last_holder, state.lease_expires_at = lease.holder, _utc(lease.expires_at)
-        state.holder = lease.holder if state.lease_expires_at > _utc(now) else None
+        state.last_holder, state.lease_expires_at = lease.holder, as_utc(lease.expires_at)
+        state.holder = lease.holder if state.lease_expires_at > as_utc(now) else None
     return state
 
 
@@ -280,7 +276,7 @@ def _search(settings: Settings) -> Iterator[Elasticsearch | None]:
         es.close()
 
 
-def _gather_documents(es: Elasticsearch, status: Status) -> None:
+def _gather_documents(es: Elasticsearch, status: PipelineStatus) -> None:
     try:
         for state in status.read_models.values():
             if es.indices.exists_alias(name=state.alias):
@@ -292,7 +288,7 @@ def _gather_documents(es: Elasticsearch, status: Status) -> None:
     status.components["search"] = Component(reachable=True)
 
 
-def _gather_lag(engine: Engine, es: Elasticsearch, models: Sequence[ReadModel], window: int, status: Status) -> None:
+def _gather_lag(engine: Engine, es: Elasticsearch, models: Sequence[ReadModel], window: int, status: PipelineStatus) -> None:
     now = datetime.now(UTC)
     try:
         for model in models:
@@ -320,7 +316,7 @@ def _measure_lag(es: Elasticsearch, state: ReadModelState, recent: list[Any], no
     reflected = _reflected_versions(es, state.alias, {row.aggregate_id: row.stream_id for row in recent})
     behind = [row for row in recent if row.version > reflected.get(row.stream_id, 0)]
     state.lag_events = len(behind)
-    oldest = min((_utc(row.recorded_at) for row in behind), default=None)
+    oldest = min((as_utc(row.recorded_at) for row in behind), default=None)
     state.lag_seconds = 0.0 if oldest is None else round(max(0.0, (now - oldest).total_seconds()), 3)
     state.lag_exact = not (len(recent) == window and len(behind) == window)
 
@@ -337,10 +333,6 @@ def _reflected_versions(es: Elasticsearch, index: str, stream_of: dict[str, str]
             versions[sid] = max((s["version"] for s in doc["_source"].get("streams", []) if s.get("id") == sid),
                                 default=0)
     return versions
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _error(exc: BaseException) -> str:

@@ -14,6 +14,12 @@ from cqrskit.domain.model import Aggregate
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 
 
+class ConcurrencyConflict(Exception):
+    """Another transaction got there first (a stream moved since it was loaded, a claim was taken,
+    the same command id was recorded): the command should be decided again. Raised by every
+    implementation of the write side, the real store and the in-memory one alike."""
+
+
 class HandlerContext(Protocol):
     def load(self, cls: type[A], aggregate_id: str) -> A:
         """The aggregate at its latest version (version 0, default state, when it has no stream).

@@ -11,13 +11,10 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from cqrskit.domain.model import Aggregate, Event, RuleViolation
+from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
-
-
-class ConcurrencyConflict(Exception):
-    pass
 
 
 class InMemoryStore:

@@ -29,7 +29,8 @@ from cqrskit.infra.settings import QueueType, Settings
 
 COMMAND_ACTOR = "execute_command"
 INDEX_ACTOR = "index_events"
-_MESSAGE_KEYS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp"})
+# The keys of a Dramatiq message (dramatiq.Message.asdict), no more, no fewer.
+MESSAGE_KEYS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp"})
 
 
 class CommandEncoder(JSONEncoder):
@@ -58,7 +59,7 @@ class CommandEncoder(JSONEncoder):
         return wrap_command(data, self.commands_queue)
 
     def _is_own(self, message: Any) -> bool:
-        if not isinstance(message, dict) or message.keys() != _MESSAGE_KEYS:
+        if not isinstance(message, dict) or message.keys() != MESSAGE_KEYS:
             return False
         name, queue, options = message["actor_name"], message["queue_name"], message["options"]
         actor = next((b.actors[name] for b in list(self.brokers) if isinstance(name, str) and name in b.actors), None)
@@ -176,3 +177,10 @@ def connection_parameters(url: str) -> dict[str, Any]:
         "connection_attempts": 3,
         "retry_delay": 1,
     }
+
+
+def amqp_parameters(url: str, timeout: float = 5.0) -> pika.ConnectionParameters:
+    """One quick connection attempt (an operator's command must not hang on a dead broker)."""
+    params = connection_parameters(url) | {"connection_attempts": 1, "socket_timeout": timeout,
+                                           "stack_timeout": timeout * 2, "blocked_connection_timeout": timeout * 2}
+    return pika.ConnectionParameters(**params)

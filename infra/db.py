@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
 
@@ -51,3 +55,9 @@ def _sqlite_engine(url: str) -> Engine:
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def upsert_insert(conn: Connection, table: sa.Table) -> Any:
+    """An INSERT into ``table`` in the dialect of ``conn`` (PostgreSQL or SQLite), so that it can
+    take ``on_conflict_do_update`` / ``on_conflict_do_nothing``: the one place that chooses."""
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)

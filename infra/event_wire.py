@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cqrskit.infra.store import StoredEvent
+from cqrskit.infra.utc import as_utc
 
 
 class EventMessage(BaseModel):
@@ -50,7 +51,7 @@ class EventMessage(BaseModel):
             command_id=meta.get("command_id"),
             correlation_id=meta.get("correlation_id"),
             causation_id=meta.get("causation_id"),
-            recorded_at=event.recorded_at if event.recorded_at.tzinfo else event.recorded_at.replace(tzinfo=UTC),
+            recorded_at=as_utc(event.recorded_at),
         )
 
     def routing_key(self) -> str:

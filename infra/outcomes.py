@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from cqrskit.infra.utc import as_utc
+
 
 class Status(str, Enum):
     succeeded = "succeeded"
@@ -47,8 +49,7 @@ class Outcome(BaseModel):
     def from_row(cls, row: Mapping[str, Any]) -> Outcome:
         data = dict(row)
         data["positions"] = data.get("positions") or []
-        if data["recorded_at"].tzinfo is None:  # SQLite hands back naive datetimes
-            data["recorded_at"] = data["recorded_at"].replace(tzinfo=UTC)
+        data["recorded_at"] = as_utc(data["recorded_at"])
         return cls.model_validate(data)
 
     def as_duplicate(self) -> Outcome:

@@ -25,15 +25,13 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
+from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
-from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.db import upsert_insert
+from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.schema import command_outcomes, events, streams, unique_claims
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
-
-
-class ConcurrencyConflict(Exception):
-    """Another transaction got there first; the command should be decided again."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ class EventStore:
         Inserts before reading, so that on SQLite the write lock is taken first."""
         with self.engine.begin() as conn:
             insert = (
-                _insert(conn)
+                upsert_insert(conn, command_outcomes)
                 .values(outcome.row())
                 .on_conflict_do_nothing(index_elements=["command_id"])
                 .returning(command_outcomes.c.command_id)
@@ -92,6 +90,15 @@ class EventStore:
                 return outcome
             stored = read_outcome(conn, outcome.command_id)
         return (stored or outcome).as_duplicate()
+
+    def delete_dead_outcome(self, command_id: str) -> Outcome | None:
+        """Delete the outcome of ``command_id`` if it is ``dead`` (so that the command can run
+        again); returns the deleted outcome, or None when there was no dead one."""
+        with self.engine.begin() as conn:
+            row = conn.execute(command_outcomes.delete().where(
+                command_outcomes.c.command_id == command_id, command_outcomes.c.status == Status.dead.value)
+                .returning(*command_outcomes.c)).first()
+        return None if row is None else Outcome.from_row(row._mapping)
 
     def read_stream(self, sid: str, after_version: int = 0) -> list[StoredEvent]:
         with self.engine.connect() as conn:
@@ -256,13 +263,6 @@ def _is_conflict(conn: Connection, exc: OperationalError) -> bool:
     if conn.dialect.name == "sqlite":
         return "locked" in str(exc.orig)
     return str(getattr(exc.orig, "sqlstate", "") or "").startswith("40")
-
-
-def _insert(conn: Connection):  # type: ignore[no-untyped-def]
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(command_outcomes)
 
 
 def read_outcome(conn: Connection, command_id: str) -> Outcome | None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
-from sqlalchemy.dialects import postgresql, sqlite
 
+from cqrskit.infra.db import upsert_insert
 from cqrskit.infra.schema import parked_documents
 
 
@@ -19,10 +19,9 @@ def park(engine: Engine, entries: list[tuple[str, str, str, list[int]]]) -> None
     if not entries:
         return
     with engine.begin() as conn:
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         now = datetime.now(UTC)
         for read_model, doc_id, error, positions in entries:
-            insert = dialect.insert(parked_documents).values(
+            insert = upsert_insert(conn, parked_documents).values(
                 read_model=read_model, doc_id=doc_id, error=error[:4000], positions=positions[-100:],
                 attempts=1, parked_at=now)
             conn.execute(insert.on_conflict_do_update(

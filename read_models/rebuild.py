@@ -23,6 +23,7 @@ from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
 from cqrskit.domain.registry import Registry
+from cqrskit.infra.utc import as_utc
 from cqrskit.read_models.indices import alias, begin_build, finish_build, next_alias
 from cqrskit.read_models.model import ReadModel
 from cqrskit.read_models.parking import get_parked, park, unpark
@@ -70,12 +71,8 @@ def _forget_rebuilt(engine: Engine, es: Elasticsearch, prefix: str, model: str, 
     """Documents parked before the rebuild began and not parked again since are in the new live
     index now (the rebuild wrote them): their entries go. Returns how many."""
     ids = [row["doc_id"] for row in get_parked(engine, None)
-           if row["read_model"] == model and _utc(row["parked_at"]) < began_at]
+           if row["read_model"] == model and as_utc(row["parked_at"]) < began_at]
     if not ids:
         return 0
     docs = es.mget(index=alias(prefix, model), ids=ids, source=False)["docs"]
     return unpark(engine, model, [doc["_id"] for doc in docs if doc.get("found")])
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine
 from cqrskit.domain.model import Aggregate, stream_id
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.schema import events, streams
+from cqrskit.infra.utc import as_utc
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 CHUNK = 500
@@ -82,7 +83,7 @@ class WriteStoreSource:
             if first_only:
                 query = query.where(events.c.version == 1)
             for sid, type_, at in self.conn.execute(query.order_by(events.c.position)):
-                out[sid.split(":", 1)[1]][type_] = at if at.tzinfo else at.replace(tzinfo=UTC)
+                out[sid.split(":", 1)[1]][type_] = as_utc(at)
         return out
 
     def all_ids(self, stream_type: str, chunk: int = 1000) -> Iterator[list[str]]:

@@ -42,19 +42,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 import structlog
 from sqlalchemy import Connection, Engine
-from sqlalchemy.dialects import postgresql, sqlite
 
+from cqrskit.infra.db import upsert_insert
 from cqrskit.infra.event_wire import EventMessage
 from cqrskit.infra.schema import events, leases, relay_checkpoints
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import StoredEvent
+from cqrskit.infra.utc import as_utc
 from cqrskit.infra.amqp import AmqpPublisher, OutgoingMessage
 from cqrskit.infra.broker import index_message, make_broker
 
@@ -182,7 +182,7 @@ class EventRelay:
     def _advance(self, last: StoredEvent) -> None:
         with self.engine.begin() as conn:
             self.lease.fence(conn)
-            insert = _dialect(conn).insert(relay_checkpoints).values(
+            insert = upsert_insert(conn, relay_checkpoints).values(
                 name=NAME, tx_id=last.tx_id or 0, position=last.position, updated_at=datetime.now(UTC))
             conn.execute(insert.on_conflict_do_update(
                 index_elements=[relay_checkpoints.c.name],
@@ -204,7 +204,7 @@ class Lease:
             return True
         with self.engine.begin() as conn:
             now, expires = self._clock(conn)
-            insert = _dialect(conn).insert(leases).values(name=NAME, holder=self.holder, expires_at=expires)
+            insert = upsert_insert(conn, leases).values(name=NAME, holder=self.holder, expires_at=expires)
             upsert = insert.on_conflict_do_update(
                 index_elements=[leases.c.name],
                 set_={"holder": insert.excluded.holder, "expires_at": insert.excluded.expires_at},
@@ -340,7 +340,8 @@ def read_batch(conn: Connection, checkpoint: tuple[int, int], limit: int) -> lis
         query = query.where(events.c.tx_id < _XMIN).order_by(events.c.tx_id, events.c.position)
     else:
         query = query.order_by(events.c.position)
-    return [_utc(StoredEvent(**row._mapping)) for row in conn.execute(query)]
+    rows = conn.execute(query)
+    return [StoredEvent(**{**row._mapping, "recorded_at": as_utc(row.recorded_at)}) for row in rows]
 
 
 def relay_lag(engine: Engine) -> Lag:
@@ -352,8 +353,7 @@ def relay_lag(engine: Engine) -> Lag:
         ).one()
     if not count:
         return Lag(0, 0.0)
-    oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
-    return Lag(count, max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+    return Lag(count, max(0.0, (datetime.now(UTC) - as_utc(oldest)).total_seconds()))
 
 
 _XMIN = sa.literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
@@ -370,17 +370,6 @@ def _held_back(conn: Connection, checkpoint: tuple[int, int]) -> bool:
     without a notification)."""
     return bool(conn.execute(sa.select(sa.exists().where(_after(conn, checkpoint), events.c.tx_id >= _XMIN)))
                 .scalar())
-
-
-def _utc(event: StoredEvent) -> StoredEvent:
-    """SQLite hands back naive datetimes; the store writes UTC."""
-    if event.recorded_at.tzinfo is None:
-        return replace(event, recorded_at=event.recorded_at.replace(tzinfo=UTC))
-    return event
-
-
-def _dialect(conn: Connection) -> Any:
-    return postgresql if conn.dialect.name == "postgresql" else sqlite
 
 
 def default_holder() -> str:
