@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.command_side [--commands 20000] [--processes 2] [--threads 8] [--smoke]
 
 Rows (docs/benchmarks.md says why each limit is the fair one):
-- command execution: the shop mix drained by ``dramatiq cqrskit.cli.processes:command_worker`` processes, queue full first,
+- command execution: the shop mix drained by ``dramatiq cqrskit.app.processes:command_worker`` processes, queue full first,
   beside raw PostgreSQL one-row transactions at the same concurrency (P x T connections);
 - producer: ``AmqpPublisher.publish_many`` / ``CommandProducer.send_many`` beside raw pika with
   1,000 confirms in flight (and raw pika with one confirm each, for reference);
@@ -184,7 +184,7 @@ def shop_phases(commands: int) -> list[tuple[str, list]]:  # type: ignore[type-a
 
 @dataclass(frozen=True)
 class Workers:
-    """How a phase's worker processes start: ``dramatiq cqrskit.cli.processes:command_worker``, P x T, optionally under py-spy
+    """How a phase's worker processes start: ``dramatiq cqrskit.app.processes:command_worker``, P x T, optionally under py-spy
     (collapsed stacks of every process, one file per phase, in ``py_spy_dir``)."""
 
     settings: Settings
@@ -194,7 +194,7 @@ class Workers:
 
     def command(self, phase: str) -> list[str]:
         queue = self.settings.commands_queue
-        args = [sys.executable, "-m", "dramatiq", "cqrskit.cli.processes:command_worker", "--processes", str(self.processes),
+        args = [sys.executable, "-m", "dramatiq", "cqrskit.app.processes:command_worker", "--processes", str(self.processes),
                 "--threads", str(self.threads), "--queues", queue, f"{queue}.DQ"]
         if self.py_spy_dir is None:
             return args

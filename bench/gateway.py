@@ -104,7 +104,7 @@ def gateway(exchange: str, workers: int) -> Iterator[tuple[str, int]]:
     code = ("from cqrskit.infra.logs import configure_logging; from cqrskit.infra.settings import load_settings; "
             "from cqrskit.producers.gateway import run_gateway; settings = load_settings(); "
             f"configure_logging(settings); run_gateway(settings, '127.0.0.1', {port}, workers={workers}, "
-            "factory='cqrskit.cli.processes:gateway_app')")
+            "factory='cqrskit.app.processes:gateway_app')")
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)

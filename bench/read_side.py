@@ -8,8 +8,8 @@ Rows (docs/benchmarks.md, section "Read side", says why each limit is the fair o
   (500 events, relay order), into a fresh osmem, documents/s; beside ``elasticsearch.helpers.bulk``
   of the very same final documents (computed once with the read models' ``build()``) into the
   same server, at the indexer's mean bulk-request size. Then the same backlog drained by the real
-  processes (``cqrskit relay`` + ``dramatiq cqrskit.cli.processes:indexer_worker``).
-- rebuild: ``python -m cqrskit.cli rebuild orders|products|customers`` as subprocesses on a write
+  processes (``cqrskit relay`` + ``dramatiq cqrskit.app.processes:indexer_worker``).
+- rebuild: ``python -m cqrskit.app rebuild orders|products|customers`` as subprocesses on a write
   store of ``--events`` events, documents/s, events/s and peak RSS (``wait4`` rusage, plus
   /proc polling for the curve); beside raw bulk of the same documents at the rebuild's chunk size.
 - lag: the full pipeline as processes (command workers, relay, indexer, osmem): its sustainable
@@ -598,7 +598,7 @@ def profile_indexer(url: str, batches: list[list[dict[str, Any]]], tag: str, con
 def measure_indexer_processes(url: str, events: int, finals: int, raw_rate: float, chunk: int,
                               args: argparse.Namespace, console: Console) -> Row:
     """The same backlog drained by the Procfile's processes: ``cqrskit relay`` publishing every
-    event (confirmed) and enqueueing 500-event batches, ``dramatiq cqrskit.cli.processes:indexer_worker`` (one
+    event (confirmed) and enqueueing 500-event batches, ``dramatiq cqrskit.app.processes:indexer_worker`` (one
     process, ``--indexer-threads``) writing them. Timed from the relay's start (after its
     interpreter started) to the last batch written, from the processes' JSON logs."""
     from tests.stack import Stack
@@ -663,7 +663,7 @@ class RebuildRun:
 
 
 def run_rebuild(env: dict[str, str], model: str, cwd: Path = PROJECT) -> RebuildRun:
-    """``python -m cqrskit.cli rebuild MODEL`` as an operator runs it. Its peak RSS is the last
+    """``python -m cqrskit.app rebuild MODEL`` as an operator runs it. Its peak RSS is the last
     ``VmHWM`` read from /proc (every 50 ms; the high-water mark of the process's own memory since
     exec). Not ``wait4``'s ``ru_maxrss``: Linux carries the high-water mark of the image the child
     was forked from (this bench, with the whole write store in memory) across the exec."""
@@ -671,7 +671,7 @@ def run_rebuild(env: dict[str, str], model: str, cwd: Path = PROJECT) -> Rebuild
 
     with tempfile.TemporaryFile() as out:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "cqrskit.cli", "rebuild", model], cwd=cwd, env=env,
+        process = subprocess.Popen([sys.executable, "-m", "cqrskit.app", "rebuild", model], cwd=cwd, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         samples: list[tuple[float, int]] = []
         peak = 0

@@ -63,7 +63,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 @dataclass
 class WorkerProcess:
-    """One ``dramatiq cqrskit.cli.processes:command_worker`` process group (the parent and its worker children)."""
+    """One ``dramatiq cqrskit.app.processes:command_worker`` process group (the parent and its worker children)."""
 
     popen: subprocess.Popen[bytes]
     log_path: Path
@@ -176,7 +176,7 @@ class Workers:
     def start(
         self, threads: int = 4, processes: int = 1, *, stall_logs: bool = False, **env: str
     ) -> WorkerProcess:
-        """Start ``dramatiq cqrskit.cli.processes:command_worker`` on the commands queue and its delay queue, logging JSON
+        """Start ``dramatiq cqrskit.app.processes:command_worker`` on the commands queue and its delay queue, logging JSON
         to a file. With ``stall_logs`` its output goes to a pipe nobody reads: once ~70 KB are
         written every worker thread blocks on its next log line, which for a command that
         succeeded is written after its commit and before its ack."""
@@ -186,7 +186,7 @@ class Workers:
             sys.executable,
             "-m",
             "dramatiq",
-            "cqrskit.cli.processes:command_worker",
+            "cqrskit.app.processes:command_worker",
             "--processes",
             str(processes),
             "--threads",

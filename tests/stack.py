@@ -1,8 +1,8 @@
 """The whole pipeline as real processes, for the read side's process-level tests.
 
 A ``Stack`` runs what the Procfile runs, each as its own process group logging JSON to a file:
-command workers (``dramatiq cqrskit.cli.processes:command_worker``), the event relay (``cqrskit relay``) and indexers
-(``dramatiq cqrskit.cli.processes:indexer_worker``), on one test's PostgreSQL database, RabbitMQ exchanges and
+command workers (``dramatiq cqrskit.app.processes:command_worker``), the event relay (``cqrskit relay``) and indexers
+(``dramatiq cqrskit.app.processes:indexer_worker``), on one test's PostgreSQL database, RabbitMQ exchanges and
 queues and index prefix, against a search server given by URL. It publishes commands with the
 product's ``CommandProducer``, runs ``cqrskit`` commands as subprocesses, and knows when the
 pipeline has drained:
@@ -38,7 +38,7 @@ from elasticsearch import ApiError, Elasticsearch
 
 from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.settings import Settings
-from cqrskit.cli.setup import setup_all
+from cqrskit.app.setup import setup_all
 from cqrskit.producers.commands import CommandProducer
 from cqrskit.producers.shopload import ShopLoad
 from cqrskit.read_models.indices import alias
@@ -153,15 +153,15 @@ class Stack:
 
     def start_worker(self, threads: int = 4) -> WorkerProcess:
         queue = self.settings.commands_queue
-        return self._spawn("worker", ["-m", "dramatiq", "cqrskit.cli.processes:command_worker", "-p", "1", "-t", str(threads),
+        return self._spawn("worker", ["-m", "dramatiq", "cqrskit.app.processes:command_worker", "-p", "1", "-t", str(threads),
                                       "--queues", queue, f"{queue}.DQ"])
 
     def start_relay(self) -> WorkerProcess:
-        return self._spawn("relay", ["-m", "cqrskit.cli", "relay"])
+        return self._spawn("relay", ["-m", "cqrskit.app", "relay"])
 
     def start_indexer(self, threads: int = 2) -> WorkerProcess:
         queue = self.settings.indexer_queue
-        return self._spawn("indexer", ["-m", "dramatiq", "cqrskit.cli.processes:indexer_worker", "-p", "1", "-t", str(threads),
+        return self._spawn("indexer", ["-m", "dramatiq", "cqrskit.app.processes:indexer_worker", "-p", "1", "-t", str(threads),
                                        "--queues", queue, f"{queue}.DQ"])
 
     def _spawn(self, kind: str, args: list[str]) -> WorkerProcess:
@@ -188,14 +188,14 @@ class Stack:
 
     def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """``cqrskit ARGS`` as an operator runs it, with this stack's environment."""
-        return subprocess.run([sys.executable, "-m", "cqrskit.cli", *args], cwd=PROJECT, env=self.env(),
+        return subprocess.run([sys.executable, "-m", "cqrskit.app", *args], cwd=PROJECT, env=self.env(),
                               capture_output=True, text=True, timeout=timeout)
 
     def start_cli(self, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
         """``cqrskit ARGS`` in the background; returns the process and the file of its output."""
         output = self.directory / f"cli-{'-'.join(args)}-{time.monotonic_ns()}.txt"
         with output.open("wb") as out:
-            popen = subprocess.Popen([sys.executable, "-m", "cqrskit.cli", *args], cwd=PROJECT, env=self.env(),
+            popen = subprocess.Popen([sys.executable, "-m", "cqrskit.app", *args], cwd=PROJECT, env=self.env(),
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.commands.append(popen)
         return popen, output

@@ -10,7 +10,7 @@ import pika
 import pytest
 from typer.testing import CliRunner
 
-from cqrskit.cli.main import app
+from cqrskit.app.cli import app
 from cqrskit.infra.settings import Settings
 from cqrskit.producers.commands import new_command
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cqrskit.cli.main import app
+from cqrskit.app.cli import app
 from cqrskit.infra.envelope import CommandEnvelope, envelope_json_schema, envelope_json_schema_text
 from cqrskit.producers.commands import new_command
 

@@ -18,7 +18,7 @@ import pytest
 def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
     env["COLUMNS"] = "160"
-    done = subprocess.run([sys.executable, "-m", "cqrskit.cli", "demo"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "cqrskit.app", "demo"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=280)
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
@@ -42,7 +42,7 @@ def test_demo_against_real_services(tmp_path: Path, amqp_settings) -> None:  # t
     env = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
     env.update(COLUMNS="160", CQRSKIT_COMMANDS_EXCHANGE=s.commands_exchange, CQRSKIT_COMMANDS_QUEUE=s.commands_queue,
                CQRSKIT_EVENTS_EXCHANGE=s.events_exchange, CQRSKIT_INDEXER_QUEUE=s.indexer_queue)
-    done = subprocess.run([sys.executable, "-m", "cqrskit.cli", "--database-url", s.database_url, "--broker-url",
+    done = subprocess.run([sys.executable, "-m", "cqrskit.app", "--database-url", s.database_url, "--broker-url",
                            s.broker_url, "demo", "--size", "300"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=280)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

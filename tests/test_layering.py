@@ -1,7 +1,7 @@
 """The house rules, checked from the source: every ``cqrskit.*`` import points down the layers
 and no modules import each other in a circle (lazy imports inside functions count too).
 
-    cqrskit.cli                        the composition root: CLI verbs, process entry points
+    cqrskit.app                        the composition root: CLI verbs, process entry points
       └─ cqrskit.workers               Dramatiq actors, relay, worker wiring
            ├─ cqrskit.read_models      projections, indexer, queries, query API
            └─ cqrskit.producers        command producers, HTTP gateway (independent of read_models)
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"cli": 4, "workers": 3, "read_models": 2, "producers": 2, "infra": 1, "domain": 0}
+PACKAGES = {"app": 4, "workers": 3, "read_models": 2, "producers": 2, "infra": 1, "domain": 0}
 
 
 def _modules() -> dict[str, Path]:

@@ -78,7 +78,7 @@ def holder_of(process: WorkerProcess) -> str:
 @pytest.mark.parametrize("command", [["status"], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "retry"],
                                      ["dlq", "purge"]])
 def test_every_operator_command_has_help(command: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "cqrskit.cli", *command, "--help"], cwd=PROJECT, text=True,
+    result = subprocess.run([sys.executable, "-m", "cqrskit.app", *command, "--help"], cwd=PROJECT, text=True,
                             capture_output=True, timeout=60)
     assert result.returncode == 0 and "Usage" in result.stdout, result.stdout + result.stderr
 
@@ -179,7 +179,7 @@ def test_status_reports_what_it_cannot_reach_and_exits_1(tmp_path: Path) -> None
     env = {"CQRSKIT_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{closed}/nowhere",
            "CQRSKIT_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{closed}/%2F",
            "CQRSKIT_ELASTICSEARCH_URL": f"http://127.0.0.1:{closed}"}
-    result = subprocess.run([sys.executable, "-m", "cqrskit.cli", "status", "--json"], cwd=PROJECT, text=True,
+    result = subprocess.run([sys.executable, "-m", "cqrskit.app", "status", "--json"], cwd=PROJECT, text=True,
                             capture_output=True, timeout=60, env=worker_env(Settings(), **env))
     assert result.returncode == 1, result.stderr
     status = json.loads(result.stdout)
@@ -273,7 +273,7 @@ def test_dlq_purge_asks_then_leaves_every_readable_command_an_outcome(workers: W
 
 
 def cli(settings: Settings, *args: str, input: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cqrskit.cli", *args], cwd=PROJECT, text=True, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cqrskit.app", *args], cwd=PROJECT, text=True, capture_output=True,
                           input=input, timeout=60, env=worker_env(settings, COLUMNS="200", **env))
 
 

@@ -29,7 +29,7 @@ from elasticsearch import Elasticsearch
 from typer.testing import CliRunner
 
 from cqrskit.domain.shop import registry
-from cqrskit.cli.search import register
+from cqrskit.app.cli_search import register
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.migrate import upgrade
 from cqrskit.infra.schema import events

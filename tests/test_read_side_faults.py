@@ -32,7 +32,7 @@ from cqrskit.read_models.parking import list_parked
 from tests.processes import WorkerProcess
 from tests.stack import Stack, unread_request_bytes, wait_until
 from cqrskit.infra.broker import index_message, make_broker
-from cqrskit.cli import bootstrap
+from cqrskit.app import bootstrap
 
 pytestmark = pytest.mark.slow
 MODELS = ("orders", "products", "customers")

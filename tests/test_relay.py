@@ -38,7 +38,7 @@ from cqrskit.workers.relay import EventRelay, LeaseLost, relay_lag
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RELAY_PROGRAM = ("from cqrskit.infra.settings import load_settings; from cqrskit.infra.logs import configure_logging; "
-                 "from cqrskit.cli.bootstrap import run_relay; s = load_settings(); configure_logging(s); run_relay(s)")
+                 "from cqrskit.app.bootstrap import run_relay; s = load_settings(); configure_logging(s); run_relay(s)")
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------

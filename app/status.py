@@ -120,7 +120,7 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
     """A snapshot of the pipeline of ``settings`` (see the module docstring). Never raises for
     a component that cannot be reached: it is reported unreachable and its numbers stay null."""
     if models is None:
-        from cqrskit.cli import bootstrap
+        from cqrskit.app import bootstrap
 
         models = bootstrap.read_models()
     status = PipelineStatus(taken_at=datetime.now(UTC), components={})

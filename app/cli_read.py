@@ -25,7 +25,7 @@ MODELS = ["orders", "products", "customers"]
 @contextmanager
 def read_side(settings: Settings) -> Iterator:  # type: ignore[type-arg]
     """The runtime (engine, search client, indexer) of a command run against real services."""
-    from cqrskit.cli import bootstrap
+    from cqrskit.app import bootstrap
 
     if settings.elasticsearch_url == EMBEDDED_SEARCH:
         err.print("[red]this command needs a search server:[/red] set CQRSKIT_ELASTICSEARCH_URL=http://... "
@@ -39,7 +39,7 @@ def read_side(settings: Settings) -> Iterator:  # type: ignore[type-arg]
 
 
 def _model(name: str):  # type: ignore[no-untyped-def]
-    from cqrskit.cli import bootstrap
+    from cqrskit.app import bootstrap
 
     model = bootstrap.read_model(name)
     if model is not None:
@@ -50,7 +50,7 @@ def _model(name: str):  # type: ignore[no-untyped-def]
 
 def relay(ctx: typer.Context) -> None:
     """Run the event relay (one active at a time; others wait as standbys) until interrupted."""
-    from cqrskit.cli.bootstrap import run_relay
+    from cqrskit.app.bootstrap import run_relay
 
     try:
         run_relay(ctx.obj)
@@ -70,13 +70,13 @@ def indexer(
         err.print("[red]the indexer needs a real broker and search server:[/red] set CQRSKIT_BROKER_URL and "
                   "CQRSKIT_ELASTICSEARCH_URL")
         raise typer.Exit(2)
-    exec_dramatiq(settings, "cqrskit.cli.processes:indexer_worker", settings.indexer_queue, processes, threads)
+    exec_dramatiq(settings, "cqrskit.app.processes:indexer_worker", settings.indexer_queue, processes, threads)
 
 
 def exec_dramatiq(settings: Settings, factory: str, queue: str, processes: int, threads: int) -> None:
     """Become Dramatiq's CLI on ``factory`` (``module:callable``), consuming ``queue`` and its delay
     queue, with every effective setting (flags included) handed over through the environment."""
-    from cqrskit.cli.processes import THREADS
+    from cqrskit.app.processes import THREADS
 
     os.environ.update(settings.environment())
     os.environ[THREADS] = str(threads)

@@ -21,8 +21,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from cqrskit.cli import bootstrap
-from cqrskit.cli.status import PipelineStatus, gather_status
+from cqrskit.app import bootstrap
+from cqrskit.app.status import PipelineStatus, gather_status
 from cqrskit.infra.deadletters import DeadLetter, DeadLetterQueue
 from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.settings import Settings

@@ -16,7 +16,7 @@ from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.schema import command_outcomes, events
 from cqrskit.infra.settings import Settings
 from cqrskit.producers.shopload import ShopLoad
-from cqrskit.cli.local import LocalPipeline
+from cqrskit.app.local import LocalPipeline
 
 
 def run_demo(settings: Settings, *, size: int, seed: int, console: Console) -> int:

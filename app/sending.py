@@ -55,7 +55,7 @@ def send_envelopes(settings: Settings, envelopes: list[CommandEnvelope], *, wait
                    console: Console) -> tuple[int, list[tuple[str | None, str]], list[Outcome]]:
     """Publish; returns (confirmed, failures, outcomes found within ``wait`` seconds)."""
     if settings.embedded_broker:  # the broker lives in this process: so must the worker
-        from cqrskit.cli.local import LocalPipeline
+        from cqrskit.app.local import LocalPipeline
 
         with LocalPipeline(settings) as pipeline:
             report = _publish(pipeline.producer, envelopes, console)
@@ -66,7 +66,7 @@ def send_envelopes(settings: Settings, envelopes: list[CommandEnvelope], *, wait
     if wait <= 0:
         return report.confirmed, report.failed, []
     from cqrskit.infra.db import make_engine
-    from cqrskit.cli import bootstrap
+    from cqrskit.app import bootstrap
 
     store = EventStore(make_engine(settings.database_url), bootstrap.registry())
     return report.confirmed, report.failed, _outcomes(store, envelopes, wait)

@@ -1,5 +1,5 @@
 """Entry points of the processes that other programs start: Dramatiq's CLI
-(``dramatiq cqrskit.cli.processes:command_worker``) and uvicorn's factory mode.
+(``dramatiq cqrskit.app.processes:command_worker``) and uvicorn's factory mode.
 
 Each is a ``module:callable`` factory: importing this module wires nothing. The parent (``cqrskit
 worker``, ``cqrskit indexer``, ``cqrskit gateway --workers N``) hands every effective setting,
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cqrskit.cli import bootstrap
+from cqrskit.app import bootstrap
 from cqrskit.infra.logs import configure_logging
 from cqrskit.infra.settings import Settings, load_settings
 

@@ -36,7 +36,7 @@ def setup_all(settings: Settings, say: Callable[[str], None] = print) -> None:
 def _ensure_indices(settings: Settings, engine, say: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
     from cqrskit.read_models.indices import alias, ensure
     from cqrskit.read_models.search import make_client
-    from cqrskit.cli import bootstrap
+    from cqrskit.app import bootstrap
 
     es = make_client(settings.elasticsearch_url)
     try:

@@ -43,7 +43,7 @@ def main(
 @app.command()
 def setup(ctx: typer.Context) -> None:
     """Migrate the write store, declare the broker topology and create the read models' indices (idempotent)."""
-    from cqrskit.cli.setup import setup_all
+    from cqrskit.app.setup import setup_all
 
     setup_all(ctx.obj, console.print)
 
@@ -60,7 +60,7 @@ def send(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome (0: don't).")] = 0.0,
 ) -> None:
     """Publish one command (TYPE --aggregate ID --data JSON) or a file of envelopes (--file)."""
-    from cqrskit.cli.sending import envelopes_from_file, one_envelope, send_envelopes
+    from cqrskit.app.sending import envelopes_from_file, one_envelope, send_envelopes
 
     settings: Settings = ctx.obj
     if file is not None:
@@ -91,7 +91,7 @@ def outcome(
     """Show what became of a command: status, reason, aggregate version, event positions."""
     from cqrskit.infra.db import make_engine
     from cqrskit.infra.store import EventStore
-    from cqrskit.cli import bootstrap
+    from cqrskit.app import bootstrap
 
     store = EventStore(make_engine(ctx.obj.database_url), bootstrap.registry())
     deadline = time.monotonic() + wait
@@ -115,13 +115,13 @@ def worker(
     threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 8,
 ) -> None:
     """Run command workers on the commands queue (Dramatiq), until interrupted."""
-    from cqrskit.cli.read import exec_dramatiq
+    from cqrskit.app.cli_read import exec_dramatiq
 
     settings: Settings = ctx.obj
     if settings.embedded_broker:
         err.print("[red]the command worker needs a real broker:[/red] set CQRSKIT_BROKER_URL=amqp://...")
         raise typer.Exit(2)
-    exec_dramatiq(settings, "cqrskit.cli.processes:command_worker", settings.commands_queue, processes, threads)
+    exec_dramatiq(settings, "cqrskit.app.processes:command_worker", settings.commands_queue, processes, threads)
 
 
 @app.command()
@@ -131,7 +131,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed of the shop load.")] = 7,
 ) -> None:
     """Run the whole pipeline on the embedded default (or the configured services) with a shop load."""
-    from cqrskit.cli.demo import run_demo
+    from cqrskit.app.demo import run_demo
 
     settings: Settings = ctx.obj
     if "log_level" not in settings.model_fields_set:  # the tables tell the story; keep worker logs quiet
@@ -166,7 +166,7 @@ def gateway(
     """Serve the HTTP command gateway (POST /commands, GET /commands/{id}; OpenAPI at /docs)."""
     from cqrskit.producers.gateway import run_gateway
 
-    run_gateway(ctx.obj, host, port, workers, factory="cqrskit.cli.processes:gateway_app")
+    run_gateway(ctx.obj, host, port, workers, factory="cqrskit.app.processes:gateway_app")
 
 
 @app.command()
@@ -202,9 +202,9 @@ def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
     return "".join(f"\n  {e['loc']}: {e['msg']}" for e in (errors or [])[:10])
 
 
-from cqrskit.cli.ops import register as register_ops  # noqa: E402
-from cqrskit.cli.read import register  # noqa: E402
-from cqrskit.cli.search import register as register_search  # noqa: E402
+from cqrskit.app.cli_ops import register as register_ops  # noqa: E402
+from cqrskit.app.cli_read import register  # noqa: E402
+from cqrskit.app.cli_search import register as register_search  # noqa: E402
 
 register(app)
 register_search(app)

@@ -20,7 +20,7 @@ from cqrskit.infra.store import EventStore
 from cqrskit.producers.commands import CommandProducer
 from cqrskit.read_models.indices import ensure
 from cqrskit.read_models.search import EmbeddedSearch
-from cqrskit.cli import bootstrap
+from cqrskit.app import bootstrap
 from cqrskit.read_models.verify import VerifyReport, verify
 from cqrskit.workers.actors import declare_command_actor, declare_indexer_actor
 from cqrskit.infra.broker import index_message, make_broker

@@ -1,5 +1,0 @@
-"""``python -m cqrskit.cli``: the same as the ``cqrskit`` command."""
-
-from cqrskit.cli.main import app
-
-app()
