@@ -1,41 +1,67 @@
-"""The composition root: which domain and read models cqrskit runs, and how each process is put
-together from one ``Settings``. Every CLI verb and every Procfile process starts here; nothing
-below this package chooses a domain, reads the environment or wires a broker."""
+"""The composition root: which app cqrskit runs (``CQRSKIT_APP``, resolved here, once per
+process) and how each process is put together from one ``Settings``. Every CLI verb and every
+Procfile process starts here; nothing below this package chooses a domain, reads the environment
+or wires a broker."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import dramatiq
 
-from cqrskit.domain.registry import Registry
+from cqrskit.app.declaration import App
 from cqrskit.infra.settings import Settings
-from cqrskit.read_models.model import ReadModel
 from cqrskit.workers.runtime import Runtime
 from cqrskit.workers.wiring import build_command_worker, build_indexer_worker
 
 
-def registry() -> Registry:
-    """The domain every process runs: the reference shop."""
-    from cqrskit.domain.shop import registry as shop
-
-    return shop
+class AppError(ValueError):
+    """``CQRSKIT_APP`` names no usable app; the message is one line for the operator."""
 
 
-def read_models() -> Sequence[ReadModel]:
-    """The read models every process keeps and serves: the shop's."""
-    from cqrskit.read_models.shop import SHOP_READ_MODELS
+@functools.cache
+def load_app(spec: str) -> App:
+    """The ``App`` that ``spec`` (``module:attribute``) names, imported once per process. The
+    current directory is importable, as with ``dramatiq module`` and uvicorn. Raises AppError."""
+    module_name, _, attribute = spec.partition(":")
+    if not re.fullmatch(r"[A-Za-z_][\w.]*", module_name) or not re.fullmatch(r"[A-Za-z_][\w.]*", attribute):
+        raise AppError(f"CQRSKIT_APP must be module:attribute (e.g. myhotel.app:app), got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise AppError(f"app {spec!r}: no module named {exc.name!r} (run from the project's directory, "
+                           f"or put its package on PYTHONPATH)") from None
+        raise AppError(f"app {spec!r}: importing {module_name} failed: {exc}") from None
+    except Exception as exc:  # the app's own module is broken: say how, in one line
+        raise AppError(f"app {spec!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
+    for part in attribute.split("."):
+        if not hasattr(found, part):
+            raise AppError(f"app {spec!r}: {module_name} has no attribute {attribute!r}")
+        found = getattr(found, part)
+    if not isinstance(found, App):
+        raise AppError(f"app {spec!r} is a {type(found).__name__}, not a cqrskit.app.App")
+    return found
 
-    return SHOP_READ_MODELS
 
-
-def read_model(name: str) -> ReadModel | None:
-    return next((m for m in read_models() if m.name == name), None)
+def app_of(settings: Settings) -> App:
+    """The app ``settings`` select (``CQRSKIT_APP``). Raises AppError."""
+    return load_app(settings.app)
 
 
 def runtime(settings: Settings, *, pool_size: int = 8, search_url: str | None = None) -> Runtime:
-    """The resources of one process (made lazily, released by ``Runtime.close``)."""
-    return Runtime(settings, registry(), read_models(), pool_size=pool_size, search_url=search_url)
+    """The resources of one process running the app of ``settings`` (made lazily, released by
+    ``Runtime.close``). Raises AppError."""
+    app = app_of(settings)
+    return Runtime(settings, app.registry, app.read_models, pool_size=pool_size, search_url=search_url)
 
 
 def command_worker(settings: Settings, threads: int = 8,

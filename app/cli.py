@@ -9,10 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cqrskit.infra.logs import configure_logging
-from cqrskit.infra.settings import LogFormat, Settings, load_settings
+from cqrskit.infra.settings import DEFAULT_APP, LogFormat, Settings, load_settings
 
 app = typer.Typer(help="cqrskit: message-queue driven CQRS workers.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -27,17 +28,35 @@ def main(
     elasticsearch_url: Annotated[Optional[str], typer.Option(help="Search URL (env CQRSKIT_ELASTICSEARCH_URL).")] = None,
     log_format: Annotated[Optional[LogFormat], typer.Option(help="auto, json or console.")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING...")] = None,
+    app_: Annotated[Optional[str], typer.Option("--app", help="The app to run, module:attribute (env CQRSKIT_APP; "
+                                                f"default: {DEFAULT_APP}).")] = None,
 ) -> None:
+    from cqrskit.app.bootstrap import AppError, app_of
+
     try:
         settings = load_settings(
             database_url=database_url, broker_url=broker_url, elasticsearch_url=elasticsearch_url,
-            log_format=log_format, log_level=log_level,
+            log_format=log_format, log_level=log_level, app=app_,
         )
     except ValueError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
+        err.print(f"[red]configuration error:[/red] {escape(_first_line(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    if ctx.invoked_subcommand not in ("schema", "new"):
+        try:
+            app_of(settings)  # resolved once, here; a bad CQRSKIT_APP is one line, not a traceback
+        except AppError as exc:
+            err.print(f"[red]app error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
     configure_logging(settings)
     ctx.obj = settings
+
+
+def _first_line(exc: ValueError) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return str(exc)
 
 
 @app.command()
@@ -93,7 +112,7 @@ def outcome(
     from cqrskit.infra.store import EventStore
     from cqrskit.app import bootstrap
 
-    store = EventStore(make_engine(ctx.obj.database_url), bootstrap.registry())
+    store = EventStore(make_engine(ctx.obj.database_url), bootstrap.app_of(ctx.obj).registry)
     deadline = time.monotonic() + wait
     found = store.outcome(command_id)
     while found is None and time.monotonic() < deadline:
@@ -128,9 +147,9 @@ def worker(
 def demo(
     ctx: typer.Context,
     size: Annotated[int, typer.Option(help="Roughly how many commands to send.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Random seed of the shop load.")] = 7,
+    seed: Annotated[int, typer.Option(help="Random seed of the load.")] = 7,
 ) -> None:
-    """Run the whole pipeline on the embedded default (or the configured services) with a shop load."""
+    """Run the whole pipeline on the embedded default (or the configured services) under the app's demo load."""
     from cqrskit.app.demo import run_demo
 
     settings: Settings = ctx.obj
@@ -164,9 +183,10 @@ def gateway(
     workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
 ) -> None:
     """Serve the HTTP command gateway (POST /commands, GET /commands/{id}; OpenAPI at /docs)."""
+    from cqrskit.app.bootstrap import app_of
     from cqrskit.producers.gateway import run_gateway
 
-    run_gateway(ctx.obj, host, port, workers, factory="cqrskit.app.processes:gateway_app")
+    run_gateway(ctx.obj, app_of(ctx.obj).registry, host, port, workers, factory="cqrskit.app.processes:gateway_app")
 
 
 @app.command()
@@ -176,10 +196,12 @@ def query(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
 ) -> None:
     """Serve the HTTP query API over the read models (OpenAPI at /docs); reads the search indices only."""
+    from cqrskit.app.bootstrap import app_of
     from cqrskit.read_models.api import run_query_api
 
+    app_ = app_of(ctx.obj)
     try:
-        run_query_api(ctx.obj, host, port)
+        run_query_api(ctx.obj, app_.read_models, app_.queries, host, port)
     except ValueError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None

@@ -254,7 +254,7 @@ def _store(settings: Settings) -> Iterator[EventStore]:
 
     engine = make_engine(settings.database_url, pool_size=1)
     try:
-        yield EventStore(engine, bootstrap.registry())
+        yield EventStore(engine, bootstrap.app_of(settings).registry)
     except sa.exc.SQLAlchemyError as exc:  # messages taken and not acknowledged are back in place
         err.print(f"[red]write store error:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -19,7 +19,6 @@ console = Console()
 err = Console(stderr=True)
 parked_app = typer.Typer(help="Documents the indexer could not write (G7): list, show, retry, drop.",
                          no_args_is_help=True)
-MODELS = ["orders", "products", "customers"]
 
 
 @contextmanager
@@ -38,13 +37,15 @@ def read_side(settings: Settings) -> Iterator:  # type: ignore[type-arg]
         runtime.close()
 
 
-def _model(name: str):  # type: ignore[no-untyped-def]
-    from cqrskit.app import bootstrap
+def _model(settings: Settings, name: str):  # type: ignore[no-untyped-def]
+    from cqrskit.app.bootstrap import app_of
 
-    model = bootstrap.read_model(name)
+    app = app_of(settings)
+    model = app.read_model(name)
     if model is not None:
         return model
-    err.print(f"[red]unknown read model {name!r}[/red]; known: {', '.join(MODELS)}")
+    err.print(f"[red]unknown read model {name!r}[/red] of the app {app.name!r}; known: "
+              f"{', '.join(m.name for m in app.read_models) or 'none'}")
     raise typer.Exit(2)
 
 
@@ -87,15 +88,16 @@ def exec_dramatiq(settings: Settings, factory: str, queue: str, processes: int, 
 
 def verify(
     ctx: typer.Context,
-    read_model: Annotated[Optional[str], typer.Argument(help="orders, products or customers (default: all).")] = None,
+    read_model: Annotated[Optional[str], typer.Argument(help="A read model of the app (default: all).")] = None,
     show: Annotated[int, typer.Option(help="How many differing ids to list per kind.")] = 10,
 ) -> None:
     """Compare every document with a fresh projection from the write store; exit 1 when they differ."""
     from cqrskit.read_models.verify import verify as run_verify
 
-    names = [read_model] if read_model else MODELS
+    models = [_model(ctx.obj, read_model)] if read_model else None
     with read_side(ctx.obj) as rt:
-        reports = [run_verify(rt.engine, rt.registry, rt.search, ctx.obj.index_prefix, _model(n)) for n in names]
+        reports = [run_verify(rt.engine, rt.registry, rt.search, ctx.obj.index_prefix, m)
+                   for m in models or rt.read_models]
     table = Table("read model", "documents", "missing", "extra", "different", "examples")
     for r in reports:
         examples = [*(f"missing {i}" for i in r.missing[:show]), *(f"extra {i}" for i in r.extra[:show]),
@@ -108,12 +110,12 @@ def verify(
 
 def rebuild(
     ctx: typer.Context,
-    read_model: Annotated[str, typer.Argument(help="orders, products or customers.")],
+    read_model: Annotated[str, typer.Argument(help="A read model of the app (cqrskit status lists them).")],
 ) -> None:
     """Build a new index from the write store while live indexing goes on, then swap the alias."""
     from cqrskit.read_models.rebuild import rebuild as run_rebuild
 
-    model = _model(read_model)
+    model = _model(ctx.obj, read_model)
     columns = (TextColumn(f"rebuilding {read_model}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with read_side(ctx.obj) as rt, Progress(*columns, console=console) as progress:
         task = progress.add_task("rebuild", total=None)

@@ -1,10 +1,14 @@
-"""``cqrskit search``: the typed queries of ``cqrskit.read_models.queries`` from the command line, printed
-as tables (or JSON), against the search server of CQRSKIT_ELASTICSEARCH_URL."""
+"""``cqrskit search``: the queries a read model declares (``cqrskit.read_models.queryable``), from
+the command line, printed as tables (or JSON), against the search server of
+CQRSKIT_ELASTICSEARCH_URL. Every declared parameter is an option: ``--name value`` (repeated for
+a list), ``--name``/``--no-name`` for a yes/no one. A query function of the app (the escape hatch)
+is named by its path: ``cqrskit search bookings/by-month --interval week``."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Optional
+from datetime import datetime
+from typing import Annotated, Any, Optional, get_args, get_origin
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -15,34 +19,47 @@ from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 console = Console()
 err = Console(stderr=True)
-# option -> the query field it sets, per read model (an option missing here does not apply)
-FIELDS: dict[str, dict[str, str]] = {
-    "orders": {"text": "text", "status": "status", "since": "placed_since", "until": "placed_until",
-               "customer": "customer_id", "sku": "sku", "min_total": "total_min", "max_total": "total_max",
-               "facets": "facets"},
-    "products": {"text": "text", "sku": "sku", "in_stock": "in_stock"},
-    "customers": {"text": "text", "email": "email", "min_orders": "min_orders"},
-}
+COMMON = ("text", "sort", "order", "size", "cursor", "facets")
 
 
-def _query(read_model: str, options: dict[str, Any]) -> BaseModel:
-    """The validated query for ``read_model``; exits 2 with the errors when the options do not fit."""
-    from cqrskit.read_models import queries as q
+def _options(args: list[str], model: type[BaseModel], what: str) -> dict[str, Any]:
+    """``--name value`` pairs of ``args`` for the fields of ``model``; exits 2 on a stray option."""
+    fields = model.model_fields
+    given: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name = arg[2:].replace("-", "_") if arg.startswith("--") else None
+        negated = name is not None and name.startswith("no_") and name[3:] in fields
+        key = name[3:] if negated and name else name
+        if key is None or key not in fields or key in ("consistent_with", "wait"):
+            err.print(f"[red]{arg} does not apply to {what}[/red] (its options: "
+                      f"{', '.join('--' + f.replace('_', '-') for f in fields)})")
+            raise typer.Exit(2)
+        annotation = fields[key].annotation
+        if _is_bool(annotation):
+            given[key] = not negated
+            i += 1
+            continue
+        if i + 1 >= len(args):
+            err.print(f"[red]{arg} needs a value[/red]")
+            raise typer.Exit(2)
+        value = args[i + 1]
+        if get_origin(annotation) is list:
+            given.setdefault(key, []).append(value)
+        else:
+            given[key] = value
+        i += 2
+    return given
 
-    if read_model not in FIELDS:
-        err.print(f"[red]unknown read model {read_model!r}[/red]; known: {', '.join(FIELDS)}")
-        raise typer.Exit(2)
-    fields = FIELDS[read_model]
-    given = {k: v for k, v in options.items()
-             if v is not None and v != [] and not (k == "facets" and v is False)}
-    stray = [k for k in given if k not in fields and k not in ("sort", "order", "size", "cursor")]
-    if stray:
-        flags = ", ".join("--" + s.replace("_", "-") for s in stray)
-        err.print(f"[red]{flags} does not apply to {read_model}[/red]")
-        raise typer.Exit(2)
-    model = {"orders": q.OrderQuery, "products": q.ProductQuery, "customers": q.CustomerQuery}[read_model]
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool or (bool in get_args(annotation) and len(get_args(annotation)) <= 2)
+
+
+def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
-        return model.model_validate({fields.get(k, k): v for k, v in given.items()})
+        return model.model_validate(data)
     except ValidationError as exc:
         for e in exc.errors():
             where = ".".join(str(part) for part in e["loc"]) or "query"
@@ -50,100 +67,99 @@ def _query(read_model: str, options: dict[str, Any]) -> BaseModel:
         raise typer.Exit(2) from None
 
 
-def _money(cents: int | None) -> str:
-    return "" if cents is None else f"{cents / 100:,.2f}"
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, list):
+        return str(len(value))
+    if isinstance(value, BaseModel):
+        return ", ".join(_cell(v) for v in value.model_dump().values() if v is not None)
+    return str(value)
 
 
-def _when(at: Any) -> str:
-    return "" if at is None else at.strftime("%Y-%m-%d %H:%M")
-
-
-def page_table(read_model: str, page: Any) -> Table:
-    """A page of ``read_model`` results as a table, its caption saying how many and the next cursor."""
-    if read_model == "orders":
-        table = Table("order", "status", "customer", "email", "total", "units", "placed", "lines")
-        for o in page.items:
-            lines = ", ".join(f"{line.quantity} x {line.name}" for line in o.lines)
-            table.add_row(o.order_id, o.status, o.customer.name or "", o.customer.email or "",
-                          _money(o.total_cents), str(o.units), _when(o.placed_at), lines)
-    elif read_model == "products":
-        table = Table("product", "sku", "name", "price", "stock", "sold")
-        for p in page.items:
-            table.add_row(p.product_id, p.sku, p.name, _money(p.price_cents), str(p.stock), str(p.units_sold))
-    else:
-        table = Table("customer", "name", "email", "orders", "lifetime value")
-        for c in page.items:
-            table.add_row(c.customer_id, c.name, c.email, str(c.order_count), _money(c.lifetime_value_cents))
+def page_table(searchable: Any, page: Any) -> Table:
+    """A page of results as a table (the declared ``columns``, else every field of the view), its
+    caption saying how many and the next cursor."""
+    columns = list(searchable.queries.columns) or [n for n in searchable.queries.view.model_fields if n != "score"]
+    table = Table(*columns)
+    for item in page.items:
+        table.add_row(*(_cell(_path(item, c)) for c in columns))
     relation = "" if page.total.relation == "eq" else "at least "
     table.caption = f"{len(page.items)} of {relation}{page.total.value}" + (
         f"; next page: --cursor {page.next_cursor}" if page.next_cursor else "")
     return table
 
 
-def facets_table(facets: Any) -> Table:
-    table = Table("facet", "value", "orders", title="facets")
-    for name, buckets in (("status", facets.status), ("sku", facets.sku)):
+def _path(item: Any, path: str) -> Any:
+    for part in path.split("."):
+        item = getattr(item, part, None)
+    return item
+
+
+def facets_table(page: Any) -> Table:
+    table = Table("facet", "value", "documents", title="facets")
+    for name, buckets in (page.facets.model_dump() if page.facets else {}).items():
         for bucket in buckets:
-            table.add_row(name, bucket.key, str(bucket.count))
-    return table
-
-
-def revenue_table(revenue: Any) -> Table:
-    table = Table(revenue.interval, "orders", "revenue", title="revenue (paid and shipped orders)")
-    for bucket in revenue.buckets:
-        table.add_row(bucket.start.strftime("%Y-%m-%d"), str(bucket.orders), _money(bucket.revenue_cents))
-    return table
-
-
-def top_products_table(top: Any) -> Table:
-    table = Table("sku", "name", "units", "revenue", "orders", title=f"top products by {top.by}")
-    for p in top.items:
-        table.add_row(p.sku, p.name or "", str(p.units), _money(p.revenue_cents), str(p.orders))
+            table.add_row(name, str(bucket["key"]), str(bucket["count"]))
+    for name, value in (getattr(page, "metrics", None) or {}).items():
+        table.add_row(name, "", "" if value is None else f"{value:g}")
     return table
 
 
 def search(
     ctx: typer.Context,
-    read_model: Annotated[str, typer.Argument(help="orders, products or customers.")],
-    text: Annotated[Optional[str], typer.Option(help="Words to find (orders: customer, email, products).")] = None,
-    status: Annotated[Optional[list[str]], typer.Option(help="Orders: placed, paid, shipped, cancelled.")] = None,
-    since: Annotated[Optional[str], typer.Option(help="Orders placed at or after (ISO 8601, UTC).")] = None,
-    until: Annotated[Optional[str], typer.Option(help="Orders placed before (ISO 8601).")] = None,
-    customer: Annotated[Optional[str], typer.Option(help="Orders: of this customer id.")] = None,
-    sku: Annotated[Optional[str], typer.Option(help="Orders with a line of this sku; that product.")] = None,
-    min_total: Annotated[Optional[int], typer.Option(help="Orders: total at least (cents).")] = None,
-    max_total: Annotated[Optional[int], typer.Option(help="Orders: total at most (cents).")] = None,
-    in_stock: Annotated[Optional[bool], typer.Option("--in-stock/--sold-out", help="Products: stock or not.")] = None,
-    email: Annotated[Optional[str], typer.Option(help="Customers: exactly this email.")] = None,
-    min_orders: Annotated[Optional[int], typer.Option(help="Customers: at least this many orders.")] = None,
+    read_model: Annotated[str, typer.Argument(help="A read model of the app, or a query function's path.")],
+    text: Annotated[Optional[str], typer.Option(help="Words to find (in the model's declared text fields).")] = None,
     sort: Annotated[Optional[str], typer.Option(help="Sort field (the query API's OpenAPI lists them).")] = None,
     order: Annotated[Optional[str], typer.Option(help="asc or desc.")] = None,
-    size: Annotated[int, typer.Option(help="Results per page (at most 100).")] = 20,
+    size: Annotated[Optional[int], typer.Option(help="Results per page (at most 100).")] = None,
     cursor: Annotated[Optional[str], typer.Option(help="The next-page cursor a search printed.")] = None,
-    facets: Annotated[bool, typer.Option("--facets", help="Orders: counts by status and sku.")] = False,
+    facets: Annotated[bool, typer.Option("--facets", help="Add the model's facets and metrics.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the page as JSON.")] = False,
 ) -> None:
-    """Search a read model: full text, filters, sort, facets; prints a table (or --json)."""
+    """Search a read model: full text, the model's declared filters (as --options), sort, facets;
+    prints a table (or --json). Example: cqrskit search bookings --text ada --status booked --facets"""
     from elastic_transport import TransportError
     from elasticsearch import ApiError
 
-    from cqrskit.read_models import queries as q
+    from cqrskit.app.bootstrap import app_of
+    from cqrskit.read_models.query_engine import QueryError
     from cqrskit.read_models.search import make_client
 
     settings: Settings = ctx.obj
-    options = dict(text=text, status=status, since=since, until=until, customer=customer, sku=sku,
-                   min_total=min_total, max_total=max_total, in_stock=in_stock, email=email,
-                   min_orders=min_orders, sort=sort, order=order, size=size, cursor=cursor, facets=facets)
-    query = _query(read_model, options)
+    app = app_of(settings)
+    models = app.searchable
+    functions = {f.path.strip("/"): f for f in app.queries}
+    common = {k: v for k, v in dict(text=text, sort=sort, order=order, size=size, cursor=cursor).items()
+              if v is not None}
+    if facets:
+        common["facets"] = True
+    if read_model in models:
+        target = models[read_model]
+        run, model = target.search, target.query_model
+    elif read_model.strip("/") in functions:
+        target = functions[read_model.strip("/")]
+        run, model = target.run, target.params
+    else:
+        known = [*models, *functions]
+        err.print(f"[red]unknown read model {read_model!r}[/red] of the app {app.name!r}; known: "
+                  f"{', '.join(known) or 'none'}")
+        raise typer.Exit(2)
+    stray = [k for k in common if k not in model.model_fields]
+    if stray:
+        err.print(f"[red]{', '.join('--' + s for s in stray)} does not apply to {read_model}[/red]")
+        raise typer.Exit(2)
+    query = _validated(model, {**_options(ctx.args, model, read_model), **common})
     if settings.elasticsearch_url == EMBEDDED_SEARCH:
         err.print("[red]search needs a search server:[/red] set CQRSKIT_ELASTICSEARCH_URL=http://... "
                   "(the embedded one lives inside `cqrskit demo`)")
         raise typer.Exit(2)
-    runs = {"orders": q.search_orders, "products": q.search_products, "customers": q.search_customers}
     es = make_client(settings.elasticsearch_url)
     try:
-        page = runs[read_model](es, settings.index_prefix, query)
-    except q.QueryError as exc:
+        result = run(es, settings.index_prefix, query)
+    except QueryError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     except (ApiError, TransportError) as exc:
@@ -151,13 +167,13 @@ def search(
         raise typer.Exit(1) from None
     finally:
         es.close()
-    if as_json:
-        print(json.dumps(page.model_dump(mode="json"), indent=2))
+    if as_json or read_model not in models:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
         return
-    console.print(page_table(read_model, page))
-    if getattr(page, "facets", None):
-        console.print(facets_table(page.facets))
+    console.print(page_table(target, result))
+    if getattr(result, "facets", None) or getattr(result, "metrics", None):
+        console.print(facets_table(result))
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(search)
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(search)

@@ -1,5 +1,5 @@
-"""``cqrskit demo``: the command side of the pipeline on a realistic shop load, shown stage by
-stage. On the embedded default it needs nothing installed; given service URLs it runs against
+"""``cqrskit demo``: the whole pipeline under the app's demo load (``App(demo=...)``),
+shown stage by stage. On the embedded default it needs nothing installed; given service URLs it runs against
 them (commands over RabbitMQ, PostgreSQL as the write store)."""
 
 from __future__ import annotations
@@ -15,13 +15,19 @@ from rich.table import Table
 from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.schema import command_outcomes, events
 from cqrskit.infra.settings import Settings
-from cqrskit.producers.shopload import ShopLoad
+from cqrskit.app.bootstrap import app_of
+from cqrskit.app.declaration import DemoLoad
 from cqrskit.app.local import LocalPipeline
 
 
 def run_demo(settings: Settings, *, size: int, seed: int, console: Console) -> int:
-    """Runs the demo; returns the exit status (0 when every command reached its expected fate)."""
-    load = ShopLoad(size=size, seed=seed)
+    """Runs the demo; returns the exit status (0 when every command reached its expected fate;
+    2 when the app has no demo load)."""
+    app = app_of(settings)
+    if app.demo is None:
+        console.print(f"[red]the app {app.name!r} declares no demo load[/red] (App(..., demo=...))")
+        return 2
+    load = app.demo(size, seed)
     console.rule("[bold]cqrskit demo[/bold]: commands in, events and outcomes out")
     console.print(f"write store [cyan]{_where(settings.database_url)}[/cyan], broker [cyan]{settings.broker_url}[/cyan]")
     sent: list[CommandEnvelope] = []
@@ -39,9 +45,10 @@ def run_demo(settings: Settings, *, size: int, seed: int, console: Console) -> i
         event_counts = _event_counts(pipeline, [e.command_id for e in sent])
         _print_summary(console, load, sent, statuses, event_counts, elapsed)
         _print_read_models(console, reports, catch_up)
-        _print_queries(console, pipeline, load)
-    ok = statuses.get("rejected", 0) >= load.expected["rejected"] and statuses.get("invalid", 0) == load.expected[
-        "invalid"] and statuses.get("dead", 0) == 0 and sum(statuses.values()) == len(sent)
+        if app.showcase is not None:
+            app.showcase(pipeline.runtime.search, settings.index_prefix, console)
+    ok = statuses.get("rejected", 0) >= load.expected.get("rejected", 0) and statuses.get("invalid", 0) == load.expected.get(
+        "invalid", 0) and statuses.get("dead", 0) == 0 and sum(statuses.values()) == len(sent)
     converged = all(r.ok for r in reports)
     console.print("[green]every command reached a terminal outcome[/green]" if ok else "[red]unexpected outcomes[/red]")
     console.print("[green]every read model equals a fresh projection of the write store[/green]" if converged
@@ -82,7 +89,7 @@ def _event_counts(pipeline: LocalPipeline, ids: list[str]) -> Counter[str]:
     return counts
 
 
-def _print_summary(console: Console, load: ShopLoad, sent: list[CommandEnvelope], statuses: Counter[str],
+def _print_summary(console: Console, load: DemoLoad, sent: list[CommandEnvelope], statuses: Counter[str],
                    event_counts: Counter[str], elapsed: float) -> None:
     table = Table("outcome", "commands", "of which on purpose", title="Outcomes by status")
     for status in ("succeeded", "rejected", "invalid", "dead"):
@@ -103,37 +110,6 @@ def _print_read_models(console: Console, reports: list, catch_up: float) -> None
         table.add_row(r.read_model, str(r.checked), str(len(r.missing)), str(len(r.extra)), str(len(r.different)))
     console.print(table)
     console.print(f"read models caught up {catch_up:.1f} s after the last command's outcome")
-
-
-def _print_queries(console: Console, pipeline: LocalPipeline, load: ShopLoad) -> None:
-    """A few back-office questions, asked through the typed query API (read_models/queries.py)."""
-    from cqrskit.read_models import queries as q
-
-    es, prefix = pipeline.runtime.search, pipeline.settings.index_prefix
-    page = q.search_orders(es, prefix, q.OrderQuery(text="Ada", status=["shipped"], sort="total", order="desc",
-                                                    size=5, facets=True))
-    table = Table("order", "customer", "status", "lines", "total", "placed at",
-                  title=f"Shipped orders of customers named Ada, largest first ({page.total.value} found)")
-    for o in page.items:
-        table.add_row(o.order_id, o.customer.name or "", o.status, str(o.line_count), f"{o.total_cents / 100:,.2f}",
-                      f"{o.placed_at:%Y-%m-%d %H:%M:%S}" if o.placed_at else "")
-    console.print(table)
-    facets = q.search_orders(es, prefix, q.OrderQuery(size=1, facets=True)).facets
-    if facets:
-        table = Table("status", "orders", title="Facet: all orders by status")
-        for bucket in facets.status:
-            table.add_row(bucket.key, str(bucket.count))
-        console.print(table)
-    top = q.top_products(es, prefix, q.TopProductsQuery(by="revenue", size=5))
-    table = Table("sku", "product", "units", "revenue", "orders", title="Aggregation: top products by revenue")
-    for p in top.items:
-        table.add_row(p.sku, p.name or "", str(p.units), f"{p.revenue_cents / 100:,.2f}", str(p.orders))
-    console.print(table)
-    busiest = q.search_customers(es, prefix, q.CustomerQuery(sort="lifetime_value", size=3))
-    table = Table("customer", "email", "orders", "lifetime value", title="Best customers")
-    for c in busiest.items:
-        table.add_row(c.name, c.email, str(c.order_count), f"{c.lifetime_value_cents / 100:,.2f}")
-    console.print(table)
 
 
 def _where(url: str) -> str:

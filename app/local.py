@@ -47,7 +47,7 @@ class LocalPipeline:
         declare_indexer_actor(self.broker, self.runtime)
         upgrade(self.runtime.engine)
         declare_command_topology(self.broker, self.settings)
-        for model in bootstrap.read_models():
+        for model in self.runtime.read_models:
             ensure(self.runtime.search, self.runtime.engine, self.settings.index_prefix, model)
         self.worker = dramatiq.Worker(self.broker, worker_timeout=50, worker_threads=self.threads)
         self.worker.start()
@@ -98,7 +98,7 @@ class LocalPipeline:
 
     def verify(self) -> list[VerifyReport]:
         es, engine, prefix = self.runtime.search, self.runtime.engine, self.settings.index_prefix
-        return [verify(engine, self.runtime.registry, es, prefix, model) for model in bootstrap.read_models()]
+        return [verify(engine, self.runtime.registry, es, prefix, model) for model in self.runtime.read_models]
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()

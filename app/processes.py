@@ -50,4 +50,5 @@ def gateway_app() -> Any:
     """uvicorn factory: the HTTP command gateway of one uvicorn worker process."""
     from cqrskit.producers.gateway import create_app
 
-    return create_app(_settings())
+    settings = _settings()
+    return create_app(settings, registry=bootstrap.app_of(settings).registry)

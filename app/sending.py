@@ -68,7 +68,7 @@ def send_envelopes(settings: Settings, envelopes: list[CommandEnvelope], *, wait
     from cqrskit.infra.db import make_engine
     from cqrskit.app import bootstrap
 
-    store = EventStore(make_engine(settings.database_url), bootstrap.registry())
+    store = EventStore(make_engine(settings.database_url), bootstrap.app_of(settings).registry)
     return report.confirmed, report.failed, _outcomes(store, envelopes, wait)
 
 

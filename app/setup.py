@@ -40,7 +40,7 @@ def _ensure_indices(settings: Settings, engine, say: Callable[[str], None]) -> N
 
     es = make_client(settings.elasticsearch_url)
     try:
-        for model in bootstrap.read_models():
+        for model in bootstrap.app_of(settings).read_models:
             created = ensure(es, engine, settings.index_prefix, model)
             say(f"read model {alias(settings.index_prefix, model.name)}: " + (f"created {created}" if created else "exists"))
     finally:

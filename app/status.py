@@ -17,13 +17,13 @@ What each number is, and where it comes from:
 - ``read_models``: per read model, documents in the live index, parked documents (G7), and the
   lag. The indexers keep no checkpoint per read model, so the lag is measured on the documents
   themselves: every document records the version of each stream it was computed from
-  (``streams``), so for the newest ``lag_window`` events of the model's own stream type (orders
-  for ``orders``...), ``lag_events`` counts those whose stream version the document does not
+  (``streams``), so for the newest ``lag_window`` events of the model's own stream type (bookings
+  for ``bookings``...), ``lag_events`` counts those whose stream version the document does not
   reflect yet and ``lag_seconds`` is the age of the oldest of them. This covers everything
   ahead of the index: events the relay has not published, batches waiting in the indexer
   queue or being retried, documents being written, and parked documents (which stay unreflected
-  until retried). It does not count fan-out from other streams (a customer rename reaching its
-  orders: ``cqrskit verify`` checks that). When every event of the window is unreflected the
+  until retried). It does not count fan-out from other streams (a guest's rename reaching their
+  bookings: ``cqrskit verify`` checks that). When every event of the window is unreflected the
   true lag may be larger: ``lag_exact`` is then false.
 - ``workers``: consumers on the commands and indexer queues (a Dramatiq worker process holds
   one consumer per queue) and the relay holding the lease.
@@ -122,7 +122,7 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
     if models is None:
         from cqrskit.app import bootstrap
 
-        models = bootstrap.read_models()
+        models = bootstrap.app_of(settings).read_models
     status = PipelineStatus(taken_at=datetime.now(UTC), components={})
     status.read_models = {m.name: ReadModelState(alias=alias(settings.index_prefix, m.name), lag_window=lag_window)
                           for m in models}

@@ -170,7 +170,7 @@ def machine_facts() -> dict[str, str]:
 # -- 1. command execution -------------------------------------------------------------------
 def shop_phases(commands: int) -> list[tuple[str, list]]:  # type: ignore[type-arg]
     """ShopLoad phases sized so that their total is close to ``commands``."""
-    from cqrskit.producers.shopload import ShopLoad
+    from cqrskit.examples.shop.load import ShopLoad
 
     size = max(50, int(commands / 1.3))
     for _ in range(3):
@@ -558,7 +558,7 @@ class Appends:
     """Single-client appends, one event per transaction: cqrskit's EventStore and pyeventsourcing."""
 
     def __init__(self, url: str) -> None:
-        from cqrskit.domain.shop import registry
+        from cqrskit.examples.shop.domain import registry
         from cqrskit.infra.db import make_engine
         from cqrskit.infra.store import EventStore
 
@@ -569,7 +569,7 @@ class Appends:
         self.renames = 0
 
     def ours_new(self, count: int) -> float:
-        from cqrskit.domain.shop.customers import Customer
+        from cqrskit.examples.shop.customers import Customer
 
         ids = [f"bench-{uuid.uuid4().hex}" for _ in range(count)]
         started = time.perf_counter()
@@ -581,7 +581,7 @@ class Appends:
         return count / (time.perf_counter() - started)
 
     def ours_existing(self, count: int) -> float:
-        from cqrskit.domain.shop.customers import Customer
+        from cqrskit.examples.shop.customers import Customer
 
         started = time.perf_counter()
         for i in range(count):

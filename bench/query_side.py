@@ -10,7 +10,7 @@ very same queries, at the same concurrency, on one orders index.
   everything in memory: ~1.8 GB for 100k orders).
 - The mix: what a back office does (recent orders, filters, full text, a customer's orders, next
   pages, one order, facets, revenue per day). The raw side sends exactly the requests the query
-  layer builds (captured from ``cqrskit.read_models.queries``), through the same plain-JSON client.
+  layer builds (captured from ``cqrskit.examples.shop.queries``), through the same plain-JSON client.
 - The API runs in its own process (``run_query_api``: uvicorn, one worker), like the Procfile's
   ``query``; the load comes from ``--concurrency`` threads with keep-alive connections.
 Each figure is the median of ``--runs`` interleaved runs after a warm-up.
@@ -42,11 +42,11 @@ from elasticsearch import Elasticsearch, helpers
 from rich.console import Console
 from rich.table import Table
 
-from cqrskit.producers.shopload import FIRST, GOODS, LAST
-from cqrskit.read_models import queries as q
+from cqrskit.examples.shop.load import FIRST, GOODS, LAST
+from cqrskit.examples.shop import queries as q
 from cqrskit.read_models.indices import alias, create_index, physical
 from cqrskit.read_models.search import make_client
-from cqrskit.read_models.shop import OrdersModel
+from cqrskit.examples.shop.read_models import OrdersModel
 
 PREFIX = "bench"
 START = datetime(2026, 1, 1, tzinfo=UTC)

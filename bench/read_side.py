@@ -17,7 +17,7 @@ Rows (docs/benchmarks.md, section "Read side", says why each limit is the fair o
   publish to the first search that shows its effect; p50/p99 and where the time goes (from the
   processes' JSON logs).
 
-Write stores are generated fast (``ShopWriter``): the ``cqrskit.producers.shopload`` mix decided by the
+Write stores are generated fast (``ShopWriter``): the ``cqrskit.examples.shop.load`` mix decided by the
 shop's real handlers on live in-memory aggregates, the resulting events and stream snapshots
 COPYed into PostgreSQL. It makes its own databases, queues, exchanges and osmem servers and
 removes them afterwards.
@@ -56,7 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.command_side import ADMIN_URL, AMQP_URL, amqp_channel, bench_database, dsn
-from cqrskit.producers.shopload import ShopLoad
+from cqrskit.examples.shop.load import ShopLoad
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ class ShopWriter:
     events its 200 products would otherwise run dry and most orders be rejected."""
 
     def __init__(self, url: str | None, flush_rows: int = 20_000) -> None:
-        from cqrskit.domain.shop import registry
+        from cqrskit.examples.shop.domain import registry
 
         self.registry = registry
         self.db = dsn(url) if url else None
@@ -406,7 +406,7 @@ def relay_batches(engine: Any, size: int = RELAY_BATCH) -> list[list[dict[str, A
 
 def final_documents(engine: Any, model: Any) -> list[Any]:
     """Every document of ``model`` as the write store holds it now, computed with ``build()``."""
-    from cqrskit.domain.shop import registry
+    from cqrskit.examples.shop.domain import registry
     from cqrskit.read_models.source import WriteStoreSource, snapshot
 
     documents = []
@@ -438,7 +438,7 @@ def raw_bulk(es: Any, index: str, model: Any, documents: Sequence[Any], chunk: i
 
 def raw_bulk_all(es: Any, tag: str, documents: dict[str, list[Any]], chunk: int) -> float:
     """Raw bulk of every model's documents into fresh indices (deleted afterwards); seconds."""
-    from cqrskit.read_models.shop import SHOP_READ_MODELS
+    from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 
     seconds = 0.0
     for model in SHOP_READ_MODELS:
@@ -480,12 +480,12 @@ class IndexerRun:
 
 def run_indexer(url: str, batches: list[list[dict[str, Any]]], tag: str) -> IndexerRun:
     """``Indexer.index_events`` over ``batches``, one after the other, into a fresh osmem."""
-    from cqrskit.domain.shop import registry
+    from cqrskit.examples.shop.domain import registry
     from cqrskit.infra.db import make_engine
     from cqrskit.read_models.indexer import Indexer
     from cqrskit.read_models.indices import ensure
     from cqrskit.read_models.search import make_client
-    from cqrskit.read_models.shop import SHOP_READ_MODELS
+    from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 
     engine = make_engine(url, pool_size=4)
     with osmem() as server:
@@ -515,7 +515,7 @@ def run_indexer(url: str, batches: list[list[dict[str, Any]]], tag: str) -> Inde
 def raw_bulk_fresh(tag: str, documents: dict[str, list[Any]], chunk: int) -> float:
     """Raw bulk of every model's documents into a fresh osmem; seconds spent in bulk."""
     from cqrskit.read_models.search import make_client
-    from cqrskit.read_models.shop import SHOP_READ_MODELS
+    from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 
     with osmem() as server:
         es = make_client(server.url, timeout=600)
@@ -529,7 +529,7 @@ def measure_indexer(sizes: Sizes, args: argparse.Namespace, console: Console) ->
     """Raw, indexer, raw (each on a fresh osmem: deleting an index does not give osmem's memory
     back); the raw figure is the mean of the two, at the indexer's mean bulk-request size."""
     from cqrskit.infra.db import make_engine
-    from cqrskit.read_models.shop import SHOP_READ_MODELS
+    from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 
     tag = uuid.uuid4().hex[:8]
     with bench_database(f"idx_{tag}") as url:
@@ -568,12 +568,12 @@ def measure_indexer(sizes: Sizes, args: argparse.Namespace, console: Console) ->
 
 
 def profile_indexer(url: str, batches: list[list[dict[str, Any]]], tag: str, console: Console) -> None:
-    from cqrskit.domain.shop import registry
+    from cqrskit.examples.shop.domain import registry
     from cqrskit.infra.db import make_engine
     from cqrskit.read_models.indexer import Indexer
     from cqrskit.read_models.indices import ensure
     from cqrskit.read_models.search import make_client
-    from cqrskit.read_models.shop import SHOP_READ_MODELS
+    from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 
     engine = make_engine(url, pool_size=2)
     with osmem() as server:
@@ -704,7 +704,7 @@ def measure_rebuild(sizes: Sizes, console: Console) -> list[Row]:
     from cqrskit.infra.db import make_engine
     from cqrskit.read_models.indices import ensure
     from cqrskit.read_models.search import make_client
-    from cqrskit.read_models.shop import SHOP_READ_MODELS
+    from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 
     tag = uuid.uuid4().hex[:8]
     runs: list[RebuildRun] = []

@@ -1,7 +1,7 @@
 """The domain-agnostic core of the write model: events, commands, aggregates and rule errors.
 
 Pure Python: nothing here knows about databases, brokers or search. A user's own domain uses
-these types exactly as the reference shop (``cqrskit.domain.shop``) does.
+these types exactly as the example apps (the `examples/` folder of the repository) do.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a command handler may ask of the write store, as a small abstract port.
 
-The infrastructure implements it inside ONE write-store transaction; the shop's handlers and
+The infrastructure implements it inside ONE write-store transaction; an app's handlers and
 their unit tests (``cqrskit.domain.testing.InMemoryContext``) use nothing else.
 """
 
@@ -27,7 +27,7 @@ class HandlerContext(Protocol):
         ...
 
     def owner_of(self, scope: str, key: str) -> str | None:
-        """Who holds a unique claim (e.g. scope 'customer.email'), or None."""
+        """Who holds a unique claim (e.g. scope 'guest.email'), or None."""
         ...
 
     def claim(self, scope: str, key: str, owner: str) -> None:

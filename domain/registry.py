@@ -1,7 +1,7 @@
 """Which command and event types a domain has, and which handler decides each command.
 
-A registry is an explicit object (no hidden module-global): the shop builds one, a user's
-domain builds its own or extends a copy.
+A registry is an explicit object (no hidden module-global): each app builds its own, or merges
+the registries of its modules (``merged``).
 """
 
 from __future__ import annotations
@@ -74,6 +74,20 @@ class Registry:
         for version in range(schema_version, cls.schema_version):
             data = self.upcasters[(name, version)](data)
         return cls.model_validate(data)
+
+
+def merged(*parts: Registry) -> Registry:
+    """One registry holding every type, handler and upcaster of ``parts`` (a domain kept in several
+    modules, each with its own registry). Raises ValueError when two parts register different
+    classes under one type name."""
+    registry = Registry()
+    for part in parts:
+        for cls in part.events.values():
+            registry.event(cls)
+        for name, cls in part.commands.items():
+            registry.command(part.handlers[name])(cls)
+        registry.upcasters.update(part.upcasters)
+    return registry
 
 
 def _register(table: dict[str, Any], name: str, cls: Any) -> None:

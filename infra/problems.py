@@ -5,7 +5,7 @@ Contracts:
 - ``type`` is ``https://cqrskit.dev/problems/<slug>`` (``about:blank`` for plain HTTP errors);
   ``title``, ``status`` and ``detail`` are always present, ``instance`` is the request's path;
 - validation errors are an ``errors`` extension member, each ``{loc, msg, type}`` with ``loc`` a
-  list as pydantic gives it (``["query", "size"]``, ``["payload", "lines", 0, "sku"]``), plus a
+  list as pydantic gives it (``["query", "size"]``, ``["payload", "nights", 0]``), plus a
   JSON ``pointer`` for errors in a JSON body; other extension members are the API's own;
 - nothing of the request's input is echoed, and every problem can be encoded (no lone surrogates);
 - ``add_problem_handlers`` answers every error of an app as a problem: ``ProblemError`` as

@@ -7,7 +7,7 @@ the one description the code and the migrations share.
 - ``streams``: one row per aggregate stream: its version and a snapshot of its state at that
   version, written in the same transaction as the events (loading is one primary-key read).
 - ``command_outcomes``: the dedup record and the outcome of each command id (G2, G3).
-- ``unique_claims``: cross-aggregate uniqueness (customer email, product sku) (G4).
+- ``unique_claims``: cross-aggregate uniqueness (an email, a room number) (G4).
 """
 
 from __future__ import annotations

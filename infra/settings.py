@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER = "memory://"
+DEFAULT_APP = "cqrskit.examples.shop:app"  # an import string only: the core imports no example
 EMBEDDED_SEARCH = "embedded"
 
 
@@ -33,6 +34,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CQRSKIT_", extra="ignore")
 
+    app: str = Field(
+        default=DEFAULT_APP,
+        description="The app every process and CLI verb runs, as module:attribute (an App object).",
+    )
     database_url: str = Field(
         default="sqlite:///./var/cqrskit.db",
         description="SQLAlchemy URL of the write store: postgresql+psycopg://... or sqlite:///path.",

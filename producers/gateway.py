@@ -148,14 +148,14 @@ def read_only_engine(url: str) -> Engine:
     return engine
 
 
-def create_app(settings: Settings, *, registry: Registry | None = None, publisher: Publisher | None = None,
+def create_app(settings: Settings, *, registry: Registry, publisher: Publisher | None = None,
                max_batch_bytes: int = MAX_BATCH_BYTES, max_wait: float = MAX_WAIT) -> FastAPI:
     """The gateway app; nothing connects before its lifespan starts. ``publisher``: one the caller
     owns (e.g. the embedded broker's); by default an AmqpPublisher on the commands exchange.
     ``max_wait`` caps the long poll of ``GET /commands/{id}?wait=``."""
     if publisher is None and settings.embedded_broker:
         raise ValueError("the gateway publishes to RabbitMQ: set CQRSKIT_BROKER_URL to an amqp:// URL")
-    commands = registry or _shop_registry()
+    commands = registry
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -178,12 +178,6 @@ def create_app(settings: Settings, *, registry: Registry | None = None, publishe
     add_problem_handlers(app, log, {sa.exc.DBAPIError: _on_store_error})
     app.openapi = lambda: document(app, commands)  # type: ignore[method-assign]
     return app
-
-
-def _shop_registry() -> Registry:
-    from cqrskit.domain.shop import registry
-
-    return registry
 
 
 # -- the endpoints ----------------------------------------------------------------------------
@@ -313,8 +307,8 @@ async def _on_store_error(request: Request, exc: sa.exc.DBAPIError) -> JSONRespo
 
 
 # -- running it ----------------------------------------------------------------------------
-def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-                factory: str = "") -> None:
+def run_gateway(settings: Settings, registry: Registry, host: str = "127.0.0.1", port: int = 8000,
+                workers: int = 1, factory: str = "") -> None:
     """Serve the gateway with uvicorn until interrupted; ``workers`` > 1 runs that many processes
     from ``factory`` (a ``module:callable`` import string), each with its own publisher and engine;
     the settings reach them through the environment."""
@@ -323,7 +317,7 @@ def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8000, w
     options: dict[str, Any] = dict(host=host, port=port, log_config=None, access_log=False,
                                    server_header=False, timeout_graceful_shutdown=10)
     if workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        uvicorn.run(create_app(settings, registry=registry), **options)
         return
     os.environ.update(settings.environment())
     uvicorn.run(factory, factory=True, workers=workers, **options)

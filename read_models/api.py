@@ -2,21 +2,22 @@
 
 Contracts:
 - holds a search client and nothing else: no write-store or broker setting is read (G11);
-- parameters are validated by the models of ``cqrskit.read_models.queries``; every error is an RFC 9457
+- routes, parameters and responses are derived from the read models' query declarations
+  (``cqrskit.read_models.queryable``) plus the app's query functions; every error is an RFC 9457
   problem (``cqrskit.infra.problems``, the gateway's format too): 400 a bad cursor or consistency token, 404 no such
   document, 422 invalid parameters (with each error), 503 search unavailable, 504 not reflected
   in time; bad input never gets a 5xx;
 - ``consistent_with=TOKEN`` (a command outcome's consistency token) makes a request wait until
   the read model reflects that write (G8), polling without blocking a thread, for at most
   ``wait`` seconds, never more than the server's cap, whatever the token or the client says;
-- responses are the DTOs of ``cqrskit.read_models.queries``: no index names, versions or scores of
+- responses are the read models' views: no index names, versions or scores of
   Elasticsearch leak (except ``score`` when sorting by relevance).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, get_origin
@@ -27,19 +28,20 @@ from elasticsearch import ApiError, Elasticsearch
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 
 from cqrskit.infra.problems import (PROBLEM_JSON, Problem, ProblemError, add_problem_handlers, problem_response,
                                    problem_type)
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
-from cqrskit.read_models import queries as q
 from cqrskit.read_models.indices import alias
+from cqrskit.read_models.model import ReadModel
+from cqrskit.read_models.query_engine import Ident, QueryError
+from cqrskit.read_models.queryable import QueryFunction, Searchable, searchable
 
 log = structlog.get_logger("cqrskit.query")
 MAX_WAIT_SECONDS = 10.0
-MODELS = ("orders", "products", "customers")
 
 
 # ---------------------------------------------------------------- problems
@@ -88,27 +90,7 @@ class Consistency(BaseModel):
                                     f"{MAX_WAIT_SECONDS:g} s by default).")
 
 
-class OrdersParams(q.OrderQuery, Consistency):
-    pass
-
-
-class ProductsParams(q.ProductQuery, Consistency):
-    pass
-
-
-class CustomersParams(q.CustomerQuery, Consistency):
-    pass
-
-
-class OrderStatsParams(q.OrderStatsQuery, Consistency):
-    pass
-
-
-class TopProductsParams(q.TopProductsQuery, Consistency):
-    pass
-
-
-DocId = Annotated[q.Ident, Path(description="The document id (the aggregate id).")]
+DocId = Annotated[Ident, Path(description="The document id (the aggregate id).")]
 P = TypeVar("P", bound=BaseModel)
 
 
@@ -161,7 +143,7 @@ def _side(request: Request) -> QuerySide:
     return request.app.state.query_side  # type: ignore[no-any-return]
 
 
-async def _reflected(side: QuerySide, model: str, params: Consistency) -> None:
+async def _reflected(side: QuerySide, model: Searchable, params: Consistency) -> None:
     """Return once ``model`` reflects the token (if any); ProblemError 400 or 504 otherwise."""
     if params.consistent_with is None:
         return
@@ -170,20 +152,20 @@ async def _reflected(side: QuerySide, model: str, params: Consistency) -> None:
     except InvalidToken as exc:
         raise ProblemError(400, "invalid-token", "Invalid consistency token", str(exc)) from None
     wait = min(params.wait, side.max_wait)
-    reflection = q.Reflection(model, token, wait)
+    reflection = model.reflection(token, wait)
     while not await run_in_threadpool(reflection.check, side.es, side.prefix):
         delay = reflection.next_delay()
         if delay is None:
             raise ProblemError(
                 504, "not-reflected", "Write not reflected in time",
-                f"the {model} read model did not reflect the token's writes within {wait:g} s "
-                       f"(pending: {', '.join(map(str, reflection.pending[:5]))}); retry later",
-                read_model=model, awaited=[str(a) for a in reflection.awaited],
+                f"the {model.name} read model did not reflect the token's writes within {wait:g} s "
+                f"(pending: {', '.join(map(str, reflection.pending[:5]))}); retry later",
+                read_model=model.name, awaited=[str(a) for a in reflection.awaited],
                 pending=[str(a) for a in reflection.pending], waited_seconds=wait)
         await asyncio.sleep(delay)
 
 
-async def _answer(request: Request, model: str, params: Consistency, run: Callable[..., Any],
+async def _answer(request: Request, model: Searchable, params: Consistency, run: Callable[..., Any],
                   *args: Any) -> Response:
     side = _side(request)
     await _reflected(side, model, params)
@@ -191,73 +173,69 @@ async def _answer(request: Request, model: str, params: Consistency, run: Callab
     return Response(result.model_dump_json(), media_type="application/json")
 
 
-async def _one(request: Request, model: str, doc_id: str, params: Consistency) -> Response:
-    side = _side(request)
-    await _reflected(side, model, params)
-    view = await run_in_threadpool(q.get_document, side.es, side.prefix, model, doc_id)
-    if view is None:
-        raise ProblemError(404, "document-not-found", "Not Found", f"no {model[:-1]} with id {doc_id!r}")
-    return Response(view.model_dump_json(), media_type="application/json")
+def _with_consistency(model: type[BaseModel]) -> type[Consistency]:
+    """``model``'s parameters plus ``consistent_with`` and ``wait``."""
+    return create_model(f"{model.__name__}Params", __base__=(model, Consistency))  # type: ignore[no-any-return]
 
 
-# path, tag, the read model it reads (awaited for consistent_with), parameters, query, response, summary
-SEARCHES: list[tuple[str, str, str, type[Consistency], Callable[..., Any], type[BaseModel], str]] = [
-    ("/orders", "orders", "orders", OrdersParams, q.search_orders, q.OrderPage,
-     "Search orders: full text, filters, sort, facets; page on with `cursor`"),
-    ("/orders/revenue", "orders", "orders", OrderStatsParams, q.revenue, q.Revenue,
-     "Revenue of paid and shipped orders per day (week, month) of placement"),
-    ("/orders/status-over-time", "orders", "orders", OrderStatsParams, q.status_over_time, q.StatusOverTime,
-     "Orders per day (week, month) of placement, by their current status"),
-    ("/products", "products", "products", ProductsParams, q.search_products, q.ProductPage,
-     "Search products: full text, filters, sort"),
-    ("/products/top", "products", "orders", TopProductsParams, q.top_products, q.TopProducts,
-     "Best sellers by units or revenue over the paid and shipped orders that match (from the orders model)"),
-    ("/customers", "customers", "customers", CustomersParams, q.search_customers, q.CustomerPage,
-     "Search customers: full text, filters, sort"),
-]
+def _search_route(app: FastAPI, path: str, model: Searchable, params: type[Consistency],
+                  run: Callable[..., Any], response: type[BaseModel], summary: str, name: str) -> None:
+    async def endpoint(request: Request, query: Any = query_params(params)) -> Response:
+        return await _answer(request, model, query, run, query)
 
-
-def _search_route(app: FastAPI, path: str, tag: str, model: str, params_type: type[Consistency],
-                  run: Callable[..., Any], response: type[BaseModel], summary: str) -> None:
-    async def endpoint(request: Request, params: Any = query_params(params_type)) -> Response:
-        return await _answer(request, model, params, run, params)
-
-    app.add_api_route(path, endpoint, methods=["GET"], tags=[tag], name=run.__name__, summary=summary,
+    app.add_api_route(path, endpoint, methods=["GET"], tags=[model.name], name=name, summary=summary,
                       response_model=response, responses=_responses(400, 422, 503, 504),
-                      openapi_extra=documented(params_type))
+                      openapi_extra=documented(params))
 
 
-def _routes(app: FastAPI) -> None:
-    for route in SEARCHES:
-        _search_route(app, *route)
-    one = {"responses": _responses(404, 400, 422, 503, 504), "openapi_extra": documented(Consistency)}
-    consistency = query_params(Consistency)
+def _lookup_route(app: FastAPI, model: Searchable) -> None:
+    async def endpoint(request: Request, doc_id: DocId, params: Any = query_params(Consistency)) -> Response:
+        side = _side(request)
+        await _reflected(side, model, params)
+        view = await run_in_threadpool(model.get, side.es, side.prefix, doc_id)
+        if view is None:
+            raise ProblemError(404, "document-not-found", "Not Found",
+                               f"no {model.name} document with id {doc_id!r}")
+        return Response(view.model_dump_json(), media_type="application/json")
 
-    @app.get("/orders/{order_id}", tags=["orders"], response_model=q.OrderView, summary="One order", **one)
-    async def get_order(request: Request, order_id: DocId, params: Any = consistency) -> Response:
-        return await _one(request, "orders", order_id, params)
+    app.add_api_route(f"/{model.name}/{{doc_id}}", endpoint, methods=["GET"], tags=[model.name],
+                      name=f"get_{model.name}", summary=f"One {model.name} document by its id ({model.id_field})",
+                      response_model=model.queries.view, responses=_responses(404, 400, 422, 503, 504),
+                      openapi_extra=documented(Consistency))
 
-    @app.get("/products/{product_id}", tags=["products"], response_model=q.ProductView, summary="One product",
-             **one)
-    async def get_product(request: Request, product_id: DocId, params: Any = consistency) -> Response:
-        return await _one(request, "products", product_id, params)
 
-    @app.get("/customers/{customer_id}", tags=["customers"], response_model=q.CustomerView,
-             summary="One customer", **one)
-    async def get_customer(request: Request, customer_id: DocId, params: Any = consistency) -> Response:
-        return await _one(request, "customers", customer_id, params)
+def _routes(app: FastAPI, models: dict[str, Searchable], functions: Sequence[QueryFunction]) -> None:
+    for function in functions:  # before the lookups: /bookings/by-month is no booking "by-month"
+        if function.read_model not in models:
+            raise ValueError(f"query {function.path}: no searchable read model {function.read_model!r}")
+        _search_route(app, function.path, models[function.read_model], _with_consistency(function.params),
+                      function.run, function.response, function.summary or function.path,
+                      getattr(function.run, "__name__", function.path))
+    for model in models.values():
+        _search_route(app, f"/{model.name}", model, _with_consistency(model.query_model), model.search,
+                      model.page_model, f"Search {model.name}: {_abilities(model)}; page on with `cursor`",
+                      f"search_{model.name}")
+    for model in models.values():
+        _lookup_route(app, model)
 
     @app.get("/health", tags=["health"], response_model=Health, responses=_responses(503),
              summary="Can the read models be searched?")
     async def health(request: Request) -> Response:
         side = _side(request)
         counts = await run_in_threadpool(
-            lambda: {m: side.es.count(index=alias(side.prefix, m))["count"] for m in MODELS})
+            lambda: {m: side.es.count(index=alias(side.prefix, m))["count"] for m in models})
         return Response(Health(status="ok", documents=counts).model_dump_json(),
                         media_type="application/json")
 
 
-DESCRIPTION = """Typed search over cqrskit's read models (Elasticsearch): orders, products, customers.
+def _abilities(model: Searchable) -> str:
+    declared = model.queries
+    parts = [*(["full text"] if declared.text else []), *(["filters"] if declared.filters else []), "sort",
+             *(["facets"] if declared.facets or declared.metrics else [])]
+    return ", ".join(parts)
+
+
+DESCRIPTION = """Typed search over the read models of the app `{app}` (Elasticsearch): {models}.
 
 * Pages: `size` items (at most 100) and a `next_cursor`; pass it back as `cursor` with the same
   parameters for the next page. `total` counts exactly up to 10,000.
@@ -265,20 +243,19 @@ DESCRIPTION = """Typed search over cqrskit's read models (Elasticsearch): orders
   waits until the read model reflects that write, or is a 504 problem after `wait` seconds.
 * Errors are problem details (RFC 9457, `application/problem+json`).
 """
-TAGS = [
-    {"name": "orders", "description": "Orders with their customer and lines (denormalised)."},
-    {"name": "products", "description": "Products with stock and units sold."},
-    {"name": "customers", "description": "Customers with their order count and lifetime value."},
-    {"name": "health", "description": "Liveness of the search side."},
-]
 
 
-def create_app(settings: Settings, *, max_wait: float = MAX_WAIT_SECONDS,
-               search_timeout: float = 30.0) -> FastAPI:
-    """The query API. The search client is made at start-up and closed at shutdown. Only the search
+def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: Sequence[QueryFunction] = (), *,
+               max_wait: float = MAX_WAIT_SECONDS, search_timeout: float = 30.0, title: str = "") -> FastAPI:
+    """The query API over ``read_models`` (those that declare queries) and the app's query
+    ``functions``. The search client is made at start-up and closed at shutdown. Only the search
     URL, the index prefix and the token secret are taken from ``settings`` (G11). ``max_wait`` caps
     every ``consistent_with`` wait; a search slower than ``search_timeout`` seconds answers 503."""
     url, prefix, secret = settings.elasticsearch_url, settings.index_prefix, settings.token_secret
+    models = {m.name: s for m in read_models if (s := searchable(m)) is not None}
+    app_name = title or settings.app.rpartition(":")[0]
+    tags = [*({"name": name, "description": m.queries.description or f"The {name} read model."}
+              for name, m in models.items()), {"name": "health", "description": "Liveness of the search side."}]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -293,21 +270,22 @@ def create_app(settings: Settings, *, max_wait: float = MAX_WAIT_SECONDS,
         finally:
             es.close()
 
-    app = FastAPI(title="cqrskit query API", version="1", description=DESCRIPTION, openapi_tags=TAGS,
+    description = DESCRIPTION.format(app=app_name, models=", ".join(models) or "none")
+    app = FastAPI(title="cqrskit query API", version="1", description=description, openapi_tags=tags,
                   lifespan=lifespan)
-    add_problem_handlers(app, log, {q.QueryError: _on_query_error, ApiError: _on_search_error,
+    add_problem_handlers(app, log, {QueryError: _on_query_error, ApiError: _on_search_error,
                                     TransportError: _on_search_error})
-    _routes(app)
+    _routes(app, models, functions)
     return app
 
 
-def run_query_api(settings: Settings, host: str = "127.0.0.1", port: int = 8000, *,
-                  access_log: bool = False) -> None:
+def run_query_api(settings: Settings, read_models: Sequence[ReadModel], functions: Sequence[QueryFunction] = (),
+                  host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = False) -> None:
     """Serve the query API with uvicorn until interrupted (logging as configured by the caller)."""
     import uvicorn
 
     if settings.elasticsearch_url == EMBEDDED_SEARCH:
         raise ValueError("the query API needs a search server: set CQRSKIT_ELASTICSEARCH_URL=http://... "
                          "(the embedded one lives inside `cqrskit demo`)")
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=access_log,
+    uvicorn.run(create_app(settings, read_models, functions), host=host, port=port, log_config=None, access_log=access_log,
                 server_header=False)

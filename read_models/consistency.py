@@ -3,8 +3,8 @@ the writes a ``ConsistencyToken`` names.
 
 Which stream types a model reflects, and how, is the model's rule (stream type -> ``HELD`` or
 ``FRESH``). HELD: some document must hold the stream at the token's version or later (an order's
-own document; the customer of an order). Every rule also requires that no document holds it at
-an older version (a customer's orders after a rename). Stream types a rule does not list do not
+own document; the guest of a booking). Every rule also requires that no document holds it at
+an older version (a guest's bookings after a rename). Stream types a rule does not list do not
 concern the model.
 """
 
@@ -62,7 +62,7 @@ def unmet(es: Elasticsearch, index: str, id_field: str, conditions: list[Awaited
           page: int) -> list[Awaited]:
     """The conditions the searchable documents of ``index`` do not meet yet. Fetches the ``streams``
     of the documents holding any awaited stream, ``page`` documents a request (a keyword lookup:
-    ~3 ms on 100k orders, where a nested version range took 150 ms a stream) and compares versions
+    ~3 ms on 100k documents, where a nested version range took 150 ms a stream) and compares versions
     here."""
     if not conditions:
         return []

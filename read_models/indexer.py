@@ -1,7 +1,7 @@
 """The indexer: a batch of committed events in, fresh versioned documents out (bulk).
 
-For each read model: which documents the events touch (fan-out: a customer rename touches all
-of their orders), then those documents computed from ONE consistent snapshot of the write store,
+For each read model: which documents the events touch (fan-out: a guest's rename touches all
+of their bookings), then those documents computed from ONE consistent snapshot of the write store,
 then one bulk request to every write target (the live alias, plus the rebuild's ``-next`` alias
 while a rebuild runs). Many events for one document in a batch become one write. Idempotent:
 running a batch twice, or two batches in any order, converges to the same index (G6).

@@ -1,4 +1,4 @@
-"""Reading the write store for the read side: aggregates in bulk, the orders of customers, and
+"""Reading the write store for the read side: aggregates in bulk, the aggregates that refer to others, and
 event timestamps, inside one consistent snapshot (REPEATABLE READ on PostgreSQL).
 
 Read-only: the projections compute documents from what this returns, never from events in

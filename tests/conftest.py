@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from sqlalchemy import make_url
 
-from cqrskit.domain.shop import registry
+from cqrskit.examples.shop.domain import registry
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.migrate import upgrade
 from cqrskit.infra.settings import QueueType, Settings

@@ -30,7 +30,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from cqrskit.domain.shop import registry
+from cqrskit.examples.shop.domain import registry
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.outcomes import Outcome
 from cqrskit.infra.schema import command_outcomes, events

@@ -40,11 +40,11 @@ from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.settings import Settings
 from cqrskit.app.setup import setup_all
 from cqrskit.producers.commands import CommandProducer
-from cqrskit.producers.shopload import ShopLoad
+from cqrskit.examples.shop.load import ShopLoad
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.parking import list_parked
 from cqrskit.read_models.search import make_client
-from cqrskit.read_models.shop import SHOP_READ_MODELS
+from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 from cqrskit.read_models.verify import VerifyReport, verify
 from tests.processes import PROJECT, WorkerProcess, WriteStore, worker_env
 from cqrskit.workers.relay import relay_lag

@@ -48,7 +48,7 @@ def test_same_command_delivered_three_times_takes_effect_once(executor: CommandE
     assert len({tuple(o.positions) for o in outcomes}) == 1
     assert [e.type for e in executor.store.read_all(0)].count("OrderPlaced") == 1
     with executor.store.unit_of_work() as uow:
-        from cqrskit.domain.shop import Product
+        from cqrskit.examples.shop.domain import Product
 
         assert uow.load(Product, "p1").state.stock == 8
 

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cqrskit.domain.model import Aggregate, Event, RuleViolation
-from cqrskit.domain.shop import Customer, Order, Product, registry
-from cqrskit.domain.shop.orders import OrderLine, OrderPlaced
-from cqrskit.domain.shop.products import StockReleased, StockReserved
+from cqrskit.examples.shop.domain import Customer, Order, Product, registry
+from cqrskit.examples.shop.orders import OrderLine, OrderPlaced
+from cqrskit.examples.shop.products import StockReleased, StockReserved
 from cqrskit.domain.testing import ConcurrencyConflict, InMemoryStore
 
 

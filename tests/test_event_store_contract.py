@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cqrskit.domain.shop import Customer, Product
+from cqrskit.examples.shop.domain import Customer, Product
 from cqrskit.infra.migrate import current_revision, head_revision, upgrade
 from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.store import ConcurrencyConflict, EventStore
@@ -14,7 +14,7 @@ def register(store: EventStore, customer_id: str, email: str, command_id: str | 
     with store.unit_of_work() as uow:
         customer = uow.load(Customer, customer_id)
         assert customer.version == 0
-        from cqrskit.domain.shop.customers import CustomerRegistered
+        from cqrskit.examples.shop.customers import CustomerRegistered
 
         customer.record(CustomerRegistered(name="Ann", email=email))
         uow.claim("customer.email", email, customer_id)
@@ -44,7 +44,7 @@ def test_positions_increase_across_streams_in_commit_order(store: EventStore) ->
 
 def test_stale_version_is_a_conflict_and_writes_nothing(store: EventStore) -> None:
     """G4: two decisions from one loaded version cannot both commit."""
-    from cqrskit.domain.shop.customers import CustomerRenamed
+    from cqrskit.examples.shop.customers import CustomerRenamed
 
     register(store, "c1", "a@example.com")
     with store.unit_of_work() as slow:
@@ -59,7 +59,7 @@ def test_stale_version_is_a_conflict_and_writes_nothing(store: EventStore) -> No
 
 
 def test_creating_a_stream_twice_is_a_conflict(store: EventStore) -> None:
-    from cqrskit.domain.shop.customers import CustomerRegistered
+    from cqrskit.examples.shop.customers import CustomerRegistered
 
     with store.unit_of_work() as a:
         first = a.load(Customer, "c1")
@@ -114,7 +114,7 @@ def test_record_outcome_first_one_wins(store: EventStore) -> None:
 
 
 def test_snapshot_of_another_state_version_is_ignored_and_events_replayed(store: EventStore) -> None:
-    from cqrskit.domain.shop.products import ProductAdded, ProductRestocked
+    from cqrskit.examples.shop.products import ProductAdded, ProductRestocked
 
     with store.unit_of_work() as uow:
         product = uow.load(Product, "p1")

@@ -34,6 +34,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from cqrskit.examples.shop.domain import registry as shop_registry
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.tokens import ConsistencyToken
 from cqrskit.producers.gateway import check_command, create_app, read_only_engine
@@ -77,7 +78,7 @@ def serving(app: Any) -> Iterator[str]:
 
 @contextmanager
 def gateway_client(settings: Settings, **options: Any) -> Iterator[httpx.Client]:
-    with serving(create_app(settings, **options)) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with serving(create_app(settings, registry=shop_registry, **options)) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield client
 
 
@@ -281,7 +282,7 @@ def _send_ignoring_resets(sock: socket.socket, data: bytes) -> None:
 def test_an_oversized_body_is_refused_from_its_content_length_before_it_is_read(
     commands_topology: Settings,
 ) -> None:
-    with serving(create_app(commands_topology)) as url:
+    with serving(create_app(commands_topology, registry=shop_registry)) as url:
         head = (b"POST /commands HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100000000\r\n\r\n")
         started = time.monotonic()
@@ -394,12 +395,12 @@ def test_the_gateway_cannot_write_the_write_store(pg_url: str) -> None:
 def test_creating_the_app_connects_to_nothing_and_documents_the_envelope() -> None:
     nowhere = Settings(broker_url="amqp://guest:guest@127.0.0.1:1/%2F",
                        database_url="postgresql+psycopg://nobody@127.0.0.1:1/nothing")
-    document = create_app(nowhere).openapi()
+    document = create_app(nowhere, registry=shop_registry).openapi()
     envelope_schema = document["components"]["schemas"]["CommandEnvelope"]
     assert envelope_schema["additionalProperties"] is False
     assert set(envelope_schema["required"]) == {"command_id", "type", "aggregate_id", "payload"}
     with pytest.raises(ValueError, match="amqp://"):
-        create_app(Settings())  # the embedded broker lives in another process
+        create_app(Settings(), registry=shop_registry)  # the embedded broker lives in another process
 
 
 def test_settings_pass_to_worker_processes_through_the_environment() -> None:
@@ -410,7 +411,7 @@ def test_settings_pass_to_worker_processes_through_the_environment() -> None:
 
 
 def test_check_command_publishes_the_bytes_it_checked() -> None:
-    from cqrskit.domain.shop import registry
+    from cqrskit.examples.shop.domain import registry
 
     body = json.dumps(customer("c-check")).encode()
     message = check_command(body, registry, 65536)
@@ -430,7 +431,7 @@ def test_generated_requests_never_get_a_server_error(commands_topology: Settings
                                                      mode: GenerationMode) -> None:
     """Every operation of the OpenAPI document, with data that fits it and data that does not.
     (schemathesis' pytest plugin does not run under pytest 9, so hypothesis drives it directly.)"""
-    with serving(create_app(commands_topology, max_wait=0.2)) as url:
+    with serving(create_app(commands_topology, registry=shop_registry, max_wait=0.2)) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
         assert len(operations) == 4

@@ -8,23 +8,40 @@ and no modules import each other in a circle (lazy imports inside functions coun
                 └─ cqrskit.infra       settings, store, schema, envelope, broker, logs
                      └─ cqrskit.domain the domain core: imports no infrastructure
 
+The example apps (``cqrskit.examples``) stand outside the layers, as a user's app does: the core
+imports nothing from them (the default app is only an import string), they import only the
+public API (``PUBLIC``, listed in docs/extending.md), and no core module names a shop model or
+field.
+
 Run it alone with ``python -m pytest tests/test_layering.py``.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"app": 4, "workers": 3, "read_models": 2, "producers": 2, "infra": 1, "domain": 0}
+# What an app may import: the same list is the public API of docs/extending.md.
+PUBLIC = {
+    "cqrskit.app", "cqrskit.app.declaration", "cqrskit.app.testing",
+    "cqrskit.domain.model", "cqrskit.domain.registry", "cqrskit.domain.ports", "cqrskit.domain.testing",
+    "cqrskit.read_models.model", "cqrskit.read_models.source", "cqrskit.read_models.queryable",
+    "cqrskit.infra.envelope", "cqrskit.infra.tokens", "cqrskit.producers.commands",
+}
+# Words of the shop's model that no core module may hold (the default app's import string aside).
+SHOP_WORDS = re.compile(r"\b(shop|shops|orders?_?id|orders|customers?|products?|sku|skus|placed_at|total_cents|"
+                        r"lifetime_value\w*|units_sold|ShopLoad|OrdersModel)\b", re.IGNORECASE)
+DEFAULT_APP = "cqrskit.examples.shop:app"
 
 
-def _modules() -> dict[str, Path]:
+def _modules(folders: object = PACKAGES) -> dict[str, Path]:
     found = {}
-    for folder in PACKAGES:
+    for folder in folders:  # type: ignore[attr-defined]
         for path in (ROOT / folder).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
             if parts[-1] == "__init__":
@@ -34,6 +51,7 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+EXAMPLES = _modules(["examples"])
 
 
 def _imports(name: str, path: Path) -> set[str]:
@@ -49,12 +67,13 @@ def _imports(name: str, path: Path) -> set[str]:
 
 
 def _resolve(target: str) -> str | None:
-    while target and target not in MODULES:
+    while target and target not in MODULES and target not in EXAMPLES:
         target = target.rpartition(".")[0]
     return target or None
 
 
 GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+GRAPH.update({name: _imports(name, path) for name, path in EXAMPLES.items()})
 
 
 def _layer(module: str) -> str:
@@ -85,13 +104,40 @@ def test_the_domain_core_imports_no_infrastructure() -> None:
                 assert not [n for n in names if n.split(".")[0] in banned], f"{name} imports {names}"
 
 
+def test_the_core_imports_no_example_app() -> None:
+    importing = {name: sorted(t for t in GRAPH[name] if t.startswith("cqrskit.examples"))
+                 for name in MODULES}
+    assert not {n: t for n, t in importing.items() if t}, "the core imports an example app"
+    lazy = [name for name, path in MODULES.items() if "cqrskit.examples" in path.read_text().replace(DEFAULT_APP, "")]
+    assert not lazy, f"core modules that name an example module: {lazy}"
+
+
+def test_no_core_module_names_a_shop_model_or_field() -> None:
+    named = {}
+    for name, path in MODULES.items():
+        found = sorted({m.group(0) for m in SHOP_WORDS.finditer(path.read_text().replace(DEFAULT_APP, ""))})
+        if found:
+            named[name] = found
+    assert not named, f"core modules that name the shop's models or fields: {named}"
+
+
+@pytest.mark.parametrize("module", sorted(EXAMPLES))
+def test_example_apps_use_only_the_public_api(module: str) -> None:
+    imported = _imports(module, EXAMPLES[module])
+    private = sorted(t for t in imported if not t.startswith("cqrskit.examples") and t not in PUBLIC)
+    assert not private, f"{module} imports {private}: examples use only the public API ({sorted(PUBLIC)})"
+    own_app = (module.split(".") + [""])[2]
+    foreign = sorted(t for t in imported if t.startswith("cqrskit.examples.") and t.split(".")[2] != own_app)
+    assert not foreign, f"{module} imports another example app: {foreign}"
+
+
 def test_no_module_cycles() -> None:
     cycles = [c for c in _strongly_connected(GRAPH) if len(c) > 1]
     assert not cycles, f"modules that import each other in a circle: {cycles}"
 
 
 def test_modules_stay_small() -> None:
-    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 420}
+    long = {name: n for name, path in {**MODULES, **EXAMPLES}.items() if (n := len(path.read_text().splitlines())) > 420}
     assert not long, f"modules over ~400 lines (split them along their concerns): {long}"
 
 

@@ -30,7 +30,7 @@ from honcho.environ import expand_processes, parse_procfile
 from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.schema import events
 from cqrskit.infra.settings import Settings
-from cqrskit.producers.shopload import ShopLoad
+from cqrskit.examples.shop.load import ShopLoad
 from tests.processes import PROJECT
 from tests.stack import Stack, wait_until
 from tests.test_ops import metric_samples, ready

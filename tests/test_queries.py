@@ -1,4 +1,4 @@
-"""The typed queries (cqrskit.read_models.queries) against real osmem holding a generated shop: every
+"""The typed queries (the shop's declared queries, cqrskit.examples.shop.queries) against real osmem holding a generated shop: every
 query type answers exactly what a brute-force filter and sort over the write store's state gives
 (the documents the read models' ``build`` computes for every id, as ``verify`` does); deep
 pagination visits every match once, in order; read-your-writes waits are bounded (G8).
@@ -28,7 +28,7 @@ import typer
 from elasticsearch import Elasticsearch
 from typer.testing import CliRunner
 
-from cqrskit.domain.shop import registry
+from cqrskit.examples.shop.domain import registry
 from cqrskit.app.cli_search import register
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.migrate import upgrade
@@ -36,12 +36,12 @@ from cqrskit.infra.schema import events
 from cqrskit.infra.store import EventStore
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.tokens import ConsistencyToken
-from cqrskit.producers.shopload import ShopLoad
-from cqrskit.read_models import queries as q
+from cqrskit.examples.shop.load import ShopLoad
+from cqrskit.examples.shop import queries as q
 from cqrskit.read_models.indices import alias, ensure
 from cqrskit.read_models.rebuild import rebuild
 from cqrskit.read_models.search import make_client
-from cqrskit.read_models.shop import SHOP_READ_MODELS
+from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 from cqrskit.read_models.source import WriteStoreSource, snapshot
 from cqrskit.workers.execution import CommandExecutor
 

@@ -21,19 +21,20 @@ import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
-from cqrskit.domain.shop import registry
+from cqrskit.examples.shop import app as shop_app
+from cqrskit.examples.shop.domain import registry
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.event_wire import EventMessage
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import EventStore
 from cqrskit.infra.tokens import ConsistencyToken
 from cqrskit.producers.commands import new_command
-from cqrskit.read_models import queries as q
+from cqrskit.examples.shop import queries as q
 from cqrskit.read_models.api import create_app
 from cqrskit.read_models.indexer import Indexer
 from cqrskit.read_models.indices import ensure
 from cqrskit.read_models.search import make_client
-from cqrskit.read_models.shop import SHOP_READ_MODELS
+from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 from test_queries import ShopIndex, expected_ids, order_matches, shop  # noqa: F401 (shop: the fixture)
 from cqrskit.workers.execution import CommandExecutor
 
@@ -48,7 +49,7 @@ class LiveServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        config = uvicorn.Config(create_app(settings, max_wait=max_wait), host="127.0.0.1", port=port,
+        config = uvicorn.Config(create_app(settings, shop_app.read_models, shop_app.queries, max_wait=max_wait), host="127.0.0.1", port=port,
                                 log_config=None, access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -233,7 +234,8 @@ def conforms_unless_refused_by_uvicorn(ctx: Any, response: Any, case: Any) -> bo
 
 
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, conforms_unless_refused_by_uvicorn]
-SCHEMA = schemathesis.openapi.from_dict(create_app(Settings(elasticsearch_url="http://unused:9")).openapi())
+SCHEMA = schemathesis.openapi.from_dict(create_app(Settings(elasticsearch_url="http://unused:9"), shop_app.read_models,
+                                                            shop_app.queries).openapi())
 
 
 @pytest.mark.slow

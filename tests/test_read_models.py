@@ -13,7 +13,7 @@ from cqrskit.read_models.indices import alias, ensure
 from cqrskit.read_models.parking import list_parked
 from cqrskit.read_models.rebuild import rebuild
 from cqrskit.read_models.search import make_client
-from cqrskit.read_models.shop import SHOP_READ_MODELS
+from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 from cqrskit.read_models.verify import verify
 from cqrskit.infra.event_wire import EventMessage
 from cqrskit.workers.execution import CommandExecutor

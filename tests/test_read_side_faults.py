@@ -26,7 +26,7 @@ from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.event_wire import EventMessage
 from cqrskit.infra.settings import Settings
 from cqrskit.producers.commands import new_command
-from cqrskit.producers.shopload import ShopLoad
+from cqrskit.examples.shop.load import ShopLoad
 from cqrskit.read_models.indices import alias, next_alias, physical
 from cqrskit.read_models.parking import list_parked
 from tests.processes import WorkerProcess

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cqrskit.examples.shop import app as shop
 from cqrskit.infra.settings import Settings
 from cqrskit.producers.gateway import create_app as gateway_app
 from cqrskit.read_models.api import create_app as query_app
@@ -45,7 +46,7 @@ def token_of(gateway: httpx.Client, command_id: str) -> str:
 def test_a_query_with_the_token_of_a_command_sees_that_command(stack: Stack) -> None:
     settings = stack.settings
     tag = uuid.uuid4().hex[:8]
-    with serving(gateway_app(settings)) as gateway_url, serving(query_app(settings)) as query_url, \
+    with serving(gateway_app(settings, registry=shop.registry)) as gateway_url, serving(query_app(settings, shop.read_models, shop.queries)) as query_url, \
             httpx.Client(base_url=gateway_url, timeout=60) as gateway, httpx.Client(base_url=query_url, timeout=60) as query:
         token_of(gateway, post(gateway, "RegisterCustomer", f"c-{tag}", {"name": "Ada", "email": f"{tag}@example.com"}))
         token_of(gateway, post(gateway, "AddProduct", f"p-{tag}",

@@ -26,8 +26,8 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy import Engine, make_url
 
-from cqrskit.domain.shop import registry
-from cqrskit.domain.shop.customers import Customer
+from cqrskit.examples.shop.domain import registry
+from cqrskit.examples.shop.customers import Customer
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.event_wire import EventMessage, event_message_schema_text
 from cqrskit.infra.schema import events, leases, relay_checkpoints, unique_claims

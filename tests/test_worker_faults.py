@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import make_url
 
-from cqrskit.domain.shop import Order, Product
+from cqrskit.examples.shop.domain import Order, Product
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.migrate import upgrade
 from cqrskit.infra.outcomes import Outcome, Status

@@ -1,14 +1,25 @@
 """The reference shop's read models: ``orders`` (denormalised with the customer's name and email
 and the product names of its lines), ``products`` (with stock and units sold) and
-``customers`` (with order count and lifetime value). Mappings are explicit and strict."""
+``customers`` (with order count and lifetime value). Mappings are explicit and strict; each
+model declares its queries (``Queries``): the query API, ``cqrskit search`` and read-your-writes
+are derived from them.
+
+Text, per model: orders match when every word appears in the customer's name, or their email,
+or the product name of one line; products in the name or the description; customers in the
+name or the email. Relevance weights are in each ``text`` parameter's description."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
-from cqrskit.domain.shop import Customer, Order, Product
+from pydantic import Field
+
+from cqrskit.examples.shop.domain import Customer, Order, Product
 from cqrskit.read_models.model import Document, iso, text_keyword
+from cqrskit.read_models.queryable import (
+    FRESH, HELD, Cents, Facet, Flag, Queries, Range, Term, View, When, bounded_int)
 from cqrskit.read_models.source import WriteStoreSource
 
 LONG, INT, KEYWORD, DATE = ({"type": t} for t in ("long", "integer", "keyword", "date"))
@@ -16,6 +27,69 @@ LONG, INT, KEYWORD, DATE = ({"type": t} for t in ("long", "integer", "keyword", 
 # is their sum). Lets a query wait until a given write is reflected (G8).
 STREAMS = {"type": "nested", "properties": {"id": KEYWORD, "version": LONG}}
 
+
+FACET_SIZE = 20
+OrderStatus = Literal["placed", "paid", "shipped", "cancelled"]
+RELEVANCE_NOTE = "Relevance (sort=relevance only)."
+
+
+# ---------------------------------------------------------------- views (what a query returns)
+
+class CustomerRef(View):
+    id: str
+    name: str | None = None
+    email: str | None = None
+
+
+class LineView(View):
+    sku: str
+    product_id: str
+    name: str
+    quantity: int
+    unit_price_cents: int
+    total_cents: int
+
+
+class OrderView(View):
+    order_id: str
+    status: str
+    customer: CustomerRef
+    lines: list[LineView]
+    line_count: int
+    units: int
+    total_cents: int
+    placed_at: datetime | None = None
+    paid_at: datetime | None = None
+    shipped_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    updated_at: datetime | None = None
+    score: float | None = Field(None, description=RELEVANCE_NOTE)
+
+
+class ProductView(View):
+    product_id: str
+    sku: str
+    name: str
+    description: str | None = None
+    price_cents: int
+    stock: int
+    units_sold: int
+    added_at: datetime | None = None
+    score: float | None = Field(None, description=RELEVANCE_NOTE)
+
+
+class CustomerView(View):
+    customer_id: str
+    name: str
+    email: str
+    order_count: int
+    lifetime_value_cents: int
+    registered_at: datetime | None = None
+    score: float | None = Field(None, description=RELEVANCE_NOTE)
+
+
+
+# ---------------------------------------------------------------- documents
 
 def _streams(*aggregates: Any) -> list[dict[str, Any]]:
     return [{"id": a.stream_id, "version": a.version} for a in aggregates if a is not None]
@@ -33,6 +107,30 @@ class OrdersModel:
     name = "orders"
     stream_type = "order"
     id_field = "order_id"
+    # an order's document holds its order; a customer's rename must reach every one of their orders
+    reflects = {"order": HELD, "customer": FRESH}
+    queries = Queries(
+        view=OrderView, description="Orders with their customer and lines (denormalised).",
+        text={"customer.name": 4, "customer.email": 2, "lines.name": 1},
+        text_description="Words that all appear in the customer's name, or all in their email, or all in "
+                         "the product name of one line.",
+        filters={
+            "status": Term("status", OrderStatus, many=4),
+            "customer_id": Term("customer.id"),
+            "sku": Term("lines.sku", description="Orders with a line of this sku."),
+            "placed_since": Range("placed_at", "gte", When, "Placed at or after (ISO 8601; UTC when no offset)."),
+            "placed_until": Range("placed_at", "lt", When, "Placed before (ISO 8601; UTC when no offset)."),
+            "total_min": Range("total_cents", "gte", Cents, "Order total at least (cents)."),
+            "total_max": Range("total_cents", "lte", Cents, "Order total at most (cents)."),
+        },
+        sorts={"placed_at": ("placed_at", "desc"), "updated_at": ("updated_at", "desc"),
+               "total": ("total_cents", "desc"), "units": ("units", "desc"),
+               "customer_name": ("customer.name.keyword", "asc")},
+        default_sort="placed_at",
+        facets={"status": Facet("status", 10),
+                "sku": Facet("lines.sku", FACET_SIZE, f"The {FACET_SIZE} skus on most matching orders.")},
+        columns=("order_id", "status", "customer.name", "customer.email", "total_cents", "units", "placed_at"),
+    )
     mappings: dict[str, Any] = {
         "dynamic": "strict",
         "properties": {
@@ -84,6 +182,21 @@ class ProductsModel:
     name = "products"
     stream_type = "product"
     id_field = "product_id"
+    queries = Queries(
+        view=ProductView, description="Products with stock and units sold.",
+        text={"name": 2, "description": 1},
+        text_description="Words that all appear in the name, or all in the description.",
+        filters={
+            "sku": Term("sku"),
+            "in_stock": Flag({"range": {"stock": {"gt": 0}}}, {"range": {"stock": {"lte": 0}}},
+                             "true: stock above zero; false: none left."),
+            "price_min": Range("price_cents", "gte", Cents, "Price at least (cents)."),
+            "price_max": Range("price_cents", "lte", Cents, "Price at most (cents)."),
+        },
+        sorts={"name": ("name.keyword", "asc"), "price": ("price_cents", "asc"),
+               "units_sold": ("units_sold", "desc"), "stock": ("stock", "desc"), "added_at": ("added_at", "desc")},
+        default_sort="name",
+    )
     mappings: dict[str, Any] = {
         "dynamic": "strict",
         "properties": {
@@ -109,6 +222,22 @@ class CustomersModel:
     name = "customers"
     stream_type = "customer"
     id_field = "customer_id"
+    reflects = {"customer": HELD, "order": HELD}
+    queries = Queries(
+        view=CustomerView, description="Customers with their order count and lifetime value.",
+        text={"name": 2, "email": 1},
+        text_description="Words that all appear in the name, or all in the email.",
+        filters={
+            "email": Term("email.keyword", description="Exactly this email address."),
+            "min_orders": Range("order_count", "gte", bounded_int(0, 10**9), "At least this many orders."),
+            "min_lifetime_value": Range("lifetime_value_cents", "gte", Cents,
+                                        "Paid and shipped orders worth at least (cents)."),
+        },
+        sorts={"name": ("name.keyword", "asc"), "lifetime_value": ("lifetime_value_cents", "desc"),
+               "order_count": ("order_count", "desc"), "registered_at": ("registered_at", "desc")},
+        default_sort="name",
+        columns=("customer_id", "name", "email", "order_count", "lifetime_value_cents"),
+    )
     mappings: dict[str, Any] = {
         "dynamic": "strict",
         "properties": {

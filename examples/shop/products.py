@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
 from cqrskit.domain.ports import HandlerContext
 from cqrskit.domain.registry import Registry
-from cqrskit.domain.shop.customers import MultiLine, Name
+from cqrskit.examples.shop.customers import MultiLine, Name
 
 SKU_SCOPE = "product.sku"
 MAX_PRICE_CENTS = 1_000_000_000_000

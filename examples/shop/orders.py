@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cqrskit.domain.model import Aggregate, Command, Event
 from cqrskit.domain.ports import HandlerContext
 from cqrskit.domain.registry import Registry
-from cqrskit.domain.shop.customers import AggregateId, Customer, MultiLine
-from cqrskit.domain.shop.products import Product, Sku, product_for_sku
+from cqrskit.examples.shop.customers import AggregateId, Customer, MultiLine
+from cqrskit.examples.shop.products import Product, Sku, product_for_sku
 
 Status = Literal["new", "placed", "paid", "shipped", "cancelled"]
 MAX_LINES = 100
