@@ -1,4 +1,5 @@
-"""An in-memory implementation of the handler port, for unit tests of a domain's handlers.
+"""An in-memory implementation of the handler port, and given/when/then (``Scenario``), for unit
+tests of a domain's handlers.
 
 It is a real implementation of ``HandlerContext`` (aggregates are stored as snapshots and
 versions, claims as a dict), not a mock; ``commit`` behaves like the write store's unit of work
@@ -86,3 +87,67 @@ class InMemoryContext:
             else:
                 self.store.claims[key] = owner
         return new
+
+
+class Scenario:
+    """Given/when/then for a domain's handlers, on the in-memory store (no database, no broker):
+
+        Scenario(registry).given(Room, "r1", RoomAdded(...)) \\
+            .when("BookRoom", "b1", {...}).then(RoomBooked(...))
+
+    ``given`` puts events on a stream (claims are not derived from events: to set up a unique
+    claim, ``given_command`` runs a command that takes it); ``when`` decides one command at
+    ``now``; the result's ``then``, ``then_rejected`` and ``then_nothing`` assert with a clear
+    message. A payload that fails validation raises pydantic's ValidationError from ``when``."""
+
+    def __init__(self, registry: Registry, now: datetime | None = None) -> None:
+        self.registry = registry
+        self.store = InMemoryStore()
+        self.now = now
+
+    def given(self, aggregate: type[Aggregate[Any]], aggregate_id: str, *events: Event) -> Scenario:
+        sid = aggregate(aggregate_id).stream_id
+        self.store.streams.setdefault(sid, []).extend(events)
+        return self
+
+    def given_command(self, name: str, aggregate_id: str, payload: dict[str, Any]) -> Scenario:
+        """Run a command that must succeed (its events and claims become the history)."""
+        self.when(name, aggregate_id, payload).then_succeeded()
+        return self
+
+    def when(self, name: str, aggregate_id: str, payload: dict[str, Any]) -> Decision:
+        command = self.registry.command_type(name).model_validate(payload)
+        ctx = self.store.context(self.now)
+        try:
+            self.registry.handler(name)(command, aggregate_id, ctx)
+        except RuleViolation as exc:
+            return Decision(name, None, exc.reason)
+        return Decision(name, ctx.commit(), None)
+
+
+class Decision:
+    """What a command decided: new ``events``, or a ``rejection`` reason."""
+
+    def __init__(self, name: str, events: list[Event] | None, rejection: str | None) -> None:
+        self.name, self.events, self.rejection = name, events, rejection
+
+    def then(self, *expected: Event) -> list[Event]:
+        """Assert the command recorded exactly ``expected``, in order."""
+        events = self.then_succeeded()
+        assert events == list(expected), f"{self.name} recorded {events}, expected {list(expected)}"
+        return events
+
+    def then_succeeded(self) -> list[Event]:
+        assert self.events is not None, f"{self.name} was rejected: {self.rejection}"
+        return self.events
+
+    def then_rejected(self, containing: str = "") -> str:
+        """Assert the command was rejected, its reason containing ``containing``."""
+        assert self.rejection is not None, f"{self.name} was not rejected: it recorded {self.events}"
+        assert containing in self.rejection, f"{self.name} was rejected with {self.rejection!r}, " \
+                                             f"not a reason containing {containing!r}"
+        return self.rejection
+
+    def then_nothing(self) -> None:
+        """Assert the command succeeded and recorded nothing (an idempotent repeat)."""
+        assert self.then_succeeded() == [], f"{self.name} recorded {self.events}, expected nothing"

@@ -39,29 +39,29 @@ def _searchable(name: str) -> Searchable:
 
 
 SEARCHABLE = {m.name: _searchable(m.name) for m in SHOP_READ_MODELS}
-ORDERS, PRODUCTS, CUSTOMERS = SEARCHABLE["orders"], SEARCHABLE["products"], SEARCHABLE["customers"]
 SPECS = {name: s.spec for name, s in SEARCHABLE.items()}
-OrderFilters: Any = ORDERS.filter_model
-OrderQuery: Any = ORDERS.query_model
-ProductQuery: Any = PRODUCTS.query_model
-CustomerQuery: Any = CUSTOMERS.query_model
-OrderPage: Any = ORDERS.page_model
-ProductPage: Any = PRODUCTS.page_model
-CustomerPage: Any = CUSTOMERS.page_model
+ORDERS, PRODUCTS, CUSTOMERS = SPECS["orders"], SPECS["products"], SPECS["customers"]
+OrderFilters: Any = SEARCHABLE["orders"].filter_model
+OrderQuery: Any = SEARCHABLE["orders"].query_model
+ProductQuery: Any = SEARCHABLE["products"].query_model
+CustomerQuery: Any = SEARCHABLE["customers"].query_model
+OrderPage: Any = SEARCHABLE["orders"].page_model
+ProductPage: Any = SEARCHABLE["products"].page_model
+CustomerPage: Any = SEARCHABLE["customers"].page_model
 
 
 # ---------------------------------------------------------------- the declared queries, by name
 
 def search_orders(es: Elasticsearch, prefix: str, q: Any) -> Any:
-    return ORDERS.search(es, prefix, q)
+    return SEARCHABLE["orders"].search(es, prefix, q)
 
 
 def search_products(es: Elasticsearch, prefix: str, q: Any) -> Any:
-    return PRODUCTS.search(es, prefix, q)
+    return SEARCHABLE["products"].search(es, prefix, q)
 
 
 def search_customers(es: Elasticsearch, prefix: str, q: Any) -> Any:
-    return CUSTOMERS.search(es, prefix, q)
+    return SEARCHABLE["customers"].search(es, prefix, q)
 
 
 def get_document(es: Elasticsearch, prefix: str, model: str, doc_id: str) -> View | None:
