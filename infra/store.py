@@ -112,6 +112,16 @@ class EventStore:
         with self.engine.connect() as conn:
             return [StoredEvent(**row._mapping) for row in conn.execute(query)]
 
+    def stream_versions(self, positions: list[int]) -> tuple[tuple[str, int], ...]:
+        """The newest version of every stream among the events at ``positions`` (what a
+        consistency token names), by stream id."""
+        if not positions:
+            return ()
+        query = (sa.select(events.c.stream_id, sa.func.max(events.c.version))
+                 .where(events.c.position.in_(positions)).group_by(events.c.stream_id).order_by(events.c.stream_id))
+        with self.engine.connect() as conn:
+            return tuple((sid, version) for sid, version in conn.execute(query))
+
     def last_position(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.position), 0))).scalar_one()

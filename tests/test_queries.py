@@ -38,6 +38,7 @@ from cqrskit.infra.settings import Settings
 from cqrskit.infra.tokens import ConsistencyToken
 from cqrskit.examples.shop.load import ShopLoad
 from cqrskit.examples.shop import queries as q
+from cqrskit.read_models import queryable
 from cqrskit.read_models.indices import alias, ensure
 from cqrskit.read_models.rebuild import rebuild
 from cqrskit.read_models.search import make_client
@@ -427,7 +428,7 @@ def test_holders_are_read_page_after_page(shop: ShopIndex, monkeypatch: pytest.M
     last_order = max(i for i, d in shop.docs["orders"].items() if d["customer"]["id"] == customer_id)
     order_version = shop.docs["orders"][last_order]["streams"][0]["version"]
     assert customer["order_count"] > 3
-    monkeypatch.setattr(q, "HOLDERS_PAGE", 2)  # the customer's orders come two by two, the last one last
+    monkeypatch.setattr(queryable, "HOLDERS_PAGE", 2)  # the customer's orders come two by two, the last one last
     current = ConsistencyToken(((f"customer:{customer_id}", version), (f"order:{last_order}", order_version)))
     assert q.pending(shop.es, shop.prefix, "orders", q.awaited("orders", current)) == []
     ahead = ConsistencyToken(((f"customer:{customer_id}", version),

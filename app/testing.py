@@ -1,0 +1,149 @@
+"""A deterministic in-process pipeline for an app's own tests: ``Harness``.
+
+    with Harness(app, "sqlite:///" + str(tmp_path / "w.db"), search_url) as pipeline:
+        done = pipeline.send("BookRoom", "b1", {...})
+        page = pipeline.search("bookings", consistent_with=done.token, text="ada")
+
+The same executor, indexer and queries as the deployed processes, without a broker, threads or
+sleeps: ``send`` decides a command synchronously (``CommandExecutor``: validation, rules,
+optimistic concurrency, outcome); ``drain`` hands every committed event to the indexer, as the
+relay would, and refreshes the indices; a query given a consistency token drains until the read
+model reflects it, and fails at once if the drained pipeline still does not (nothing is left
+that could change the answer). Needs a search server: a URL, or ``"embedded"`` to start osmem
+for the harness.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cqrskit.app.declaration import App
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.event_wire import EventMessage
+from cqrskit.infra.migrate import upgrade
+from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.store import EventStore
+from cqrskit.infra.tokens import ConsistencyToken
+from cqrskit.producers.commands import new_command
+from cqrskit.read_models.indexer import Indexer
+from cqrskit.read_models.indices import alias, ensure
+from cqrskit.read_models.queryable import Searchable
+from cqrskit.read_models.search import EmbeddedSearch, make_client
+from cqrskit.read_models.verify import VerifyReport, verify
+from cqrskit.workers.execution import CommandExecutor
+
+SECRET = "harness-secret"
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A command's terminal outcome, and the consistency token of a succeeded one."""
+
+    outcome: Outcome
+    token: str | None
+
+    @property
+    def status(self) -> str:
+        return self.outcome.status.value
+
+
+class Harness:
+    """Context manager: migrates the write store, creates the app's indices under a fresh
+    prefix, and runs the pipeline step by step (see the module docstring)."""
+
+    def __init__(self, app: App, database_url: str, search_url: str = EMBEDDED_SEARCH,
+                 prefix: str | None = None) -> None:
+        self.app = app
+        self.settings = Settings(database_url=database_url, elasticsearch_url=search_url,
+                                 index_prefix=prefix or f"h{uuid.uuid4().hex[:10]}", token_secret=SECRET)
+        self.position = 0
+
+    def __enter__(self) -> Harness:
+        self._search = EmbeddedSearch(self.settings).__enter__()
+        self.es = make_client(self._search.url)
+        self.engine = make_engine(self.settings.database_url, pool_size=2)
+        upgrade(self.engine)
+        self.store = EventStore(self.engine, self.app.registry)
+        self.executor = CommandExecutor(self.store, self.app.registry, max_bytes=self.settings.max_command_bytes)
+        self.indexer = Indexer(self.engine, self.app.registry, self.es, self.prefix, self.app.read_models)
+        for model in self.app.read_models:
+            ensure(self.es, self.engine, self.prefix, model)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            names = list(self.es.indices.get(index=f"{self.prefix}-*"))
+            if names:
+                self.es.indices.delete(index=",".join(names), ignore_unavailable=True)
+        finally:
+            self.es.close()
+            self.engine.dispose()
+            self._search.__exit__()
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.index_prefix
+
+    # -- the command side ------------------------------------------------------------------------
+    def send(self, type: str, aggregate_id: str, payload: dict[str, Any], **envelope: Any) -> Sent:
+        """Decide one command now; its outcome (any status) and, when it succeeded, its token."""
+        command = new_command(type, aggregate_id, payload, **envelope)
+        outcome = self.executor.execute(command.to_json())
+        token = None
+        if outcome.status.value == "succeeded":
+            token = ConsistencyToken(self.store.stream_versions(outcome.positions)).encode(SECRET)
+        return Sent(outcome, token)
+
+    # -- the read side ---------------------------------------------------------------------------
+    def drain(self, batch: int = 500) -> int:
+        """Index every event committed since the last drain; make the documents searchable.
+        Returns how many events were indexed."""
+        indexed = 0
+        while events := self.store.read_all(self.position, batch):
+            self.indexer.index_events([EventMessage.from_stored(e).model_dump(mode="json") for e in events])
+            self.position = events[-1].position
+            indexed += len(events)
+        self.es.indices.refresh(index=",".join(alias(self.prefix, m.name) for m in self.app.read_models))
+        return indexed
+
+    def searchable(self, model: str) -> Searchable:
+        found = self.app.searchable.get(model)
+        if found is None:
+            raise KeyError(f"the app {self.app.name!r} has no searchable read model {model!r}")
+        return found
+
+    def until_reflected(self, model: str, token: str) -> None:
+        """Drain until ``model`` reflects ``token``. Raises AssertionError if the drained pipeline
+        does not: no later event could make it."""
+        reflection = self.searchable(model).reflection(ConsistencyToken.decode(token, SECRET), timeout=0)
+        while not reflection.check(self.es, self.prefix):
+            if self.drain() == 0:
+                raise AssertionError(f"{model} does not reflect the token once drained: "
+                                     f"{', '.join(map(str, reflection.pending))}")
+
+    def search(self, model: str, consistent_with: str | None = None, **params: Any) -> Any:
+        """A page of ``model``'s declared search (``params``: its query parameters)."""
+        target = self.searchable(model)
+        self.until_reflected(model, consistent_with) if consistent_with else self.drain()
+        return target.search(self.es, self.prefix, target.query_model.model_validate(params))
+
+    def get(self, model: str, doc_id: str, consistent_with: str | None = None) -> Any:
+        """One document of ``model`` as its view, or None."""
+        self.until_reflected(model, consistent_with) if consistent_with else self.drain()
+        return self.searchable(model).get(self.es, self.prefix, doc_id)
+
+    def query(self, path: str, consistent_with: str | None = None, **params: Any) -> Any:
+        """One of the app's query functions (the escape hatch), by its path."""
+        function = next((f for f in self.app.queries if f.path.strip("/") == path.strip("/")), None)
+        if function is None:
+            raise KeyError(f"the app {self.app.name!r} has no query {path!r}")
+        self.until_reflected(function.read_model, consistent_with) if consistent_with else self.drain()
+        return function.run(self.es, self.prefix, function.params.model_validate(params))
+
+    def verify(self) -> list[VerifyReport]:
+        """Every read model compared with a fresh projection of the write store (G6)."""
+        self.drain()
+        return [verify(self.engine, self.app.registry, self.es, self.prefix, m) for m in self.app.read_models]
