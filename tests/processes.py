@@ -30,6 +30,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
+from cqrskit.domain.registry import Registry
 from cqrskit.examples.shop.domain import registry
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.outcomes import Outcome
@@ -317,9 +318,9 @@ def wait_for_dead_letters(url: str, queue: str, count: int, timeout: float = 30.
 class WriteStore:
     """Reads outcomes and events of one test's database."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, domain: Registry = registry) -> None:
         self.engine: Engine = make_engine(database_url, pool_size=2)
-        self.store = EventStore(self.engine, registry)
+        self.store = EventStore(self.engine, domain)
 
     def close(self) -> None:
         self.engine.dispose()

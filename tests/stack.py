@@ -36,6 +36,7 @@ from pathlib import Path
 from elastic_transport import TransportError
 from elasticsearch import ApiError, Elasticsearch
 
+from cqrskit.app.bootstrap import load_app
 from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.settings import Settings
 from cqrskit.app.setup import setup_all
@@ -44,7 +45,6 @@ from cqrskit.examples.shop.load import ShopLoad
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.parking import list_parked
 from cqrskit.read_models.search import make_client
-from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 from cqrskit.read_models.verify import VerifyReport, verify
 from tests.processes import PROJECT, WorkerProcess, WriteStore, worker_env
 from cqrskit.workers.relay import relay_lag
@@ -132,7 +132,7 @@ class Stack:
     commands: list[subprocess.Popen[bytes]] = field(default_factory=list)  # cqrskit runs in the background
 
     def __post_init__(self) -> None:
-        self.write_store = WriteStore(self.settings.database_url)
+        self.write_store = WriteStore(self.settings.database_url, load_app(self.settings.app).registry)
         self.es: Elasticsearch = make_client(self.settings.elasticsearch_url)
         self._producer: CommandProducer | None = None
 
@@ -147,7 +147,7 @@ class Stack:
     # -- processes ---------------------------------------------------------------------------
     def env(self, **extra: str) -> dict[str, str]:
         s = self.settings
-        return worker_env(s, CQRSKIT_ELASTICSEARCH_URL=s.elasticsearch_url,
+        return worker_env(s, CQRSKIT_APP=s.app, CQRSKIT_ELASTICSEARCH_URL=s.elasticsearch_url,
                           CQRSKIT_EVENTS_EXCHANGE=s.events_exchange, CQRSKIT_INDEXER_QUEUE=s.indexer_queue,
                           CQRSKIT_INDEX_PREFIX=s.index_prefix, COLUMNS="240", **extra)
 
@@ -265,7 +265,8 @@ class Stack:
     def verify(self) -> list[VerifyReport]:
         engine, registry = self.write_store.engine, self.write_store.store.registry
         prefix = self.settings.index_prefix
-        return [verify(engine, registry, self.es, prefix, model) for model in SHOP_READ_MODELS]
+        models = load_app(self.settings.app).read_models  # the app the stack's processes run
+        return [verify(engine, registry, self.es, prefix, model) for model in models]
 
     def assert_converged(self) -> list[VerifyReport]:
         """Every read model equals a fresh projection of the write store (G6), nothing parked and

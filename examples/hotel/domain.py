@@ -39,6 +39,15 @@ Status = Literal["new", "booked", "checked_in", "checked_out", "cancelled"]
 registry = Registry()
 
 
+def _claim(ctx: HandlerContext, scope: str, key: str, owner: str, taken: str) -> None:
+    """Take a unique claim, or reject with ``taken`` (however the claim was found taken: before
+    this command, or by a concurrent one that committed while it was being decided)."""
+    try:
+        ctx.claim(scope, key, owner=owner)
+    except RuleViolation:
+        raise RuleViolation(taken) from None
+
+
 # ---------------------------------------------------------------- rooms
 
 class RoomState(BaseModel):
@@ -72,9 +81,7 @@ class Room(Aggregate[RoomState]):
 def add_room(command: AddRoom, room_id: str, ctx: HandlerContext) -> None:
     room = ctx.load(Room, room_id)
     room.require(not room.state.added, f"room {room_id} exists already")
-    if ctx.owner_of(NUMBER_SCOPE, command.number) not in (None, room_id):
-        raise RuleViolation(f"room number {command.number} is taken")
-    ctx.claim(NUMBER_SCOPE, command.number, owner=room_id)
+    _claim(ctx, NUMBER_SCOPE, command.number, room_id, f"room number {command.number} is taken")
     room.record(RoomAdded(number=command.number, room_type=command.room_type, rate_cents=command.rate_cents))
 
 
@@ -172,9 +179,8 @@ def book_room(command: BookRoom, booking_id: str, ctx: HandlerContext) -> None:
                               check_in=command.check_in, check_out=command.check_out,
                               rate_cents=room.state.rate_cents))
     for night in booking.state.nights:
-        if ctx.owner_of(NIGHT_SCOPE, _night(command.room_id, night)) not in (None, booking_id):
-            raise RuleViolation(f"room {room.state.number} is already booked on the night of {night.isoformat()}")
-        ctx.claim(NIGHT_SCOPE, _night(command.room_id, night), owner=booking_id)
+        _claim(ctx, NIGHT_SCOPE, _night(command.room_id, night), booking_id,
+               f"room {room.state.number} is already booked on the night of {night.isoformat()}")
 
 
 def cancel_booking(command: CancelBooking, booking_id: str, ctx: HandlerContext) -> None:
