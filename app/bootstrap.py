@@ -49,6 +49,10 @@ def load_app(spec: str) -> App:
         found = getattr(found, part)
     if not isinstance(found, App):
         raise AppError(f"app {spec!r} is a {type(found).__name__}, not a cqrskit.app.App")
+    try:
+        found.searchable  # noqa: B018 - derive the declared queries now: a mistake is the app's, said once
+    except ValueError as exc:
+        raise AppError(f"app {spec!r}: {exc}") from None
     return found
 
 

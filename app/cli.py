@@ -207,6 +207,26 @@ def query(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def new(
+    name: Annotated[str, typer.Argument(help="The new app's package name (e.g. todo).")],
+    directory: Annotated[Path, typer.Option(help="The project directory to write into.")] = Path("."),
+) -> None:
+    """Write a working app skeleton: domain, read model, App, tests, Procfile and .env (never overwrites).
+    Example: cqrskit new todo && python -m pytest tests && honcho start"""
+    from cqrskit.app.scaffold import write
+
+    try:
+        written = write(name, directory)
+    except (ValueError, FileExistsError) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    for path in written:
+        console.print(f"wrote {path}")
+    console.print(f"next: python -m pytest tests; cqrskit --app {name}.app:app setup; honcho start "
+                  f"(docs/extending.md)")
+
+
 def print_outcomes(outcomes: list) -> None:  # type: ignore[type-arg]
     table = Table("command id", "type", "aggregate", "status", "version", "positions", "reason")
     colours = {"succeeded": "green", "rejected": "yellow", "invalid": "magenta", "dead": "red"}

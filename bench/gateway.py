@@ -102,8 +102,9 @@ def gateway(exchange: str, workers: int) -> Iterator[tuple[str, int]]:
                         log_level="WARNING", log_format="json")
     env = {**os.environ, **settings.environment()}
     code = ("from cqrskit.infra.logs import configure_logging; from cqrskit.infra.settings import load_settings; "
-            "from cqrskit.producers.gateway import run_gateway; settings = load_settings(); "
-            f"configure_logging(settings); run_gateway(settings, '127.0.0.1', {port}, workers={workers}, "
+            "from cqrskit.producers.gateway import run_gateway; from cqrskit.app.bootstrap import app_of; "
+            "settings = load_settings(); configure_logging(settings); "
+            f"run_gateway(settings, app_of(settings).registry, '127.0.0.1', {port}, workers={workers}, "
             "factory='cqrskit.app.processes:gateway_app')")
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log,

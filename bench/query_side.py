@@ -240,7 +240,8 @@ def query_api(search_url: str) -> Iterator[str]:
         port = s.getsockname()[1]
     env = {**os.environ, "CQRSKIT_ELASTICSEARCH_URL": search_url, "CQRSKIT_INDEX_PREFIX": PREFIX}
     code = f"from cqrskit.infra.settings import Settings; from cqrskit.read_models.api import run_query_api; " \
-           f"run_query_api(Settings(), '127.0.0.1', {port})"
+           f"from cqrskit.examples.shop import app; " \
+           f"run_query_api(Settings(), app.read_models, app.queries, '127.0.0.1', {port})"
     process = subprocess.Popen([sys.executable, "-c", code], env=env)
     url = f"http://127.0.0.1:{port}"
     try:

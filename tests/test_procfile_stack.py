@@ -75,13 +75,16 @@ def _free(port: int) -> bool:
 class Honcho:
     """``honcho start`` in its own session, its output in a file."""
 
-    def __init__(self, stack: Stack, base: int) -> None:
+    def __init__(self, stack: Stack, base: int, project: Path = PROJECT,
+                 concurrency: dict[str, int] = CONCURRENCY, **env_overrides: str) -> None:
+        """``honcho start`` of ``project``'s Procfile (and its .env), from ``project``'s directory."""
         self.log = stack.directory / "honcho.log"
-        env = stack.env(PORT=str(base), PYTHONPATH=str(PROJECT), PATH=f"{BIN}:{os.environ['PATH']}")
-        concurrency = ",".join(f"{name}={n}" for name, n in CONCURRENCY.items())
+        env = stack.env(PORT=str(base), PYTHONPATH=str(project), PATH=f"{BIN}:{os.environ['PATH']}")
+        env = {k: v for k, v in {**env, **env_overrides}.items() if v}
+        scaled = ",".join(f"{name}={n}" for name, n in concurrency.items())
         with self.log.open("wb") as out:
-            self.popen = subprocess.Popen([str(BIN / "honcho"), "start", "-f", "Procfile", "-c", concurrency,
-                                           "--no-colour"], cwd=PROJECT, env=env, stdout=out,
+            self.popen = subprocess.Popen([str(BIN / "honcho"), "start", "-f", "Procfile", "-c", scaled,
+                                           "--no-colour"], cwd=project, env=env, stdout=out,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.tag = f"CQRSKIT_INDEX_PREFIX={stack.settings.index_prefix}".encode()
 
