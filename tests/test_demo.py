@@ -48,3 +48,28 @@ def test_demo_against_real_services(tmp_path: Path, amqp_settings) -> None:  # t
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "every read model equals a fresh projection of the write store" in done.stdout
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_the_hotel_demo_runs_with_the_app_named_once(tmp_path: Path) -> None:
+    """`cqrskit --app cqrskit.examples.hotel:app demo`: the same pipeline, another app (G3, G6)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
+    env["COLUMNS"] = "160"
+    done = subprocess.run([sys.executable, "-m", "cqrskit.app", "--app", "cqrskit.examples.hotel:app", "demo",
+                           "--size", "200"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    counts = {status: int(n) for status, n in re.findall(r"│ (succeeded|rejected|invalid|dead)\s+│ (\d+)", out)}
+    assert counts["dead"] == 0 and counts["invalid"] == 2 and counts["rejected"] >= 1 and counts["succeeded"] > 50
+    models = dict(re.findall(r"│ (bookings|rooms)\s+│ (\d+)\s+│ 0\s+│ 0\s+│ 0\s+│", out))
+    assert set(models) == {"bookings", "rooms"}, out[-2000:]
+    assert "Busiest rooms" in out and "every read model equals a fresh projection of the write store" in out
+
+
+def test_an_app_without_a_demo_load_says_so(tmp_path: Path) -> None:
+    (tmp_path / "bare.py").write_text("from cqrskit.app import App\nfrom cqrskit.domain.registry import Registry\n"
+                                      "app = App('bare', Registry())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
+    done = subprocess.run([sys.executable, "-m", "cqrskit.app", "--app", "bare:app", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "declares no demo load" in done.stdout, done.stdout + done.stderr

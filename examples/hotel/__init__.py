@@ -7,8 +7,15 @@ from __future__ import annotations
 
 from cqrskit.app import App
 from cqrskit.examples.hotel.domain import registry
+from cqrskit.examples.hotel.load import HotelLoad
 from cqrskit.examples.hotel.queries import FUNCTIONS
 from cqrskit.examples.hotel.read_models import HOTEL_READ_MODELS
+from cqrskit.examples.hotel.showcase import showcase
 
-app = App("hotel", registry, read_models=HOTEL_READ_MODELS, queries=FUNCTIONS,
+
+def demo_load(size: int, seed: int) -> HotelLoad:
+    return HotelLoad(size=size, seed=seed)
+
+
+app = App("hotel", registry, read_models=HOTEL_READ_MODELS, queries=FUNCTIONS, demo=demo_load, showcase=showcase,
           description="Hotel reservations: rooms, bookings, check-in and check-out.")
