@@ -157,7 +157,7 @@ def bool_query(must: list[dict[str, Any]], filters: list[dict[str, Any]]) -> dic
 
 
 def _sort(spec: Spec, q: Any) -> list[SortKey]:
-    field, kind, default = spec.sorts[q.sort or ("relevance" if q.text else spec.default_sort)]
+    field, kind, default = spec.sorts[q.sort or ("relevance" if getattr(q, "text", None) else spec.default_sort)]
     return [(field, kind, q.order or default), (spec.id_field, KEYWORD, "asc")]
 
 
