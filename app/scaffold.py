@@ -100,12 +100,11 @@ from datetime import datetime
 from typing import Any
 
 from {{package}}.domain import Task
-from cqrskit.read_models.model import Document, iso, text_keyword
+from cqrskit.read_models.model import STREAMS, Document, iso, streams_of, text_keyword
 from cqrskit.read_models.queryable import Facet, Queries, Term, View
 from cqrskit.read_models.source import WriteStoreSource
 
 KEYWORD = {"type": "keyword"}
-STREAMS = {"type": "nested", "properties": {"id": KEYWORD, "version": {"type": "long"}}}
 
 
 class TaskView(View):
@@ -144,13 +143,14 @@ class TasksModel:
         return touched
 
     def build(self, source: WriteStoreSource, ids: list[str]) -> dict[str, Document]:
-        """Fresh documents from the write store; the version is the task stream's."""
+        """Fresh documents from the write store. The version is the sum of the versions of the
+        streams a document is computed from (here one: the task's), listed in ``streams``."""
         tasks = {i: t for i, t in source.aggregates(Task, ids).items() if t.state.added}
         added = source.event_times("task", tasks, first_only=True)
         return {i: Document(i, t.version, {
             "task_id": i, "title": t.state.title, "tags": t.state.tags, "done": t.state.done,
             "added_at": iso(added[i].get("TaskAdded")),
-            "streams": [{"id": t.stream_id, "version": t.version}],
+            "streams": streams_of(t),
         }) for i, t in tasks.items()}
 '''
 

@@ -52,3 +52,13 @@ def text_keyword(**extra: Any) -> dict[str, Any]:
 
 def iso(value: Any) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+# The streams a document was computed from, each at its version: part of every read model's
+# contract (its external version is their sum; read-your-writes reads them, G8).
+STREAMS: dict[str, Any] = {"type": "nested", "properties": {"id": {"type": "keyword"}, "version": {"type": "long"}}}
+
+
+def streams_of(*aggregates: Any) -> list[dict[str, Any]]:
+    """The ``streams`` field of a document computed from ``aggregates`` (None ones left out)."""
+    return [{"id": a.stream_id, "version": a.version} for a in aggregates if a is not None]

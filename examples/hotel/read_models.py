@@ -16,12 +16,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from cqrskit.examples.hotel.domain import Booking, Room
-from cqrskit.read_models.model import Document, iso, text_keyword
+from cqrskit.read_models.model import STREAMS, Document, iso, streams_of, text_keyword
 from cqrskit.read_models.queryable import FRESH, HELD, Facet, Metric, Queries, Range, Term, View
 from cqrskit.read_models.source import WriteStoreSource
 
 KEYWORD, LONG, INT, DATE, BOOL = ({"type": t} for t in ("keyword", "long", "integer", "date", "boolean"))
-STREAMS = {"type": "nested", "properties": {"id": KEYWORD, "version": LONG}}
 Status = Literal["booked", "checked_in", "checked_out", "cancelled"]
 HOLDING = ("booked", "checked_in", "checked_out")  # the statuses whose nights count as occupied
 
@@ -61,9 +60,6 @@ class RoomView(View):
     guest: str | None = None
     score: float | None = None
 
-
-def _streams(*aggregates: Any) -> list[dict[str, Any]]:
-    return [{"id": a.stream_id, "version": a.version} for a in aggregates if a is not None]
 
 
 def _by_stream(events: list[dict[str, Any]], stream_type: str) -> dict[str, list[int]]:
@@ -135,7 +131,7 @@ class BookingsModel:
             "check_in": s.check_in.isoformat() if s.check_in else None,
             "check_out": s.check_out.isoformat() if s.check_out else None,
             "nights": nights, "total_cents": nights * s.rate_cents, "booked_at": iso(booked_at),
-            "streams": _streams(booking, room),
+            "streams": streams_of(booking, room),
         }
         return Document(booking.id, booking.version + (room.version if room else 0), source)
 
@@ -183,7 +179,7 @@ class RoomsModel:
                 "room_id": i, "number": room.state.number, "type": room.state.room_type,
                 "rate_cents": room.state.rate_cents, "bookings": len(holding),
                 "nights_booked": sum(len(b.state.nights) for b in holding), "occupied": inside is not None,
-                "guest": inside.state.guest_name if inside else None, "streams": _streams(room, *mine),
+                "guest": inside.state.guest_name if inside else None, "streams": streams_of(room, *mine),
             })
         return docs
 

@@ -17,15 +17,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from cqrskit.examples.shop.domain import Customer, Order, Product
-from cqrskit.read_models.model import Document, iso, text_keyword
+from cqrskit.read_models.model import STREAMS, Document, iso, streams_of, text_keyword
 from cqrskit.read_models.queryable import (
     FRESH, HELD, Cents, Facet, Flag, Queries, Range, Term, View, When, bounded_int)
 from cqrskit.read_models.source import WriteStoreSource
 
 LONG, INT, KEYWORD, DATE = ({"type": t} for t in ("long", "integer", "keyword", "date"))
-# The streams a document was computed from, each at its version (the document's external version
-# is their sum). Lets a query wait until a given write is reflected (G8).
-STREAMS = {"type": "nested", "properties": {"id": KEYWORD, "version": LONG}}
 
 
 FACET_SIZE = 20
@@ -90,9 +87,6 @@ class CustomerView(View):
 
 
 # ---------------------------------------------------------------- documents
-
-def _streams(*aggregates: Any) -> list[dict[str, Any]]:
-    return [{"id": a.stream_id, "version": a.version} for a in aggregates if a is not None]
 
 
 def _by_stream(events: list[dict[str, Any]], stream_type: str) -> dict[str, list[int]]:
@@ -173,7 +167,7 @@ class OrdersModel:
             "placed_at": iso(times.get("OrderPlaced")), "paid_at": iso(times.get("OrderPaid")),
             "shipped_at": iso(times.get("OrderShipped")), "cancelled_at": iso(times.get("OrderCancelled")),
             "updated_at": iso(max(times.values())) if times else None,
-            "streams": _streams(order, customer),
+            "streams": streams_of(order, customer),
         }
         return Document(order.id, order.version + (customer.version if customer else 0), source)
 
@@ -214,7 +208,7 @@ class ProductsModel:
         return {i: Document(i, p.version, {
             "product_id": i, "sku": p.state.sku, "name": p.state.name, "description": p.state.description,
             "price_cents": p.state.price_cents, "stock": p.state.stock, "units_sold": p.state.units_sold,
-            "added_at": iso(added[i].get("ProductAdded")), "streams": _streams(p),
+            "added_at": iso(added[i].get("ProductAdded")), "streams": streams_of(p),
         }) for i, p in products.items()}
 
 
@@ -267,7 +261,7 @@ class CustomersModel:
                 "customer_id": i, "name": customer.state.name, "email": customer.state.email,
                 "order_count": len(mine), "lifetime_value_cents": value,
                 "registered_at": iso(registered[i].get("CustomerRegistered")),
-                "streams": _streams(customer, *sorted(mine, key=lambda o: o.id)),
+                "streams": streams_of(customer, *sorted(mine, key=lambda o: o.id)),
             })
         return docs
 
