@@ -109,5 +109,18 @@ def assert_cli_runs_the_hotel(stack: Stack, booking_id: str) -> None:
     status = stack.cli("status", "--json")
     assert status.returncode == 0, status.stderr
     assert set(json.loads(status.stdout)["read_models"]) == {"bookings", "rooms"}
+    rebuilt = stack.cli("rebuild", "rooms")
+    assert rebuilt.returncode == 0 and "alias swapped" in rebuilt.stdout, rebuilt.stdout + rebuilt.stderr
+    assert stack.cli("verify", "rooms").returncode == 0
+    early = stack.cli("send", "CheckIn", "--aggregate", booking_id, "--wait", "30")
+    assert early.returncode == 0 and "rejected" in early.stdout and "not 20" in early.stdout, early.stdout
+    command_id = early.stdout.split()[0]
+    shown = stack.cli("outcome", command_id, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["type"] == "CheckIn", shown.stdout + shown.stderr
+    for verb in (("parked", "list"), ("dlq", "list")):
+        listed = stack.cli(*verb)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+    front = stack.cli("search", "bookings/front-desk", "--start", "2026-01-01", "--end", "2026-01-03")
+    assert front.returncode == 0 and len(json.loads(front.stdout)["days"]) == 2, front.stdout + front.stderr
     wrong = stack.cli("search", "orders")
     assert wrong.returncode == 2 and "unknown read model 'orders' of the app 'hotel'" in wrong.stderr
