@@ -19,7 +19,6 @@ import schemathesis
 import structlog
 import uvicorn
 from hypothesis import HealthCheck, settings
-from schemathesis import checks
 
 from cqrskit.examples.shop import app as shop_app
 from cqrskit.examples.shop.domain import registry
@@ -35,6 +34,7 @@ from cqrskit.read_models.indexer import Indexer
 from cqrskit.read_models.indices import ensure
 from cqrskit.read_models.search import make_client
 from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
+from api_checks import CHECKS
 from test_queries import ShopIndex, expected_ids, order_matches, shop  # noqa: F401 (shop: the fixture)
 from cqrskit.workers.execution import CommandExecutor
 
@@ -218,22 +218,6 @@ def test_text_reaches_only_the_searched_fields(api: httpx.Client, shop: ShopInde
 
 # ---------------------------------------------------------------- schemathesis
 
-HTTP_LINE_LIMIT = 64 * 1024
-
-
-@schemathesis.check
-def conforms_unless_refused_by_uvicorn(ctx: Any, response: Any, case: Any) -> bool | None:
-    """Content type and body as documented, except when uvicorn itself refused an oversized request
-    line (400, text/plain, before the app sees it): the longest non-ASCII values the schema allows,
-    percent-encoded, get there (a token may be 20,000 characters)."""
-    if (response.status_code == 400 and len(response.request.url) > HTTP_LINE_LIMIT
-            and response.content == b"Invalid HTTP request received."):
-        return None
-    checks.content_type_conformance(ctx, response, case)
-    return checks.response_schema_conformance(ctx, response, case)
-
-
-CHECKS = [checks.not_a_server_error, checks.status_code_conformance, conforms_unless_refused_by_uvicorn]
 SCHEMA = schemathesis.openapi.from_dict(create_app(Settings(elasticsearch_url="http://unused:9"), shop_app.read_models,
                                                             shop_app.queries).openapi())
 
