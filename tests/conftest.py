@@ -139,3 +139,16 @@ def search_url() -> Iterator[str]:
 @pytest.fixture
 def index_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A CLI run inside a test (typer's CliRunner) configures logging onto the runner's stream, which
+    is closed afterwards: put the root logger back so later tests never log into a closed file."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
