@@ -83,3 +83,11 @@ def test_an_app_refuses_two_read_models_of_one_name() -> None:
 
     with pytest.raises(ValueError, match="two read models share a name"):
         App("dup", Registry(), read_models=[Model(), Model()])
+
+
+def test_search_lists_the_declared_parameters_of_any_app(tmp_path: Path) -> None:
+    done = cli(tmp_path, "--app", "cqrskit.examples.hotel:app", "search", "bookings", "--params")
+    assert done.returncode == 0, done.stderr
+    assert all(f"--{name}" in done.stdout for name in ("text", "status", "room-type", "from", "until", "facets"))
+    stray = cli(tmp_path, "--app", "cqrskit.examples.hotel:app", "search", "rooms", "--text", "x")
+    assert stray.returncode == 2 and "--text does not apply to rooms" in stray.stderr, stray.stderr
