@@ -178,7 +178,7 @@ class Searchable:
         extra: dict[str, Any] = {}
         if self.facets_model is not None:
             extra["facets"] = self.facets_model(**{
-                name: [Bucket(key=str(b["key"]), count=b["docs"]["doc_count"] if "docs" in b else b["doc_count"])
+                name: [Bucket(key=str(b.get("key_as_string", b["key"])), count=b["docs"]["doc_count"] if "docs" in b else b["doc_count"])
                        for b in _facet_buckets(aggs, name)]
                 for name in self.queries.facets})
         if self.queries.metrics:
