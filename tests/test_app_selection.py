@@ -91,3 +91,12 @@ def test_search_lists_the_declared_parameters_of_any_app(tmp_path: Path) -> None
     assert all(f"--{name}" in done.stdout for name in ("text", "status", "room-type", "from", "until", "facets"))
     stray = cli(tmp_path, "--app", "cqrskit.examples.hotel:app", "search", "rooms", "--text", "x")
     assert stray.returncode == 2 and "--text does not apply to rooms" in stray.stderr, stray.stderr
+
+
+def test_a_file_in_the_current_directory_never_shadows_an_installed_module(tmp_path: Path) -> None:
+    """An attacker's ``elasticsearch.py`` in the directory a process starts from is not imported."""
+    (tmp_path / "elasticsearch.py").write_text("raise SystemExit('shadowed!')\n")
+    (tmp_path / "mine.py").write_text("from cqrskit.app import App\nfrom cqrskit.domain.registry import Registry\n"
+                                      "import elasticsearch\napp = App('mine', Registry())\n")
+    done = cli(tmp_path, "--app", "mine:app", "search", "anything")
+    assert "shadowed!" not in done.stdout + done.stderr and "known: none" in done.stderr, done.stderr
