@@ -98,5 +98,8 @@ def test_a_file_in_the_current_directory_never_shadows_an_installed_module(tmp_p
     (tmp_path / "elasticsearch.py").write_text("raise SystemExit('shadowed!')\n")
     (tmp_path / "mine.py").write_text("from cqrskit.app import App\nfrom cqrskit.domain.registry import Registry\n"
                                       "import elasticsearch\napp = App('mine', Registry())\n")
-    done = cli(tmp_path, "--app", "mine:app", "search", "anything")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
+    script = Path(sys.executable).parent / "cqrskit"  # as installed (``python -m`` itself puts "" first)
+    done = subprocess.run([str(script), "--app", "mine:app", "search", "anything"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**clean, "COLUMNS": "300"})
     assert "shadowed!" not in done.stdout + done.stderr and "known: none" in done.stderr, done.stderr
