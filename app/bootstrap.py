@@ -28,12 +28,13 @@ class AppError(ValueError):
 @functools.cache
 def load_app(spec: str) -> App:
     """The ``App`` that ``spec`` (``module:attribute``) names, imported once per process. The
-    current directory is importable, as with ``dramatiq module`` and uvicorn. Raises AppError."""
+    current directory is importable (as with ``dramatiq module`` and uvicorn), after everything
+    installed. Raises AppError."""
     module_name, _, attribute = spec.partition(":")
     if not re.fullmatch(r"[A-Za-z_][\w.]*", module_name) or not re.fullmatch(r"[A-Za-z_][\w.]*", attribute):
         raise AppError(f"CQRSKIT_APP must be module:attribute (e.g. myhotel.app:app), got {spec!r}")
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())  # last: a file in the directory never shadows an installed module
     try:
         found: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

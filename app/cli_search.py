@@ -108,6 +108,21 @@ def facets_table(page: Any) -> Table:
     return table
 
 
+def params_table(name: str, model: type[BaseModel]) -> Table:
+    """The options of ``cqrskit search NAME``: each parameter, its JSON Schema type and description."""
+    table = Table("option", "type", "description", title=f"cqrskit search {name}")
+    for field, schema in model.model_json_schema()["properties"].items():
+        if field in ("consistent_with", "wait"):
+            continue
+        kinds = [s.get("enum") or s.get("format") or s.get("type") for s in schema.get("anyOf", [schema])]
+        kinds = [k if not isinstance(k, list) else "|".join(map(str, k)) for k in kinds if k and k != "null"]
+        if schema.get("type") == "array":
+            item = schema.get("items", {})
+            kinds = [f"list of {'|'.join(item['enum']) if 'enum' in item else item.get('type', '')}"]
+        table.add_row("--" + field.replace("_", "-"), ", ".join(map(str, kinds)), schema.get("description", ""))
+    return table
+
+
 def search(
     ctx: typer.Context,
     read_model: Annotated[str, typer.Argument(help="A read model of the app, or a query function's path.")],
@@ -118,6 +133,7 @@ def search(
     cursor: Annotated[Optional[str], typer.Option(help="The next-page cursor a search printed.")] = None,
     facets: Annotated[bool, typer.Option("--facets", help="Add the model's facets and metrics.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the page as JSON.")] = False,
+    params: Annotated[bool, typer.Option("--params", help="List the read model's parameters and exit.")] = False,
 ) -> None:
     """Search a read model: full text, the model's declared filters (as --options), sort, facets;
     prints a table (or --json). Example: cqrskit search bookings --text ada --status booked --facets"""
@@ -147,6 +163,9 @@ def search(
         err.print(f"[red]unknown read model {read_model!r}[/red] of the app {app.name!r}; known: "
                   f"{', '.join(known) or 'none'}")
         raise typer.Exit(2)
+    if params:
+        console.print(params_table(read_model, model))
+        return
     stray = [k for k in common if k not in model.model_fields]
     if stray:
         err.print(f"[red]{', '.join('--' + s for s in stray)} does not apply to {read_model}[/red]")

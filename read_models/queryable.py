@@ -178,9 +178,7 @@ class Searchable:
         extra: dict[str, Any] = {}
         if self.facets_model is not None:
             extra["facets"] = self.facets_model(**{
-                name: [Bucket(key=str(b["key"]), count=b["docs"]["doc_count"] if "docs" in b else b["doc_count"])
-                       for b in _facet_buckets(aggs, name)]
-                for name in self.queries.facets})
+                name: [_bucket(b) for b in _facet_buckets(aggs, name)] for name in self.queries.facets})
         if self.queries.metrics:
             extra["metrics"] = {name: aggs[f"metric_{name}"]["value"] for name in self.queries.metrics}
         return extra
@@ -360,6 +358,11 @@ def _aggs(declared: Queries, nested: frozenset[str]) -> dict[str, Any]:
     for name, m in declared.metrics.items():
         aggs[f"metric_{name}"] = {m.op: {"field": m.field}}
     return aggs
+
+
+def _bucket(b: dict[str, Any]) -> Bucket:
+    """A facet's bucket: its readable key; documents, not nested objects, counted."""
+    return Bucket(key=str(b.get("key_as_string", b["key"])), count=b["docs"]["doc_count"] if "docs" in b else b["doc_count"])
 
 
 def _facet_buckets(aggs: dict[str, Any], name: str) -> list[dict[str, Any]]:

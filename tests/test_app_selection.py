@@ -83,3 +83,23 @@ def test_an_app_refuses_two_read_models_of_one_name() -> None:
 
     with pytest.raises(ValueError, match="two read models share a name"):
         App("dup", Registry(), read_models=[Model(), Model()])
+
+
+def test_search_lists_the_declared_parameters_of_any_app(tmp_path: Path) -> None:
+    done = cli(tmp_path, "--app", "cqrskit.examples.hotel:app", "search", "bookings", "--params")
+    assert done.returncode == 0, done.stderr
+    assert all(f"--{name}" in done.stdout for name in ("text", "status", "room-type", "from", "until", "facets"))
+    stray = cli(tmp_path, "--app", "cqrskit.examples.hotel:app", "search", "rooms", "--text", "x")
+    assert stray.returncode == 2 and "--text does not apply to rooms" in stray.stderr, stray.stderr
+
+
+def test_a_file_in_the_current_directory_never_shadows_an_installed_module(tmp_path: Path) -> None:
+    """An attacker's ``elasticsearch.py`` in the directory a process starts from is not imported."""
+    (tmp_path / "elasticsearch.py").write_text("raise SystemExit('shadowed!')\n")
+    (tmp_path / "mine.py").write_text("from cqrskit.app import App\nfrom cqrskit.domain.registry import Registry\n"
+                                      "import elasticsearch\napp = App('mine', Registry())\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
+    script = Path(sys.executable).parent / "cqrskit"  # as installed (``python -m`` itself puts "" first)
+    done = subprocess.run([str(script), "--app", "mine:app", "search", "anything"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**clean, "COLUMNS": "300"})
+    assert "shadowed!" not in done.stdout + done.stderr and "known: none" in done.stderr, done.stderr

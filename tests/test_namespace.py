@@ -37,7 +37,7 @@ def test_every_cqrskit_module_imports_beside_a_users_own_packages(tmp_path: Path
     code = """
 import importlib, pkgutil
 names = []
-for sub in ("app", "domain", "infra", "producers", "read_models", "workers"):
+for sub in ("app", "domain", "examples", "infra", "producers", "read_models", "workers"):
     package = importlib.import_module("cqrskit." + sub)
     names += [package.__name__] + [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
                                    if ".migrations" not in m.name and not m.name.endswith("__main__")]
@@ -78,4 +78,5 @@ def test_the_wheel_holds_only_the_cqrskit_package(tmp_path: Path) -> None:
     assert "cqrskit/infra/migrations/env.py" in names
     assert any(n.startswith("cqrskit/infra/migrations/versions/0001_") for n in names)
     assert "cqrskit/app/bootstrap.py" in names and "cqrskit/domain/model.py" in names
+    assert "cqrskit/examples/shop/__init__.py" in names and "cqrskit/examples/hotel/domain.py" in names
     assert not [n for n in names if n.startswith("cqrskit/") and n.count("/") == 1 and n.endswith(".py")]
