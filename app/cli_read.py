@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cqrskit.app.preflight import preflight
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 console = Console()
@@ -30,6 +31,7 @@ def read_side(settings: Settings) -> Iterator:  # type: ignore[type-arg]
         err.print("[red]this command needs a search server:[/red] set CQRSKIT_ELASTICSEARCH_URL=http://... "
                   "(the embedded one lives inside `cqrskit demo`)")
         raise typer.Exit(2)
+    preflight(settings, "read-side")
     runtime = bootstrap.runtime(settings)
     try:
         yield runtime
@@ -54,6 +56,8 @@ def relay(ctx: typer.Context) -> None:
     from cqrskit.app.bootstrap import run_relay
 
     try:
+        if not ctx.obj.embedded_broker:
+            preflight(ctx.obj, "relay")
         run_relay(ctx.obj)
     except ValueError as exc:
         err.print(f"[red]{exc}[/red]")
@@ -71,6 +75,7 @@ def indexer(
         err.print("[red]the indexer needs a real broker and search server:[/red] set CQRSKIT_BROKER_URL and "
                   "CQRSKIT_ELASTICSEARCH_URL")
         raise typer.Exit(2)
+    preflight(settings, "indexer")
     exec_dramatiq(settings, "cqrskit.app.processes:indexer_worker", settings.indexer_queue, processes, threads)
 
 

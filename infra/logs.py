@@ -15,6 +15,16 @@ import structlog
 from cqrskit.infra.settings import LogFormat, Settings
 
 _configured = False
+# Libraries' own lines, below DEBUG: pika reports each failed connection attempt in four ERROR
+# lines with tracebacks (the caller reports the failure once); the search client logs every
+# request at INFO and each failed node at WARNING (the caller reports the error).
+LIBRARY_LEVELS = {
+    "pika": logging.CRITICAL,
+    "alembic": logging.WARNING,
+    "elastic_transport": logging.WARNING,
+    "elastic_transport.node_pool": logging.ERROR,
+    "urllib3": logging.WARNING,
+}
 
 
 def configure_logging(settings: Settings, *, stream=None) -> None:
@@ -54,6 +64,7 @@ def configure_logging(settings: Settings, *, stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    for noisy in ("pika", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet = settings.log_level.upper() != "DEBUG"
+    for name, level in LIBRARY_LEVELS.items():
+        logging.getLogger(name).setLevel(level if quiet else logging.NOTSET)
     _configured = True
