@@ -75,7 +75,9 @@ def _show(snapshot: PipelineStatus, as_json: bool) -> None:
 
 def render_status(s: PipelineStatus) -> Group:
     parts: list[Any] = [f"[bold]cqrskit status[/bold] at {s.taken_at:%Y-%m-%d %H:%M:%S} UTC   " + "   ".join(
-        f"{name}: " + ("[green]up[/]" if c.reachable else f"[red]down[/] ({escape(c.error or '')})") for name, c in s.components.items())]
+        f"{name}: " + ("[green]up[/]" if c.reachable else "[red]down[/]") for name, c in s.components.items())]
+    parts += [f"  {name} [dim]{escape(c.endpoint or '')}[/]" + ("" if c.reachable else f": [red]{escape(c.error or '')}[/]")
+              for name, c in s.components.items()]
     queues = Table("queue", "name", "ready", "consumers", title="queues", title_justify="left")
     for role, q in s.queues.items():
         style = "red" if role.endswith(".XQ") and q.ready else ""

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cqrskit.app.preflight import preflight
-from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.settings import EMBEDDED_SEARCH, LogFormat, Settings
 
 console = Console()
 err = Console(stderr=True)
@@ -86,8 +86,10 @@ def exec_dramatiq(settings: Settings, factory: str, queue: str, processes: int, 
 
     os.environ.update(settings.environment())
     os.environ[THREADS] = str(threads)
-    args = ["dramatiq", factory, "--processes", str(processes), "--threads", str(threads),
-            "--queues", queue, f"{queue}.DQ"]
+    if settings.log_format == LogFormat.auto:  # the children log through a pipe: decide for them
+        os.environ["CQRSKIT_LOG_FORMAT"] = (LogFormat.console if sys.stderr.isatty() else LogFormat.json).value
+    args = ["cqrskit.app.dramatiq_main", factory, "--processes", str(processes), "--threads", str(threads),
+            "--queues", queue, f"{queue}.DQ", "--skip-logging"]
     os.execvp(sys.executable, [sys.executable, "-m", *args])
 
 

@@ -45,10 +45,8 @@ from elastic_transport import TransportError
 from elasticsearch import ApiError, Elasticsearch
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection, Engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
-from cqrskit.infra.db import make_engine
+from cqrskit.app.errors import explain, mask
 from cqrskit.infra.schema import command_outcomes, events, leases, parked_documents, read_model_indices, streams
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.infra.utc import as_utc
@@ -63,6 +61,7 @@ TIMEOUT = 5.0
 class Component(BaseModel):
     reachable: bool
     error: str | None = None
+    endpoint: str | None = Field(default=None, description="What was checked (a URL, password masked).")
 
 
 class QueueState(BaseModel):
@@ -128,7 +127,7 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
                           for m in models}
     _gather_broker(settings, status)
     with _write_store(settings.database_url) as engine:
-        store_ok = _gather_write_store(engine, status)
+        store_ok = _gather_write_store(engine, status, settings)
         with _search(settings) as es:
             if es is None:
                 status.components["search"] = Component(reachable=False, error="embedded search server: it "
@@ -137,6 +136,10 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
                 _gather_documents(es, status)
             if store_ok and es is not None and status.components["search"].reachable:
                 _gather_lag(engine, es, models, lag_window, status)
+    endpoints = {"broker": settings.broker_url, "write_store": settings.database_url,
+                 "search": settings.elasticsearch_url}
+    for name, component in status.components.items():
+        component.endpoint = mask(endpoints.get(name, ""))
     status.workers = Workers(
         commands=_consumers(status, "commands"), indexer=_consumers(status, "indexer"), relay=status.relay.holder)
     return status
@@ -203,21 +206,20 @@ def _consumers(status: PipelineStatus, role: str) -> int | None:
 # -- the write store --------------------------------------------------------------------------
 @contextmanager
 def _write_store(url: str) -> Iterator[Engine]:
-    """An engine that gives up connecting after a few seconds and keeps no pool."""
-    if url.startswith("postgresql"):
-        engine = sa.create_engine(make_url(url).set(drivername="postgresql+psycopg"), poolclass=NullPool,
-                                  connect_args={"connect_timeout": int(TIMEOUT)})
-    else:
-        engine = make_engine(url)
-    try:
+    """An engine that gives up connecting after a few seconds, keeps no pool and creates no file."""
+    from cqrskit.app.preflight import probe_engine
+
+    with probe_engine(url) as engine:
         yield engine
-    finally:
-        engine.dispose()
 
 
-def _gather_write_store(engine: Engine, status: PipelineStatus) -> bool:
+def _gather_write_store(engine: Engine, status: PipelineStatus, settings: Settings) -> bool:
     from cqrskit.workers.relay import relay_lag
 
+    if settings.sqlite_path is not None and not settings.sqlite_path.exists():
+        status.components["write_store"] = Component(
+            reachable=False, error=f"no SQLite file at {settings.sqlite_path}: set CQRSKIT_DATABASE_URL, or run cqrskit setup")
+        return False
     try:
         lag = relay_lag(engine)
         with engine.connect() as conn:
@@ -336,5 +338,8 @@ def _reflected_versions(es: Elasticsearch, index: str, stream_of: dict[str, str]
 
 
 def _error(exc: BaseException) -> str:
+    problem = explain(exc)
+    if problem is not None:
+        return f"{problem.problem}; {problem.fix}"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}"[:300] if text else type(exc).__name__

@@ -12,6 +12,7 @@ import sys
 
 import structlog
 
+from cqrskit.infra.reconnect import quiet_restarts
 from cqrskit.infra.settings import LogFormat, Settings
 
 _configured = False
@@ -61,6 +62,7 @@ def configure_logging(settings: Settings, *, stream=None) -> None:
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(quiet_restarts)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
