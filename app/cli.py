@@ -147,13 +147,15 @@ def demo(
     size: Annotated[int, typer.Option(help="Roughly how many commands to send.")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed of the load.")] = 7,
 ) -> None:
-    """Run the whole pipeline on the embedded default (or the configured services) under the app's demo load."""
+    """Run the whole pipeline on the embedded default (or the configured services) under the app's demo load.
+
+    Each run on the embedded default starts clean; the logs go to var/cqrskit-demo.log.
+
+    Example: cqrskit demo --size 5000
+    """
     from cqrskit.app.demo import run_demo
 
-    settings: Settings = ctx.obj
-    if "log_level" not in settings.model_fields_set:  # the tables tell the story; keep worker logs quiet
-        configure_logging(settings.model_copy(update={"log_level": "WARNING"}))
-    raise typer.Exit(run_demo(settings, size=size, seed=seed, console=console))
+    raise typer.Exit(run_demo(ctx.obj, size=size, seed=seed, console=console))
 
 
 @app.command()
