@@ -246,6 +246,7 @@ def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
     return "".join(f"\n  {e['loc']}: {e['msg']}" for e in (errors or [])[:10])
 
 
+from cqrskit.app.cli_dev import register as register_dev  # noqa: E402
 from cqrskit.app.cli_ops import register as register_ops  # noqa: E402
 from cqrskit.app.cli_read import register  # noqa: E402
 from cqrskit.app.cli_search import register as register_search  # noqa: E402
@@ -253,3 +254,4 @@ from cqrskit.app.cli_search import register as register_search  # noqa: E402
 register(app)
 register_search(app)
 register_ops(app)
+register_dev(app)

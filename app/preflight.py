@@ -12,8 +12,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import time
+
 import pika
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 
@@ -21,6 +24,8 @@ from cqrskit.app.errors import BROKER, DATABASE, SEARCH, Problem, explain
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 TIMEOUT = 5.0
+RECHECK = 2.0
+log = structlog.get_logger(__name__)
 SETUP = "run cqrskit setup"
 
 
@@ -53,8 +58,17 @@ def needs_of(process: str, settings: Settings) -> Needs:
 
 
 def preflight(settings: Settings, process: str) -> None:
-    """Raise ``Problem`` unless everything ``process`` needs answers and was set up."""
-    check(settings, needs_of(process, settings))
+    """Raise ``Problem`` unless everything ``process`` needs answers and was set up, checking
+    again every 2 s for ``settings.preflight_wait`` seconds (one log line per check)."""
+    deadline = time.monotonic() + settings.preflight_wait
+    while True:
+        try:
+            return check(settings, needs_of(process, settings))
+        except Problem as problem:
+            if time.monotonic() + RECHECK > deadline:
+                raise
+            log.info("preflight.waiting", process=process, problem=problem.line())
+            time.sleep(RECHECK)
 
 
 def check(settings: Settings, needs: Needs) -> None:

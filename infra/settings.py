@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         description="Serve Prometheus metrics on this port (one per process group or relay; unset: no metrics).",
     )
     metrics_host: str = Field(default="0.0.0.0", description="Interface of the metrics server.")
+    preflight_wait: float = Field(
+        default=0.0, ge=0,
+        description="Seconds a process waits for its services and for setup before giving up (a development "
+                    "stack starts them all at once; 0: check once).",
+    )
     metrics_dir: Path | None = Field(
         default=None, description="Where a worker group's processes share metric files (default: <tmp>/cqrskit-metrics).",
     )
