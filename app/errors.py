@@ -152,9 +152,9 @@ def _broker_problem(exc: BaseException, settings: Settings | None) -> Problem | 
 
 
 def _is_dramatiq_connection(exc: BaseException) -> bool:
-    from dramatiq.errors import ConnectionError as DramatiqConnectionError
+    from dramatiq.errors import BrokerConnectionError
 
-    return isinstance(exc, DramatiqConnectionError)
+    return isinstance(exc, BrokerConnectionError)
 
 
 def _search_problem(exc: BaseException, settings: Settings | None) -> Problem | None:

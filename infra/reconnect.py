@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import structlog
-from dramatiq.errors import ConnectionError as BrokerConnectionError
+from dramatiq.errors import BrokerConnectionError
 
 log = structlog.get_logger(__name__)
 FIRST_DELAY, MAX_DELAY = 1.0, 30.0
