@@ -55,7 +55,10 @@ def main(
 
 @app.command()
 def setup(ctx: typer.Context) -> None:
-    """Migrate the write store, declare the broker topology and create the read models' indices (idempotent)."""
+    """Migrate the write store, declare the broker topology and create the read models' indices (idempotent).
+
+    Example: cqrskit setup
+    """
     from cqrskit.app.setup import setup_all
 
     setup_all(ctx.obj, console.print)
@@ -72,7 +75,10 @@ def send(
     expected_version: Annotated[Optional[int], typer.Option(help="Reject unless the aggregate is at it.")] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome (0: don't).")] = 0.0,
 ) -> None:
-    """Publish one command (TYPE --aggregate ID --data JSON) or a file of envelopes (--file)."""
+    """Publish one command (TYPE --aggregate ID --data JSON) or a file of envelopes (--file).
+
+    Example: cqrskit send RegisterCustomer --aggregate c-1 --data '{"name": "Ada", "email": "ada@example.com"}' --wait 5
+    """
     from cqrskit.app.sending import envelopes_from_file, one_envelope, send_envelopes
 
     settings: Settings = ctx.obj
@@ -103,7 +109,10 @@ def outcome(
     wait: Annotated[float, typer.Option(help="Seconds to wait for an outcome to appear.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show what became of a command: status, reason, aggregate version, event positions."""
+    """Show what became of a command: status, reason, aggregate version, event positions.
+
+    Example: cqrskit outcome 3f2c0c6e-5d1a-4b8e-9a57-0c1d2e3f4a5b --json
+    """
     from cqrskit.infra.db import make_engine
     from cqrskit.infra.store import EventStore
     from cqrskit.app import bootstrap
@@ -130,7 +139,10 @@ def worker(
     processes: Annotated[int, typer.Option("--processes", "-p", help="Worker processes.")] = 1,
     threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 8,
 ) -> None:
-    """Run command workers on the commands queue (Dramatiq), until interrupted."""
+    """Run command workers on the commands queue (Dramatiq), until interrupted.
+
+    Example: cqrskit worker --processes 2 --threads 8
+    """
     from cqrskit.app.cli_read import exec_dramatiq
 
     settings: Settings = ctx.obj
@@ -163,7 +175,10 @@ def schema(
     check: Annotated[bool, typer.Option(help="Fail if the file differs from the models.")] = False,
     path: Annotated[Path, typer.Option(help="Where the schema lives.")] = Path("docs/command-envelope.schema.json"),
 ) -> None:
-    """Write (or --check) the JSON Schema of the command envelope."""
+    """Write (or --check) the JSON Schema of the command envelope.
+
+    Example: cqrskit schema --check
+    """
     from cqrskit.infra.envelope import envelope_json_schema_text
 
     text = envelope_json_schema_text()
@@ -182,7 +197,10 @@ def gateway(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
 ) -> None:
-    """Serve the HTTP command gateway (POST /commands, GET /commands/{id}; OpenAPI at /docs)."""
+    """Serve the HTTP command gateway (POST /commands, GET /commands/{id}; OpenAPI at /docs).
+
+    Example: cqrskit gateway --host 0.0.0.0 --port 8000 --workers 2
+    """
     from cqrskit.app.bootstrap import app_of
     from cqrskit.producers.gateway import run_gateway
 
@@ -196,7 +214,10 @@ def query(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
 ) -> None:
-    """Serve the HTTP query API over the read models (OpenAPI at /docs); reads the search indices only."""
+    """Serve the HTTP query API over the read models (OpenAPI at /docs); reads the search indices only.
+
+    Example: cqrskit query --host 0.0.0.0 --port 8001
+    """
     from cqrskit.app.bootstrap import app_of
     from cqrskit.read_models.api import run_query_api
 

@@ -40,7 +40,10 @@ def status(
     watch: Annotated[Optional[float], typer.Option(help="Refresh every SECONDS until interrupted.")] = None,
 ) -> None:
     """Queue depths, dead letters, unpublished events, lag and parked documents per read model,
-    live workers and outcomes. Exit 1 when a component cannot be reached."""
+    live workers and outcomes. Exit 1 when a component cannot be reached.
+
+    Example: cqrskit status --watch 2
+    """
     settings: Settings = ctx.obj
     _quiet_clients()
     if watch is None:
@@ -151,7 +154,10 @@ def dlq_list(
     limit: Annotated[int, typer.Option(help="At most this many, from the head.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List dead letters: position, command id, type, size, reason. Leaves them in place."""
+    """List dead letters: position, command id, type, size, reason. Leaves them in place.
+
+    Example: cqrskit dlq list --limit 20
+    """
     with dead_letter_queue(ctx.obj) as queue:
         letters = [letter for _tag, letter in _letters(queue, limit)]
     if as_json:
@@ -169,7 +175,10 @@ def dlq_show(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="A position (from dlq list) or a command id.")],
 ) -> None:
-    """Show one dead letter in full: the command body, the reason and Dramatiq's traceback."""
+    """Show one dead letter in full: the command body, the reason and Dramatiq's traceback.
+
+    Example: cqrskit dlq show 1
+    """
     with dead_letter_queue(ctx.obj) as queue:
         found = next((d for _tag, d in _letters(queue, 1_000_000) if ref in (str(d.position), d.command_id)), None)
     if found is None:
@@ -191,9 +200,12 @@ def dlq_retry(
     all_: Annotated[bool, typer.Option("--all", help="Retry every dead letter.")] = False,
 ) -> None:
     """Publish the commands again (the original bodies, to the commands exchange, confirmed),
-    then remove them from the dead-letter queue. A ``dead`` outcome is deleted first so that the
-    command can run; any other outcome stays, and the command is a duplicate (G2). Bodies with no
-    readable command id are left in place: they would be dead-lettered again."""
+    then remove them from the dead-letter queue. A dead outcome is deleted first so that the
+    command can run; any other outcome stays, and the command is a duplicate. Bodies with no
+    readable command id are left in place: they would be dead-lettered again.
+
+    Example: cqrskit dlq retry 1 2 (or --all)
+    """
     if not positions and not all_:
         err.print("give positions, or --all")
         raise typer.Exit(2)
@@ -231,7 +243,10 @@ def dlq_purge(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Remove every dead letter. A command with a readable id and no outcome yet is recorded
-    ``dead`` first, so that it keeps a queryable outcome (G3)."""
+    dead first, so that it keeps a queryable outcome.
+
+    Example: cqrskit dlq purge --yes
+    """
     purged = recorded = 0
     with _store(ctx.obj) as store, dead_letter_queue(ctx.obj) as queue:
         count = queue.count()

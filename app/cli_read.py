@@ -18,7 +18,7 @@ from cqrskit.infra.settings import EMBEDDED_SEARCH, LogFormat, Settings
 
 console = Console()
 err = Console(stderr=True)
-parked_app = typer.Typer(help="Documents the indexer could not write (G7): list, show, retry, drop.",
+parked_app = typer.Typer(help="Documents the indexer could not write: list, show, retry, drop.",
                          no_args_is_help=True)
 
 
@@ -52,7 +52,10 @@ def _model(settings: Settings, name: str):  # type: ignore[no-untyped-def]
 
 
 def relay(ctx: typer.Context) -> None:
-    """Run the event relay (one active at a time; others wait as standbys) until interrupted."""
+    """Run the event relay (one active at a time; others wait as standbys) until interrupted.
+
+    Example: cqrskit relay
+    """
     from cqrskit.app.bootstrap import run_relay
 
     try:
@@ -69,7 +72,10 @@ def indexer(
     processes: Annotated[int, typer.Option("--processes", "-p", help="Indexer processes.")] = 1,
     threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 4,
 ) -> None:
-    """Run indexer workers on the indexer queue (Dramatiq), until interrupted."""
+    """Run indexer workers on the indexer queue (Dramatiq), until interrupted.
+
+    Example: cqrskit indexer --processes 2 --threads 4
+    """
     settings: Settings = ctx.obj
     if settings.embedded_broker or settings.elasticsearch_url == EMBEDDED_SEARCH:
         err.print("[red]the indexer needs a real broker and search server:[/red] set CQRSKIT_BROKER_URL and "
@@ -98,7 +104,10 @@ def verify(
     read_model: Annotated[Optional[str], typer.Argument(help="A read model of the app (default: all).")] = None,
     show: Annotated[int, typer.Option(help="How many differing ids to list per kind.")] = 10,
 ) -> None:
-    """Compare every document with a fresh projection from the write store; exit 1 when they differ."""
+    """Compare every document with a fresh projection from the write store; exit 1 when they differ.
+
+    Example: cqrskit verify orders --show 5
+    """
     from cqrskit.read_models.verify import verify as run_verify
 
     models = [_model(ctx.obj, read_model)] if read_model else None
@@ -119,7 +128,10 @@ def rebuild(
     ctx: typer.Context,
     read_model: Annotated[str, typer.Argument(help="A read model of the app (cqrskit status lists them).")],
 ) -> None:
-    """Build a new index from the write store while live indexing goes on, then swap the alias."""
+    """Build a new index from the write store while live indexing goes on, then swap the alias.
+
+    Example: cqrskit rebuild orders
+    """
     from cqrskit.read_models.rebuild import rebuild as run_rebuild
 
     model = _model(ctx.obj, read_model)
@@ -136,7 +148,10 @@ def rebuild(
 
 @parked_app.command("list")
 def parked_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many.")] = 100) -> None:
-    """List parked documents with their errors."""
+    """List parked documents with their errors.
+
+    Example: cqrskit parked list --limit 20
+    """
     from cqrskit.read_models.parking import list_parked
 
     with read_side(ctx.obj) as rt:
@@ -150,7 +165,10 @@ def parked_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At 
 
 @parked_app.command("show")
 def parked_show(ctx: typer.Context, parked_id: Annotated[int, typer.Argument(help="The parked entry's id.")]) -> None:
-    """Show one parked document: its full error and the event positions that touched it."""
+    """Show one parked document: its full error and the event positions that touched it.
+
+    Example: cqrskit parked show 3
+    """
     from cqrskit.read_models.parking import get_parked
 
     with read_side(ctx.obj) as rt:
@@ -170,7 +188,10 @@ def parked_retry(
     ids: Annotated[Optional[list[int]], typer.Argument(help="Parked entry ids.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Retry every parked document.")] = False,
 ) -> None:
-    """Compute the parked documents again and write them; entries that now succeed are removed."""
+    """Compute the parked documents again and write them; entries that now succeed are removed.
+
+    Example: cqrskit parked retry --all
+    """
     from cqrskit.read_models.parking import get_parked
 
     if not ids and not all_:
@@ -192,7 +213,10 @@ def parked_drop(
     ids: Annotated[Optional[list[int]], typer.Argument(help="Parked entry ids.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Drop every parked entry.")] = False,
 ) -> None:
-    """Forget parked entries (the documents stay as they are in the index)."""
+    """Forget parked entries (the documents stay as they are in the index).
+
+    Example: cqrskit parked drop 3 4
+    """
     from cqrskit.read_models.parking import drop_parked
 
     if not ids and not all_:

@@ -120,7 +120,10 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print the page as JSON.")] = False,
 ) -> None:
     """Search a read model: full text, the model's declared filters (as --options), sort, facets;
-    prints a table (or --json). Example: cqrskit search bookings --text ada --status booked --facets"""
+    prints a table (or --json).
+
+    Example: cqrskit search orders --text ada --status shipped --facets
+    """
     from elastic_transport import TransportError
     from elasticsearch import ApiError
 

@@ -201,7 +201,11 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
 class CliGroup(TyperGroup):
     """The ``cqrskit`` group: a ``Problem`` (or an error ``explain`` understands) from any verb
     ends the command with its one line and exit status 2; ``--debug`` lets the traceback through.
-    Ctrl-C ends quietly with status 130."""
+    Ctrl-C ends quietly with status 130. Flags show no type placeholder in --help."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        _plain_flags(self)
 
     def invoke(self, ctx: typer.Context) -> object:  # type: ignore[override]
         try:
@@ -218,3 +222,21 @@ class CliGroup(TyperGroup):
                 raise
             typer.echo(problem.line(), err=True)
             raise typer.Exit(problem.exit_code) from None
+
+
+def _plain_flags(command: object) -> None:
+    """``--json`` rather than ``--json <bool>`` in the help of ``command`` and its sub-commands."""
+    for param in getattr(command, "params", []):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    help_option = getattr(command, "get_help_option", None)
+    if help_option is not None:
+        def plain_help_option(ctx: object) -> object:
+            option = help_option(ctx)
+            if option is not None and option.metavar is None:
+                option.metavar = ""
+            return option
+
+        command.get_help_option = plain_help_option  # type: ignore[attr-defined]
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
