@@ -6,6 +6,7 @@ worker`` and ``cqrskit indexer`` exec this module with ``--skip-logging``."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -15,9 +16,23 @@ def main() -> int:
     from cqrskit.infra.logs import configure_logging
     from cqrskit.infra.settings import load_settings
 
-    configure_logging(load_settings())
+    settings = load_settings()
+    configure_logging(settings)
     sys.argv[0] = "dramatiq"
-    return int(dramatiq_main() or 0)
+    try:
+        return int(dramatiq_main() or 0)
+    finally:
+        remove_group_directory(settings)
+
+
+def remove_group_directory(settings: object) -> None:
+    """The metric files of this group's processes (this process is their Dramatiq parent) go
+    when the group stops."""
+    import shutil
+
+    from cqrskit.workers.metrics import group_directory_of
+
+    shutil.rmtree(group_directory_of(settings, os.getpid()), ignore_errors=True)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

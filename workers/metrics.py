@@ -69,7 +69,12 @@ def worker_metrics(settings: Settings, runtime: Any, kind: str,
 def group_directory(settings: Settings) -> Path:
     """Where the processes of this Dramatiq group (workers and the metrics server, all children
     of one Dramatiq parent) keep their metric files."""
-    return _base_directory(settings) / f"group-{os.getppid()}"
+    return group_directory_of(settings, os.getppid())
+
+
+def group_directory_of(settings: Settings, parent_pid: int) -> Path:
+    """The metric files of the worker group whose Dramatiq parent is ``parent_pid``."""
+    return _base_directory(settings) / f"group-{parent_pid}"
 
 
 def _base_directory(settings: Settings) -> Path:
