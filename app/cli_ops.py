@@ -30,6 +30,7 @@ from cqrskit.infra.store import EventStore
 
 console = Console()
 err = Console(stderr=True)
+RATE_WINDOW = 2.0  # seconds between the two snapshots of a single `status`
 dlq_app = typer.Typer(help="The commands' dead-letter queue: list, show, retry, purge.", no_args_is_help=True)
 
 
@@ -39,28 +40,40 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one document per refresh with --watch).")] = False,
     watch: Annotated[Optional[float], typer.Option(help="Refresh every SECONDS until interrupted.")] = None,
 ) -> None:
-    """Queue depths, dead letters, unpublished events, lag and parked documents per read model,
-    live workers and outcomes. Exit 1 when a component cannot be reached.
+    """The endpoints checked; rates (commands, events appended and published, new documents per
+    second, over 2 s or between refreshes); queue depths, dead letters, unpublished events, lag
+    and parked documents per read model, live workers and outcomes. Exit 1 when a component
+    cannot be reached.
 
     Example: cqrskit status --watch 2
     """
     settings: Settings = ctx.obj
     _quiet_clients()
     if watch is None:
-        snapshot = gather_status(settings)
+        first = gather_status(settings)
+        time.sleep(RATE_WINDOW)
+        snapshot = gather_status(settings).with_rates(first)
         _show(snapshot, as_json)
         raise typer.Exit(0 if snapshot.healthy else 1)
     try:
+        previous = gather_status(settings)
         if as_json:
-            while True:
-                _show(gather_status(settings), True)
-                time.sleep(watch)
-        with Live(render_status(gather_status(settings)), console=console, auto_refresh=False) as live:
+            _show(previous, True)
+        with Live(render_status(previous), console=console, auto_refresh=False) if not as_json else _nothing() as live:
             while True:
                 time.sleep(watch)
-                live.update(render_status(gather_status(settings)), refresh=True)
+                previous = gather_status(settings).with_rates(previous)
+                if live is None:
+                    _show(previous, True)
+                else:
+                    live.update(render_status(previous), refresh=True)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
 
 
 def _quiet_clients() -> None:
@@ -102,7 +115,7 @@ def render_status(s: PipelineStatus) -> Group:
         lag = _n(m.lag_events) + ("+" if m.lag_exact is False else "")
         models.add_row(name, index, _n(m.documents), f"[red]{m.parked}[/]" if m.parked else _n(m.parked), lag,
                        _n(m.lag_seconds))
-    parts += [relay, models]
+    parts += [_rates_line(s), relay, models]
     if s.outcomes is not None:
         outcomes = Table(*s.outcomes, title="outcomes", title_justify="left")
         outcomes.add_row(*(str(n) for n in s.outcomes.values()))
@@ -112,6 +125,14 @@ def render_status(s: PipelineStatus) -> Group:
               f"relay {w.relay or 'none'}   dead letters: "
               + (", ".join(f"{k} {_n(v)}" for k, v in s.dead_letters.items()) or "?")]
     return Group(*parts)
+
+
+def _rates_line(s: PipelineStatus) -> str:
+    if s.rates is None:
+        return "rates: from the next refresh"
+    r = s.rates
+    return (f"[bold]rates[/bold] over {r.window_seconds:g} s: {_n(r.commands)} commands/s, {_n(r.events)} events/s "
+            f"appended, {_n(r.published)} published/s, {_n(r.documents)} new documents/s")
 
 
 def _n(value: int | float | None) -> str:

@@ -98,6 +98,16 @@ class Workers(BaseModel):
     relay: str | None = Field(default=None, description="The active relay (lease holder).")
 
 
+class Rates(BaseModel):
+    """Per second, between two snapshots ``window_seconds`` apart (null when a side was unreachable)."""
+
+    window_seconds: float
+    commands: float | None = Field(default=None, description="Outcomes recorded (commands decided).")
+    events: float | None = Field(default=None, description="Events appended to the write store.")
+    published: float | None = Field(default=None, description="Events the relay published.")
+    documents: float | None = Field(default=None, description="New documents in the read models.")
+
+
 class PipelineStatus(BaseModel):
     """The pipeline at one moment (``cqrskit status``); not a command's outcome status."""
 
@@ -109,10 +119,32 @@ class PipelineStatus(BaseModel):
     relay: RelayState = Field(default_factory=RelayState)
     read_models: dict[str, ReadModelState] = Field(default_factory=dict)
     workers: Workers = Field(default_factory=Workers)
+    rates: Rates | None = None
 
     @property
     def healthy(self) -> bool:
         return all(c.reachable for c in self.components.values())
+
+    def totals(self) -> dict[str, int | None]:
+        """The counters that ``with_rates`` differentiates."""
+        r = self.relay
+        appended = None if r.checkpoint_position is None or r.unpublished_events is None \
+            else r.checkpoint_position + r.unpublished_events
+        documents = [m.documents for m in self.read_models.values()]
+        return {"commands": None if self.outcomes is None else sum(self.outcomes.values()), "events": appended,
+                "published": r.checkpoint_position,
+                "documents": None if not documents or None in documents else sum(documents)}  # type: ignore[arg-type]
+
+    def with_rates(self, before: PipelineStatus) -> PipelineStatus:
+        """This snapshot with the rates since ``before``."""
+        window = (self.taken_at - before.taken_at).total_seconds()
+        if window <= 0:
+            return self
+        now, then = self.totals(), before.totals()
+        per_second = {k: None if now[k] is None or then[k] is None else round(max(0, now[k] - then[k]) / window, 1)
+                      for k in now}  # type: ignore[operator]
+        self.rates = Rates(window_seconds=round(window, 2), **per_second)
+        return self
 
 
 def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None, lag_window: int = LAG_WINDOW) -> PipelineStatus:
