@@ -20,7 +20,7 @@ from cqrskit.infra.settings import DEFAULT_APP, LogFormat, Settings, load_settin
 app = typer.Typer(help="cqrskit: message-queue driven CQRS workers.", no_args_is_help=True, add_completion=False,
                   cls=CliGroup)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
 
 
 @app.callback()
@@ -204,6 +204,9 @@ def gateway(
     from cqrskit.app.bootstrap import app_of
     from cqrskit.producers.gateway import run_gateway
 
+    if ctx.obj.embedded_broker:
+        err.print("[red]the gateway publishes to RabbitMQ:[/red] set CQRSKIT_BROKER_URL=amqp://...")
+        raise typer.Exit(2)
     preflight(ctx.obj, "gateway")
     run_gateway(ctx.obj, app_of(ctx.obj).registry, host, port, workers, factory="cqrskit.app.processes:gateway_app")
 

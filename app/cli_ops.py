@@ -29,7 +29,7 @@ from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import EventStore
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
 RATE_WINDOW = 2.0  # seconds between the two snapshots of a single `status`
 dlq_app = typer.Typer(help="The commands' dead-letter queue: list, show, retry, purge.", no_args_is_help=True)
 

@@ -17,7 +17,7 @@ from cqrskit.app.preflight import preflight
 from cqrskit.infra.settings import EMBEDDED_SEARCH, LogFormat, Settings
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
 parked_app = typer.Typer(help="Documents the indexer could not write: list, show, retry, drop.",
                          no_args_is_help=True)
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
 COMMON = ("text", "sort", "order", "size", "cursor", "facets")
 
 
