@@ -106,7 +106,7 @@ def verify(
 ) -> None:
     """Compare every document with a fresh projection from the write store; exit 1 when they differ.
 
-    Example: cqrskit verify orders --show 5
+    Example: cqrskit verify --show 5
     """
     from cqrskit.read_models.verify import verify as run_verify
 
@@ -130,7 +130,7 @@ def rebuild(
 ) -> None:
     """Build a new index from the write store while live indexing goes on, then swap the alias.
 
-    Example: cqrskit rebuild orders
+    Example: cqrskit rebuild bookings
     """
     from cqrskit.read_models.rebuild import rebuild as run_rebuild
 

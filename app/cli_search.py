@@ -122,7 +122,7 @@ def search(
     """Search a read model: full text, the model's declared filters (as --options), sort, facets;
     prints a table (or --json).
 
-    Example: cqrskit search orders --text ada --status shipped --facets
+    Example: cqrskit search bookings --text ada --status booked --facets
     """
     from elastic_transport import TransportError
     from elasticsearch import ApiError

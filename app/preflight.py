@@ -172,7 +172,7 @@ def _indices(settings: Settings, aliases: bool) -> None:
     es = make_client(settings.elasticsearch_url, timeout=TIMEOUT)
     try:
         es.info()
-        for model in bootstrap.read_models() if aliases else ():
+        for model in bootstrap.app_of(settings).read_models if aliases else ():
             name = alias(settings.index_prefix, model.name)
             if not es.indices.exists_alias(name=name):
                 raise Problem(SEARCH, settings.elasticsearch_url, f"the read model {name!r} has no index", SETUP)

@@ -13,6 +13,7 @@ import re
 import httpx
 from dramatiq.middleware import prometheus as dramatiq_prometheus
 
+from cqrskit.app.bootstrap import app_of
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.settings import Settings
 from cqrskit.read_models.api import create_app
@@ -48,7 +49,8 @@ def relay_families(sqlite_url: str) -> set[str]:
 
 def http_families() -> set[str]:
     async def scrape() -> str:
-        app = create_app(Settings(elasticsearch_url="http://127.0.0.1:9"))
+        settings = Settings(elasticsearch_url="http://127.0.0.1:9")
+        app = create_app(settings, app_of(settings).read_models)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://query") as client:
             return (await client.get("/metrics")).text
 

@@ -24,7 +24,7 @@ def test_the_query_api_logs_each_request_and_serves_metrics(search_url: str, ind
     from cqrskit.infra.db import make_engine
 
     engine, es = make_engine(sqlite_url), make_client(search_url)
-    for model in bootstrap.read_models():
+    for model in bootstrap.app_of(settings).read_models:
         ensure(es, engine, index_prefix, model)
     stream = io.StringIO()
     configure_logging(settings, stream=stream)
