@@ -36,7 +36,7 @@ def test_the_query_api_logs_each_request_and_serves_metrics(search_url: str, ind
     counted = {(s.labels["route"], s.labels["status"]): s.value
                for family in text_string_to_metric_families(metrics.text) for s in family.samples
                if s.name == "cqrskit_http_requests_total" and s.labels["service"] == "query"}
-    assert counted == {("/customers", "200"): 1.0, ("/customers/{customer_id}", "404"): 1.0}, metrics.text
+    assert counted == {("/customers", "200"): 1.0, ("/customers/{doc_id}", "404"): 1.0}, metrics.text
     lines = [json.loads(line) for line in stream.getvalue().splitlines() if '"http.request"' in line]
     assert [(l["path"], l["status"], l["level"]) for l in lines if l["path"] != "/metrics"] == [
         ("/customers", 200, "info"), ("/customers/nobody", 404, "info")]
