@@ -16,7 +16,7 @@ from cqrskit.infra.reconnect import quiet_restarts
 from cqrskit.infra.settings import LogFormat, Settings
 
 _configured = False
-# Libraries' own lines, below DEBUG: pika reports each failed connection attempt in four ERROR
+# Libraries' own lines, at every level (DEBUG included): pika reports each failed connection attempt in four ERROR
 # lines with tracebacks (the caller reports the failure once); the search client logs every
 # request at INFO and each failed node at WARNING (the caller reports the error).
 LIBRARY_LEVELS = {
@@ -66,7 +66,6 @@ def configure_logging(settings: Settings, *, stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    quiet = settings.log_level.upper() != "DEBUG"
     for name, level in LIBRARY_LEVELS.items():
-        logging.getLogger(name).setLevel(level if quiet else logging.NOTSET)
+        logging.getLogger(name).setLevel(level)
     _configured = True
