@@ -12,12 +12,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cqrskit.app.errors import CliGroup, unknown_variables
+from cqrskit.app.preflight import preflight
 from cqrskit.infra.logs import configure_logging
 from cqrskit.infra.settings import DEFAULT_APP, LogFormat, Settings, load_settings
 
-app = typer.Typer(help="cqrskit: message-queue driven CQRS workers.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(help="cqrskit: message-queue driven CQRS workers.", no_args_is_help=True, add_completion=False,
+                  cls=CliGroup)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
 
 
 @app.callback()
@@ -30,17 +33,16 @@ def main(
     log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING...")] = None,
     app_: Annotated[Optional[str], typer.Option("--app", help="The app to run, module:attribute (env CQRSKIT_APP; "
                                                 f"default: {DEFAULT_APP}).")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
 ) -> None:
     from cqrskit.app.bootstrap import AppError, app_of
 
-    try:
-        settings = load_settings(
-            database_url=database_url, broker_url=broker_url, elasticsearch_url=elasticsearch_url,
-            log_format=log_format, log_level=log_level, app=app_,
-        )
-    except ValueError as exc:
-        err.print(f"[red]configuration error:[/red] {escape(_first_line(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    for warning in unknown_variables():
+        typer.echo(f"warning: {warning}", err=True)
+    settings = load_settings(  # a mistake ends here with one line (cqrskit.app.errors.CliGroup)
+        database_url=database_url, broker_url=broker_url, elasticsearch_url=elasticsearch_url,
+        log_format=log_format, log_level=log_level, app=app_,
+    )
     if ctx.invoked_subcommand not in ("schema", "new"):
         try:
             app_of(settings)  # resolved once, here; a bad CQRSKIT_APP is one line, not a traceback
@@ -51,17 +53,12 @@ def main(
     ctx.obj = settings
 
 
-def _first_line(exc: ValueError) -> str:
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-    return str(exc)
-
-
 @app.command()
 def setup(ctx: typer.Context) -> None:
-    """Migrate the write store, declare the broker topology and create the read models' indices (idempotent)."""
+    """Migrate the write store, declare the broker topology and create the read models' indices (idempotent).
+
+    Example: cqrskit setup
+    """
     from cqrskit.app.setup import setup_all
 
     setup_all(ctx.obj, console.print)
@@ -78,10 +75,15 @@ def send(
     expected_version: Annotated[Optional[int], typer.Option(help="Reject unless the aggregate is at it.")] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome (0: don't).")] = 0.0,
 ) -> None:
-    """Publish one command (TYPE --aggregate ID --data JSON) or a file of envelopes (--file)."""
+    """Publish one command (TYPE --aggregate ID --data JSON) or a file of envelopes (--file).
+
+    Example: cqrskit send RegisterCustomer --aggregate c-1 --data '{"name": "Ada", "email": "ada@example.com"}' --wait 5
+    """
     from cqrskit.app.sending import envelopes_from_file, one_envelope, send_envelopes
 
     settings: Settings = ctx.obj
+    if not settings.embedded_broker:
+        preflight(settings, "send-wait" if wait > 0 else "send")
     if file is not None:
         envelopes = envelopes_from_file(file, err)
     elif type and aggregate:
@@ -107,11 +109,15 @@ def outcome(
     wait: Annotated[float, typer.Option(help="Seconds to wait for an outcome to appear.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show what became of a command: status, reason, aggregate version, event positions."""
+    """Show what became of a command: status, reason, aggregate version, event positions.
+
+    Example: cqrskit outcome 3f2c0c6e-5d1a-4b8e-9a57-0c1d2e3f4a5b --json
+    """
     from cqrskit.infra.db import make_engine
     from cqrskit.infra.store import EventStore
     from cqrskit.app import bootstrap
 
+    preflight(ctx.obj, "outcome")
     store = EventStore(make_engine(ctx.obj.database_url), bootstrap.app_of(ctx.obj).registry)
     deadline = time.monotonic() + wait
     found = store.outcome(command_id)
@@ -133,13 +139,17 @@ def worker(
     processes: Annotated[int, typer.Option("--processes", "-p", help="Worker processes.")] = 1,
     threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 8,
 ) -> None:
-    """Run command workers on the commands queue (Dramatiq), until interrupted."""
+    """Run command workers on the commands queue (Dramatiq), until interrupted.
+
+    Example: cqrskit worker --processes 2 --threads 8
+    """
     from cqrskit.app.cli_read import exec_dramatiq
 
     settings: Settings = ctx.obj
     if settings.embedded_broker:
         err.print("[red]the command worker needs a real broker:[/red] set CQRSKIT_BROKER_URL=amqp://...")
         raise typer.Exit(2)
+    preflight(settings, "worker")
     exec_dramatiq(settings, "cqrskit.app.processes:command_worker", settings.commands_queue, processes, threads)
 
 
@@ -149,13 +159,15 @@ def demo(
     size: Annotated[int, typer.Option(help="Roughly how many commands to send.")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed of the load.")] = 7,
 ) -> None:
-    """Run the whole pipeline on the embedded default (or the configured services) under the app's demo load."""
+    """Run the whole pipeline on the embedded default (or the configured services) under the app's demo load.
+
+    Each run on the embedded default starts clean; the logs go to var/cqrskit-demo.log.
+
+    Example: cqrskit demo --size 5000
+    """
     from cqrskit.app.demo import run_demo
 
-    settings: Settings = ctx.obj
-    if "log_level" not in settings.model_fields_set:  # the tables tell the story; keep worker logs quiet
-        configure_logging(settings.model_copy(update={"log_level": "WARNING"}))
-    raise typer.Exit(run_demo(settings, size=size, seed=seed, console=console))
+    raise typer.Exit(run_demo(ctx.obj, size=size, seed=seed, console=console))
 
 
 @app.command()
@@ -163,7 +175,10 @@ def schema(
     check: Annotated[bool, typer.Option(help="Fail if the file differs from the models.")] = False,
     path: Annotated[Path, typer.Option(help="Where the schema lives.")] = Path("docs/command-envelope.schema.json"),
 ) -> None:
-    """Write (or --check) the JSON Schema of the command envelope."""
+    """Write (or --check) the JSON Schema of the command envelope.
+
+    Example: cqrskit schema --check
+    """
     from cqrskit.infra.envelope import envelope_json_schema_text
 
     text = envelope_json_schema_text()
@@ -182,10 +197,17 @@ def gateway(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
 ) -> None:
-    """Serve the HTTP command gateway (POST /commands, GET /commands/{id}; OpenAPI at /docs)."""
+    """Serve the HTTP command gateway (POST /commands, GET /commands/{id}; OpenAPI at /docs).
+
+    Example: cqrskit gateway --host 0.0.0.0 --port 8000 --workers 2
+    """
     from cqrskit.app.bootstrap import app_of
     from cqrskit.producers.gateway import run_gateway
 
+    if ctx.obj.embedded_broker:
+        err.print("[red]the gateway publishes to RabbitMQ:[/red] set CQRSKIT_BROKER_URL=amqp://...")
+        raise typer.Exit(2)
+    preflight(ctx.obj, "gateway")
     run_gateway(ctx.obj, app_of(ctx.obj).registry, host, port, workers, factory="cqrskit.app.processes:gateway_app")
 
 
@@ -195,11 +217,15 @@ def query(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
 ) -> None:
-    """Serve the HTTP query API over the read models (OpenAPI at /docs); reads the search indices only."""
+    """Serve the HTTP query API over the read models (OpenAPI at /docs); reads the search indices only.
+
+    Example: cqrskit query --host 0.0.0.0 --port 8001
+    """
     from cqrskit.app.bootstrap import app_of
     from cqrskit.read_models.api import run_query_api
 
     app_ = app_of(ctx.obj)
+    preflight(ctx.obj, "query")
     try:
         run_query_api(ctx.obj, app_.read_models, app_.queries, host, port)
     except ValueError as exc:
@@ -244,6 +270,7 @@ def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
     return "".join(f"\n  {e['loc']}: {e['msg']}" for e in (errors or [])[:10])
 
 
+from cqrskit.app.cli_dev import register as register_dev  # noqa: E402
 from cqrskit.app.cli_ops import register as register_ops  # noqa: E402
 from cqrskit.app.cli_read import register  # noqa: E402
 from cqrskit.app.cli_search import register as register_search  # noqa: E402
@@ -251,3 +278,4 @@ from cqrskit.app.cli_search import register as register_search  # noqa: E402
 register(app)
 register_search(app)
 register_ops(app)
+register_dev(app)

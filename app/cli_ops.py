@@ -29,7 +29,8 @@ from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import EventStore
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
+RATE_WINDOW = 2.0  # seconds between the two snapshots of a single `status`
 dlq_app = typer.Typer(help="The commands' dead-letter queue: list, show, retry, purge.", no_args_is_help=True)
 
 
@@ -39,25 +40,40 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one document per refresh with --watch).")] = False,
     watch: Annotated[Optional[float], typer.Option(help="Refresh every SECONDS until interrupted.")] = None,
 ) -> None:
-    """Queue depths, dead letters, unpublished events, lag and parked documents per read model,
-    live workers and outcomes. Exit 1 when a component cannot be reached."""
+    """The endpoints checked; rates (commands, events appended and published, new documents per
+    second, over 2 s or between refreshes); queue depths, dead letters, unpublished events, lag
+    and parked documents per read model, live workers and outcomes. Exit 1 when a component
+    cannot be reached.
+
+    Example: cqrskit status --watch 2
+    """
     settings: Settings = ctx.obj
     _quiet_clients()
     if watch is None:
-        snapshot = gather_status(settings)
+        first = gather_status(settings)
+        time.sleep(RATE_WINDOW)
+        snapshot = gather_status(settings).with_rates(first)
         _show(snapshot, as_json)
         raise typer.Exit(0 if snapshot.healthy else 1)
     try:
+        previous = gather_status(settings)
         if as_json:
-            while True:
-                _show(gather_status(settings), True)
-                time.sleep(watch)
-        with Live(render_status(gather_status(settings)), console=console, auto_refresh=False) as live:
+            _show(previous, True)
+        with Live(render_status(previous), console=console, auto_refresh=False) if not as_json else _nothing() as live:
             while True:
                 time.sleep(watch)
-                live.update(render_status(gather_status(settings)), refresh=True)
+                previous = gather_status(settings).with_rates(previous)
+                if live is None:
+                    _show(previous, True)
+                else:
+                    live.update(render_status(previous), refresh=True)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
 
 
 def _quiet_clients() -> None:
@@ -75,7 +91,9 @@ def _show(snapshot: PipelineStatus, as_json: bool) -> None:
 
 def render_status(s: PipelineStatus) -> Group:
     parts: list[Any] = [f"[bold]cqrskit status[/bold] at {s.taken_at:%Y-%m-%d %H:%M:%S} UTC   " + "   ".join(
-        f"{name}: " + ("[green]up[/]" if c.reachable else f"[red]down[/] ({escape(c.error or '')})") for name, c in s.components.items())]
+        f"{name}: " + ("[green]up[/]" if c.reachable else "[red]down[/]") for name, c in s.components.items())]
+    parts += [f"  {name} [dim]{escape(c.endpoint or '')}[/]" + ("" if c.reachable else f": [red]{escape(c.error or '')}[/]")
+              for name, c in s.components.items()]
     queues = Table("queue", "name", "ready", "consumers", title="queues", title_justify="left")
     for role, q in s.queues.items():
         style = "red" if role.endswith(".XQ") and q.ready else ""
@@ -97,7 +115,7 @@ def render_status(s: PipelineStatus) -> Group:
         lag = _n(m.lag_events) + ("+" if m.lag_exact is False else "")
         models.add_row(name, index, _n(m.documents), f"[red]{m.parked}[/]" if m.parked else _n(m.parked), lag,
                        _n(m.lag_seconds))
-    parts += [relay, models]
+    parts += [_rates_line(s), relay, models]
     if s.outcomes is not None:
         outcomes = Table(*s.outcomes, title="outcomes", title_justify="left")
         outcomes.add_row(*(str(n) for n in s.outcomes.values()))
@@ -107,6 +125,14 @@ def render_status(s: PipelineStatus) -> Group:
               f"relay {w.relay or 'none'}   dead letters: "
               + (", ".join(f"{k} {_n(v)}" for k, v in s.dead_letters.items()) or "?")]
     return Group(*parts)
+
+
+def _rates_line(s: PipelineStatus) -> str:
+    if s.rates is None:
+        return "rates: from the next refresh"
+    r = s.rates
+    return (f"[bold]rates[/bold] over {r.window_seconds:g} s: {_n(r.commands)} commands/s, {_n(r.events)} events/s "
+            f"appended, {_n(r.published)} published/s, {_n(r.documents)} new documents/s")
 
 
 def _n(value: int | float | None) -> str:
@@ -149,7 +175,10 @@ def dlq_list(
     limit: Annotated[int, typer.Option(help="At most this many, from the head.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List dead letters: position, command id, type, size, reason. Leaves them in place."""
+    """List dead letters: position, command id, type, size, reason. Leaves them in place.
+
+    Example: cqrskit dlq list --limit 20
+    """
     with dead_letter_queue(ctx.obj) as queue:
         letters = [letter for _tag, letter in _letters(queue, limit)]
     if as_json:
@@ -167,7 +196,10 @@ def dlq_show(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="A position (from dlq list) or a command id.")],
 ) -> None:
-    """Show one dead letter in full: the command body, the reason and Dramatiq's traceback."""
+    """Show one dead letter in full: the command body, the reason and Dramatiq's traceback.
+
+    Example: cqrskit dlq show 1
+    """
     with dead_letter_queue(ctx.obj) as queue:
         found = next((d for _tag, d in _letters(queue, 1_000_000) if ref in (str(d.position), d.command_id)), None)
     if found is None:
@@ -189,9 +221,12 @@ def dlq_retry(
     all_: Annotated[bool, typer.Option("--all", help="Retry every dead letter.")] = False,
 ) -> None:
     """Publish the commands again (the original bodies, to the commands exchange, confirmed),
-    then remove them from the dead-letter queue. A ``dead`` outcome is deleted first so that the
-    command can run; any other outcome stays, and the command is a duplicate (G2). Bodies with no
-    readable command id are left in place: they would be dead-lettered again."""
+    then remove them from the dead-letter queue. A dead outcome is deleted first so that the
+    command can run; any other outcome stays, and the command is a duplicate. Bodies with no
+    readable command id are left in place: they would be dead-lettered again.
+
+    Example: cqrskit dlq retry 1 2 (or --all)
+    """
     if not positions and not all_:
         err.print("give positions, or --all")
         raise typer.Exit(2)
@@ -229,7 +264,10 @@ def dlq_purge(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Remove every dead letter. A command with a readable id and no outcome yet is recorded
-    ``dead`` first, so that it keeps a queryable outcome (G3)."""
+    dead first, so that it keeps a queryable outcome.
+
+    Example: cqrskit dlq purge --yes
+    """
     purged = recorded = 0
     with _store(ctx.obj) as store, dead_letter_queue(ctx.obj) as queue:
         count = queue.count()

@@ -13,11 +13,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.app.preflight import preflight
+from cqrskit.infra.settings import EMBEDDED_SEARCH, LogFormat, Settings
 
 console = Console()
-err = Console(stderr=True)
-parked_app = typer.Typer(help="Documents the indexer could not write (G7): list, show, retry, drop.",
+err = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
+parked_app = typer.Typer(help="Documents the indexer could not write: list, show, retry, drop.",
                          no_args_is_help=True)
 
 
@@ -30,6 +31,7 @@ def read_side(settings: Settings) -> Iterator:  # type: ignore[type-arg]
         err.print("[red]this command needs a search server:[/red] set CQRSKIT_ELASTICSEARCH_URL=http://... "
                   "(the embedded one lives inside `cqrskit demo`)")
         raise typer.Exit(2)
+    preflight(settings, "read-side")
     runtime = bootstrap.runtime(settings)
     try:
         yield runtime
@@ -50,10 +52,15 @@ def _model(settings: Settings, name: str):  # type: ignore[no-untyped-def]
 
 
 def relay(ctx: typer.Context) -> None:
-    """Run the event relay (one active at a time; others wait as standbys) until interrupted."""
+    """Run the event relay (one active at a time; others wait as standbys) until interrupted.
+
+    Example: cqrskit relay
+    """
     from cqrskit.app.bootstrap import run_relay
 
     try:
+        if not ctx.obj.embedded_broker:
+            preflight(ctx.obj, "relay")
         run_relay(ctx.obj)
     except ValueError as exc:
         err.print(f"[red]{exc}[/red]")
@@ -65,12 +72,16 @@ def indexer(
     processes: Annotated[int, typer.Option("--processes", "-p", help="Indexer processes.")] = 1,
     threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 4,
 ) -> None:
-    """Run indexer workers on the indexer queue (Dramatiq), until interrupted."""
+    """Run indexer workers on the indexer queue (Dramatiq), until interrupted.
+
+    Example: cqrskit indexer --processes 2 --threads 4
+    """
     settings: Settings = ctx.obj
     if settings.embedded_broker or settings.elasticsearch_url == EMBEDDED_SEARCH:
         err.print("[red]the indexer needs a real broker and search server:[/red] set CQRSKIT_BROKER_URL and "
                   "CQRSKIT_ELASTICSEARCH_URL")
         raise typer.Exit(2)
+    preflight(settings, "indexer")
     exec_dramatiq(settings, "cqrskit.app.processes:indexer_worker", settings.indexer_queue, processes, threads)
 
 
@@ -81,8 +92,10 @@ def exec_dramatiq(settings: Settings, factory: str, queue: str, processes: int, 
 
     os.environ.update(settings.environment())
     os.environ[THREADS] = str(threads)
-    args = ["dramatiq", factory, "--processes", str(processes), "--threads", str(threads),
-            "--queues", queue, f"{queue}.DQ"]
+    if settings.log_format == LogFormat.auto:  # the children log through a pipe: decide for them
+        os.environ["CQRSKIT_LOG_FORMAT"] = (LogFormat.console if sys.stderr.isatty() else LogFormat.json).value
+    args = ["cqrskit.app.dramatiq_main", factory, "--processes", str(processes), "--threads", str(threads),
+            "--queues", queue, f"{queue}.DQ", "--skip-logging"]
     os.execvp(sys.executable, [sys.executable, "-m", *args])
 
 
@@ -91,7 +104,10 @@ def verify(
     read_model: Annotated[Optional[str], typer.Argument(help="A read model of the app (default: all).")] = None,
     show: Annotated[int, typer.Option(help="How many differing ids to list per kind.")] = 10,
 ) -> None:
-    """Compare every document with a fresh projection from the write store; exit 1 when they differ."""
+    """Compare every document with a fresh projection from the write store; exit 1 when they differ.
+
+    Example: cqrskit verify --show 5
+    """
     from cqrskit.read_models.verify import verify as run_verify
 
     models = [_model(ctx.obj, read_model)] if read_model else None
@@ -112,7 +128,10 @@ def rebuild(
     ctx: typer.Context,
     read_model: Annotated[str, typer.Argument(help="A read model of the app (cqrskit status lists them).")],
 ) -> None:
-    """Build a new index from the write store while live indexing goes on, then swap the alias."""
+    """Build a new index from the write store while live indexing goes on, then swap the alias.
+
+    Example: cqrskit rebuild bookings
+    """
     from cqrskit.read_models.rebuild import rebuild as run_rebuild
 
     model = _model(ctx.obj, read_model)
@@ -129,7 +148,10 @@ def rebuild(
 
 @parked_app.command("list")
 def parked_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many.")] = 100) -> None:
-    """List parked documents with their errors."""
+    """List parked documents with their errors.
+
+    Example: cqrskit parked list --limit 20
+    """
     from cqrskit.read_models.parking import list_parked
 
     with read_side(ctx.obj) as rt:
@@ -143,7 +165,10 @@ def parked_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At 
 
 @parked_app.command("show")
 def parked_show(ctx: typer.Context, parked_id: Annotated[int, typer.Argument(help="The parked entry's id.")]) -> None:
-    """Show one parked document: its full error and the event positions that touched it."""
+    """Show one parked document: its full error and the event positions that touched it.
+
+    Example: cqrskit parked show 3
+    """
     from cqrskit.read_models.parking import get_parked
 
     with read_side(ctx.obj) as rt:
@@ -163,7 +188,10 @@ def parked_retry(
     ids: Annotated[Optional[list[int]], typer.Argument(help="Parked entry ids.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Retry every parked document.")] = False,
 ) -> None:
-    """Compute the parked documents again and write them; entries that now succeed are removed."""
+    """Compute the parked documents again and write them; entries that now succeed are removed.
+
+    Example: cqrskit parked retry --all
+    """
     from cqrskit.read_models.parking import get_parked
 
     if not ids and not all_:
@@ -185,7 +213,10 @@ def parked_drop(
     ids: Annotated[Optional[list[int]], typer.Argument(help="Parked entry ids.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Drop every parked entry.")] = False,
 ) -> None:
-    """Forget parked entries (the documents stay as they are in the index)."""
+    """Forget parked entries (the documents stay as they are in the index).
+
+    Example: cqrskit parked drop 3 4
+    """
     from cqrskit.read_models.parking import drop_parked
 
     if not ids and not all_:

@@ -18,7 +18,7 @@ from rich.table import Table
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
 COMMON = ("text", "sort", "order", "size", "cursor", "facets")
 
 
@@ -136,7 +136,10 @@ def search(
     params: Annotated[bool, typer.Option("--params", help="List the read model's parameters and exit.")] = False,
 ) -> None:
     """Search a read model: full text, the model's declared filters (as --options), sort, facets;
-    prints a table (or --json). Example: cqrskit search bookings --text ada --status booked --facets"""
+    prints a table (or --json).
+
+    Example: cqrskit search bookings --text ada --status booked --facets
+    """
     from elastic_transport import TransportError
     from elasticsearch import ApiError
 

@@ -6,33 +6,49 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
+from typing import IO, Any
 
 import sqlalchemy as sa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cqrskit.app.errors import DATABASE, Problem
 from cqrskit.infra.envelope import CommandEnvelope
+from cqrskit.infra.logs import configure_logging
 from cqrskit.infra.schema import command_outcomes, events
-from cqrskit.infra.settings import Settings
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.app.bootstrap import app_of
 from cqrskit.app.declaration import DemoLoad
 from cqrskit.app.local import LocalPipeline
 
+LOG = Path("var") / "cqrskit-demo.log"
 
-def run_demo(settings: Settings, *, size: int, seed: int, console: Console) -> int:
+
+def run_demo(settings: Settings, *, size: int, seed: int, console: Console, log_path: Path = LOG) -> int:
     """Runs the demo; returns the exit status (0 when every command reached its expected fate;
-    2 when the app has no demo load)."""
+    2 when the app has no demo load). Logs go to ``log_path`` (so that no line breaks a progress
+    bar), and so do the embedded search server's own lines; the verdict is the last thing printed."""
     app = app_of(settings)
     if app.demo is None:
         console.print(f"[red]the app {app.name!r} declares no demo load[/red] (App(..., demo=...))")
         return 2
     load = app.demo(size, seed)
     console.rule("[bold]cqrskit demo[/bold]: commands in, events and outcomes out")
-    console.print(f"write store [cyan]{_where(settings.database_url)}[/cyan], broker [cyan]{settings.broker_url}[/cyan]")
+    cleaned = clean_start(settings)
+    console.print(f"write store [cyan]{_where(settings.database_url)}[/cyan], broker [cyan]{settings.broker_url}[/cyan], "
+                  f"logs [cyan]{log_path}[/cyan]" + (f"\n{cleaned}" if cleaned else ""))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        configure_logging(settings, stream=log)
+        return _run(settings, app, load, console, log, log_path)
+
+
+def _run(settings: Settings, app: Any, load: DemoLoad, console: Console, log: IO[str], log_path: Path) -> int:
     sent: list[CommandEnvelope] = []
     started = time.perf_counter()
-    with LocalPipeline(settings, threads=2 if settings.sqlite_path else 8) as pipeline:
+    with LocalPipeline(settings, threads=2 if settings.sqlite_path else 8, search_log=log) as pipeline:
         for name, envelopes in load.phases():
             _run_phase(pipeline, name, envelopes, console)
             sent += envelopes
@@ -50,6 +66,10 @@ def run_demo(settings: Settings, *, size: int, seed: int, console: Console) -> i
     ok = statuses.get("rejected", 0) >= load.expected.get("rejected", 0) and statuses.get("invalid", 0) == load.expected.get(
         "invalid", 0) and statuses.get("dead", 0) == 0 and sum(statuses.values()) == len(sent)
     converged = all(r.ok for r in reports)
+    log.flush()
+    noted = _warnings(log_path)
+    if noted:
+        console.print(f"{noted} warnings or errors logged in {log_path} (each command invalid on purpose logs one)")
     console.print("[green]every command reached a terminal outcome[/green]" if ok else "[red]unexpected outcomes[/red]")
     console.print("[green]every read model equals a fresh projection of the write store[/green]" if converged
                   else "[red]read models differ from the write store[/red]")
@@ -114,3 +134,38 @@ def _print_read_models(console: Console, reports: list, catch_up: float) -> None
 
 def _where(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def clean_start(settings: Settings) -> str | None:
+    """The embedded search server starts empty each time, so the write store must too. The
+    default SQLite file of an earlier run is removed (returns the line that says so); any other
+    write store that already holds events is a ``Problem`` with the fix."""
+    if settings.elasticsearch_url != EMBEDDED_SEARCH:
+        return None
+    held = _events_held(settings.database_url)
+    if not held:
+        return None
+    path = settings.sqlite_path
+    if path is not None and "database_url" not in settings.model_fields_set:
+        for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+        return f"a clean start: removed {path} ({held} events of an earlier run; the embedded search server starts empty)"
+    raise Problem(DATABASE, settings.database_url,
+                  f"the write store holds {held} events of an earlier run and the embedded search server starts empty",
+                  f"remove {path}" if path else "give the demo a fresh database")
+
+
+def _events_held(url: str) -> int:
+    from cqrskit.app.preflight import probe_engine, write_store_revision
+
+    if write_store_revision(url) is None:
+        return 0
+    with probe_engine(url) as engine, engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
+
+
+def _warnings(log_path: Path) -> int:
+    """Lines at warning level or above in the demo's (JSON) log."""
+    levels = ('"level": "warning"', '"level": "error"', '"level": "critical"')
+    with log_path.open() as lines:
+        return sum(1 for line in lines if any(level in line for level in levels))

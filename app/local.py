@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import IO
 
 import dramatiq
 import sqlalchemy as sa
@@ -34,13 +35,14 @@ class LocalPipeline:
     and the relay, and gives a ``producer``. ``wait_for`` blocks until commands have outcomes,
     ``wait_converged`` until every read model equals the write store."""
 
-    def __init__(self, settings: Settings, threads: int = 2) -> None:
+    def __init__(self, settings: Settings, threads: int = 2, search_log: IO[str] | None = None) -> None:
         self.settings = settings
         self.threads = threads
+        self.search_log = search_log
         self.stop = threading.Event()
 
     def __enter__(self) -> LocalPipeline:
-        self.search = EmbeddedSearch(self.settings).__enter__()
+        self.search = EmbeddedSearch(self.settings, stderr=self.search_log).__enter__()
         self.runtime = bootstrap.runtime(self.settings, pool_size=self.threads + 4, search_url=self.search.url)
         self.broker = make_broker(self.settings, extra_middleware=[LogContext(), DeadOutcomes(self.runtime)])
         declare_command_actor(self.broker, self.runtime)

@@ -11,9 +11,11 @@ from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 
 
 def setup_all(settings: Settings, say: Callable[[str], None] = print) -> None:
+    from cqrskit.app.preflight import preflight
     from cqrskit.infra.broker import make_broker
     from cqrskit.infra.topology import declare_command_topology, declare_read_side_topology
 
+    preflight(settings, "setup")  # every service answers before anything is made
     engine = make_engine(settings.database_url)
     try:
         upgrade(engine)

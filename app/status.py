@@ -45,10 +45,8 @@ from elastic_transport import TransportError
 from elasticsearch import ApiError, Elasticsearch
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection, Engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
-from cqrskit.infra.db import make_engine
+from cqrskit.app.errors import explain, mask
 from cqrskit.infra.schema import command_outcomes, events, leases, parked_documents, read_model_indices, streams
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.infra.utc import as_utc
@@ -63,6 +61,7 @@ TIMEOUT = 5.0
 class Component(BaseModel):
     reachable: bool
     error: str | None = None
+    endpoint: str | None = Field(default=None, description="What was checked (a URL, password masked).")
 
 
 class QueueState(BaseModel):
@@ -99,6 +98,16 @@ class Workers(BaseModel):
     relay: str | None = Field(default=None, description="The active relay (lease holder).")
 
 
+class Rates(BaseModel):
+    """Per second, between two snapshots ``window_seconds`` apart (null when a side was unreachable)."""
+
+    window_seconds: float
+    commands: float | None = Field(default=None, description="Outcomes recorded (commands decided).")
+    events: float | None = Field(default=None, description="Events appended to the write store.")
+    published: float | None = Field(default=None, description="Events the relay published.")
+    documents: float | None = Field(default=None, description="New documents in the read models.")
+
+
 class PipelineStatus(BaseModel):
     """The pipeline at one moment (``cqrskit status``); not a command's outcome status."""
 
@@ -110,10 +119,32 @@ class PipelineStatus(BaseModel):
     relay: RelayState = Field(default_factory=RelayState)
     read_models: dict[str, ReadModelState] = Field(default_factory=dict)
     workers: Workers = Field(default_factory=Workers)
+    rates: Rates | None = None
 
     @property
     def healthy(self) -> bool:
         return all(c.reachable for c in self.components.values())
+
+    def totals(self) -> dict[str, int | None]:
+        """The counters that ``with_rates`` differentiates."""
+        r = self.relay
+        appended = None if r.checkpoint_position is None or r.unpublished_events is None \
+            else r.checkpoint_position + r.unpublished_events
+        documents = [m.documents for m in self.read_models.values()]
+        return {"commands": None if self.outcomes is None else sum(self.outcomes.values()), "events": appended,
+                "published": r.checkpoint_position,
+                "documents": None if not documents or None in documents else sum(documents)}  # type: ignore[arg-type]
+
+    def with_rates(self, before: PipelineStatus) -> PipelineStatus:
+        """This snapshot with the rates since ``before``."""
+        window = (self.taken_at - before.taken_at).total_seconds()
+        if window <= 0:
+            return self
+        now, then = self.totals(), before.totals()
+        per_second = {k: None if now[k] is None or then[k] is None else round(max(0, now[k] - then[k]) / window, 1)
+                      for k in now}  # type: ignore[operator]
+        self.rates = Rates(window_seconds=round(window, 2), **per_second)
+        return self
 
 
 def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None, lag_window: int = LAG_WINDOW) -> PipelineStatus:
@@ -128,7 +159,7 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
                           for m in models}
     _gather_broker(settings, status)
     with _write_store(settings.database_url) as engine:
-        store_ok = _gather_write_store(engine, status)
+        store_ok = _gather_write_store(engine, status, settings)
         with _search(settings) as es:
             if es is None:
                 status.components["search"] = Component(reachable=False, error="embedded search server: it "
@@ -137,6 +168,10 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
                 _gather_documents(es, status)
             if store_ok and es is not None and status.components["search"].reachable:
                 _gather_lag(engine, es, models, lag_window, status)
+    endpoints = {"broker": settings.broker_url, "write_store": settings.database_url,
+                 "search": settings.elasticsearch_url}
+    for name, component in status.components.items():
+        component.endpoint = mask(endpoints.get(name, ""))
     status.workers = Workers(
         commands=_consumers(status, "commands"), indexer=_consumers(status, "indexer"), relay=status.relay.holder)
     return status
@@ -203,21 +238,20 @@ def _consumers(status: PipelineStatus, role: str) -> int | None:
 # -- the write store --------------------------------------------------------------------------
 @contextmanager
 def _write_store(url: str) -> Iterator[Engine]:
-    """An engine that gives up connecting after a few seconds and keeps no pool."""
-    if url.startswith("postgresql"):
-        engine = sa.create_engine(make_url(url).set(drivername="postgresql+psycopg"), poolclass=NullPool,
-                                  connect_args={"connect_timeout": int(TIMEOUT)})
-    else:
-        engine = make_engine(url)
-    try:
+    """An engine that gives up connecting after a few seconds, keeps no pool and creates no file."""
+    from cqrskit.app.preflight import probe_engine
+
+    with probe_engine(url) as engine:
         yield engine
-    finally:
-        engine.dispose()
 
 
-def _gather_write_store(engine: Engine, status: PipelineStatus) -> bool:
+def _gather_write_store(engine: Engine, status: PipelineStatus, settings: Settings) -> bool:
     from cqrskit.workers.relay import relay_lag
 
+    if settings.sqlite_path is not None and not settings.sqlite_path.exists():
+        status.components["write_store"] = Component(
+            reachable=False, error=f"no SQLite file at {settings.sqlite_path}: set CQRSKIT_DATABASE_URL, or run cqrskit setup")
+        return False
     try:
         lag = relay_lag(engine)
         with engine.connect() as conn:
@@ -336,5 +370,8 @@ def _reflected_versions(es: Elasticsearch, index: str, stream_of: dict[str, str]
 
 
 def _error(exc: BaseException) -> str:
+    problem = explain(exc)
+    if problem is not None:
+        return f"{problem.problem}; {problem.fix}"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}"[:300] if text else type(exc).__name__

@@ -25,6 +25,7 @@ from dramatiq.common import dq_name
 from dramatiq.encoder import JSONEncoder, MessageData
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
+from cqrskit.infra.reconnect import ConsumeBackoff
 from cqrskit.infra.settings import QueueType, Settings
 
 COMMAND_ACTOR = "execute_command"
@@ -110,12 +111,14 @@ def wrap_command(body: bytes, queue_name: str) -> MessageData:
     }
 
 
-class CqrsRabbitmqBroker(RabbitmqBroker):
+class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
     """Dramatiq's RabbitMQ broker with quorum queues (optional) and a delivery limit, so that a
-    message that kills its worker process is parked instead of coming back forever."""
+    message that kills its worker process is parked instead of coming back forever; its
+    consumers back off together while the broker is down (``cqrskit.infra.reconnect``)."""
 
-    def __init__(self, *, queue_type: QueueType, delivery_limit: int, **kwargs: Any) -> None:
+    def __init__(self, *, queue_type: QueueType, delivery_limit: int, endpoint: str = "?", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.endpoint = endpoint
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
 
@@ -151,6 +154,7 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
             middleware=middleware,
             queue_type=settings.queue_type,
             delivery_limit=settings.delivery_limit,
+            endpoint=_masked(settings.broker_url),
         )
     # Retries wait at most max_backoff_ms; the rest allows for clocks that disagree between hosts.
     encoder = dramatiq.get_encoder()
@@ -184,3 +188,9 @@ def amqp_parameters(url: str, timeout: float = 5.0) -> pika.ConnectionParameters
     params = connection_parameters(url) | {"connection_attempts": 1, "socket_timeout": timeout,
                                            "stack_timeout": timeout * 2, "blocked_connection_timeout": timeout * 2}
     return pika.ConnectionParameters(**params)
+
+
+def _masked(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for log lines)."""
+    parameters = pika.URLParameters(url)
+    return f"amqp://{parameters.credentials.username}@{parameters.host}:{parameters.port}{parameters.virtual_host}"

@@ -12,9 +12,20 @@ import sys
 
 import structlog
 
+from cqrskit.infra.reconnect import quiet_restarts
 from cqrskit.infra.settings import LogFormat, Settings
 
 _configured = False
+# Libraries' own lines, at every level (DEBUG included): pika reports each failed connection attempt in four ERROR
+# lines with tracebacks (the caller reports the failure once); the search client logs every
+# request at INFO and each failed node at WARNING (the caller reports the error).
+LIBRARY_LEVELS = {
+    "pika": logging.CRITICAL,
+    "alembic": logging.WARNING,
+    "elastic_transport": logging.WARNING,
+    "elastic_transport.node_pool": logging.ERROR,
+    "urllib3": logging.WARNING,
+}
 
 
 def configure_logging(settings: Settings, *, stream=None) -> None:
@@ -51,9 +62,10 @@ def configure_logging(settings: Settings, *, stream=None) -> None:
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(quiet_restarts)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    for noisy in ("pika", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name, level in LIBRARY_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
     _configured = True

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 EMBEDDED_BROKER = "memory://"
 DEFAULT_APP = "cqrskit.examples.shop:app"  # an import string only: the core imports no example
 EMBEDDED_SEARCH = "embedded"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class LogFormat(str, Enum):
@@ -80,6 +81,11 @@ class Settings(BaseSettings):
         description="Serve Prometheus metrics on this port (one per process group or relay; unset: no metrics).",
     )
     metrics_host: str = Field(default="0.0.0.0", description="Interface of the metrics server.")
+    preflight_wait: float = Field(
+        default=0.0, ge=0,
+        description="Seconds a process waits for its services and for setup before giving up (a development "
+                    "stack starts them all at once; 0: check once).",
+    )
     metrics_dir: Path | None = Field(
         default=None, description="Where a worker group's processes share metric files (default: <tmp>/cqrskit-metrics).",
     )
@@ -90,6 +96,13 @@ class Settings(BaseSettings):
         if not value.startswith(("amqp://", "amqps://", EMBEDDED_BROKER)):
             raise ValueError(f"broker_url must be amqp://, amqps:// or {EMBEDDED_BROKER}, got {value!r}")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.upper()
 
     @field_validator("metrics_port", "metrics_dir", mode="before")
     @classmethod

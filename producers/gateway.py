@@ -42,6 +42,7 @@ from cqrskit.infra.db import make_engine
 from cqrskit.infra.envelope import IDENTIFIER
 from cqrskit.infra.problems import Problem, ProblemError, add_problem_handlers, problem_response, problem_type
 from cqrskit.infra.schema import events
+from cqrskit.infra.http_observe import observe
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import read_outcome
 from cqrskit.infra.tokens import ConsistencyToken
@@ -177,7 +178,7 @@ def create_app(settings: Settings, *, registry: Registry, publisher: Publisher |
     app.include_router(router)
     add_problem_handlers(app, log, {sa.exc.DBAPIError: _on_store_error})
     app.openapi = lambda: document(app, commands)  # type: ignore[method-assign]
-    return app
+    return observe(app, "gateway")  # access log and GET /metrics
 
 
 # -- the endpoints ----------------------------------------------------------------------------

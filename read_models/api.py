@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cqrskit.infra.problems import (PROBLEM_JSON, Problem, ProblemError, add_problem_handlers, problem_response,
                                    problem_type)
+from cqrskit.infra.http_observe import observe
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
 from cqrskit.read_models.indices import alias
@@ -276,7 +277,7 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
     add_problem_handlers(app, log, {QueryError: _on_query_error, ApiError: _on_search_error,
                                     TransportError: _on_search_error})
     _routes(app, models, functions)
-    return app
+    return observe(app, "query")  # access log and GET /metrics
 
 
 def run_query_api(settings: Settings, read_models: Sequence[ReadModel], functions: Sequence[QueryFunction] = (),

@@ -7,8 +7,13 @@ accepts only that, so every request is sent with plain JSON media types.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
-from typing import Any
+import subprocess
+import threading
+from typing import IO, Any
 
 from elastic_transport import Urllib3HttpNode
 from elasticsearch import Elasticsearch
@@ -40,21 +45,61 @@ def make_client(url: str, *, timeout: float = 30.0) -> Elasticsearch:
 
 class EmbeddedSearch:
     """Context manager: an osmem server for this process when the settings ask for the
-    embedded default; otherwise the configured URL. ``url`` is where to connect."""
+    embedded default; otherwise the configured URL. ``url`` is where to connect. ``stderr``:
+    where the server's own lines go (a file object; default: this process's stderr)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stderr: IO[str] | None = None) -> None:
         self.settings = settings
         self.server = None
         self.url = settings.elasticsearch_url
+        self.stderr = stderr
 
     def __enter__(self) -> EmbeddedSearch:
         if self.settings.elasticsearch_url == EMBEDDED_SEARCH:
-            from osmem_server import OsmemServer
-
-            self.server = OsmemServer.start(japanese=False)
+            self.server = start_osmem(stderr=self.stderr)
             self.url = self.server.url
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.server is not None:
             self.server.close()
+
+
+def osmem_command(addr: str | None = None, *, watch_parent: bool = True) -> list[str]:
+    """The command line of the bundled osmem server (``--no-stdin-watch`` when it must outlive
+    its stdin, as under a process manager)."""
+    from osmem_server import resolve_binary
+
+    args = [resolve_binary(), "-no-ja"]
+    if watch_parent:
+        args += ["-parent-pid", str(os.getpid())]
+    else:
+        args.append("-no-stdin-watch")
+    return args + (["-addr", addr] if addr else [])
+
+
+def start_osmem(addr: str | None = None, stderr: IO[str] | None = None, timeout: float = 30.0) -> Any:
+    """An ``osmem_server.OsmemServer`` started like ``OsmemServer.start``, its own lines
+    (``exiting: stdin closed``...) written to ``stderr``."""
+    from osmem_server import OsmemError, OsmemServer
+
+    process = subprocess.Popen(osmem_command(addr), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=stderr, text=True)
+    ready: dict[str, Any] = {}
+
+    def read_ready() -> None:
+        for line in process.stdout:  # type: ignore[union-attr]
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if isinstance(message, dict) and "url" in message:
+                    ready.update(message)
+                    return
+
+    reader = threading.Thread(target=read_ready, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not ready:
+        process.kill()
+        raise OsmemError(f"osmem: the server did not start within {timeout} s")
+    return OsmemServer(process, ready["url"], ready.get("pid", process.pid), ready.get("version", ""), False,
+                       list(ready.get("indices", [])))

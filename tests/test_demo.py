@@ -73,3 +73,31 @@ def test_an_app_without_a_demo_load_says_so(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "cqrskit.app", "--app", "bare:app", "demo"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "declares no demo load" in done.stdout, done.stdout + done.stderr
+
+
+def _demo(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
+    env["COLUMNS"] = "160"
+    return subprocess.run([sys.executable, "-m", "cqrskit.app", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=280)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_demo_passes_twice_in_one_folder(tmp_path: Path) -> None:
+    """The embedded search server starts empty each time: the second run starts from a clean
+    write store too, says so in one line, and its output ends with the verdict (the logs, the
+    search server's own lines among them, are in var/cqrskit-demo.log)."""
+    first = _demo(tmp_path, "demo", "--size", "300")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _demo(tmp_path, "demo", "--size", "300")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "a clean start: removed var/cqrskit.db" in " ".join(second.stdout.split())
+    assert second.stdout.strip().splitlines()[-1] == "every read model equals a fresh projection of the write store"
+    assert second.stderr == "" and "osmem" not in second.stdout
+    assert (tmp_path / "var" / "cqrskit-demo.log").stat().st_size > 0
+    # a write store the user chose is never removed: the leftover is named, with the fix
+    kept = _demo(tmp_path, "--database-url", "sqlite:///./var/cqrskit.db", "demo", "--size", "300")
+    lines = (kept.stdout + kept.stderr).strip().splitlines()
+    assert kept.returncode == 2 and "earlier run" in lines[-1] and "remove var/cqrskit.db" in lines[-1], lines
+    assert (tmp_path / "var" / "cqrskit.db").exists()

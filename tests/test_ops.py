@@ -133,8 +133,10 @@ def test_status_reports_a_known_backlog_dead_letter_and_parked_document_exactly(
     dead_letter_garbage(stack.settings)
 
     first = status_json(stack)
-    assert first["components"] == {name: {"reachable": True, "error": None}
-                                   for name in ("broker", "write_store", "search")}
+    endpoints = {"broker": stack.settings.broker_url.replace(":guest@", ":***@"),
+                 "write_store": stack.settings.database_url, "search": stack.settings.elasticsearch_url}
+    assert first["components"] == {name: {"reachable": True, "error": None, "endpoint": endpoint}
+                                   for name, endpoint in endpoints.items()}  # the endpoints checked, masked
     assert first["relay"]["holder"].startswith(holder_of(relay)), first["relay"]
     assert first["relay"]["unpublished_events"] == 0
     assert first["workers"] == {"commands": 1, "indexer": 1, "relay": first["relay"]["holder"]}

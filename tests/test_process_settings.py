@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from cqrskit.app.setup import setup_all
 from cqrskit.infra.settings import Settings
 
 
@@ -27,7 +28,9 @@ def test_every_setting_round_trips_through_the_environment() -> None:
 
 @pytest.mark.timeout(120)
 def test_a_global_flag_reaches_the_dramatiq_worker_processes(amqp_settings: Settings) -> None:
-    """G12: ``--log-level DEBUG`` given to ``cqrskit`` is the level of the worker children."""
+    """G12: ``--log-level DEBUG`` given to ``cqrskit`` is the level of the worker children.
+    (The worker checks that setup ran before it starts: set up first.)"""
+    setup_all(amqp_settings, say=lambda _line: None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CQRSKIT_")}
     env.update({k: v for k, v in amqp_settings.environment().items() if k != "CQRSKIT_LOG_LEVEL"})
     process = subprocess.Popen(

@@ -27,7 +27,8 @@ The event relay (one process) gets ``serve_relay_metrics``: ``cqrskit_relay_even
 (confirmed by the broker), ``cqrskit_relay_events_fed_total`` (enqueued for the indexers),
 ``cqrskit_relay_lag_events`` and ``cqrskit_relay_lag_seconds`` (``relay_lag``, read when scraped),
 ``cqrskit_relay_lease_held`` (1 on the active relay, 0 on a standby) and ``cqrskit_relay_up``
-(0 when the write store could not be read for the lag).
+(0 when the write store could not be read for the lag) and ``cqrskit_parked_documents{read_model}``.
+``docs/grafana-dashboard.json`` charts them.
 
 prometheus_client is imported only once the process knows its directory: it decides at import
 whether values go to files. With ``CQRSKIT_METRICS_PORT`` unset nothing here is installed.
@@ -69,7 +70,12 @@ def worker_metrics(settings: Settings, runtime: Any, kind: str,
 def group_directory(settings: Settings) -> Path:
     """Where the processes of this Dramatiq group (workers and the metrics server, all children
     of one Dramatiq parent) keep their metric files."""
-    return _base_directory(settings) / f"group-{os.getppid()}"
+    return group_directory_of(settings, os.getppid())
+
+
+def group_directory_of(settings: Settings, parent_pid: int) -> Path:
+    """The metric files of the worker group whose Dramatiq parent is ``parent_pid``."""
+    return _base_directory(settings) / f"group-{parent_pid}"
 
 
 def _base_directory(settings: Settings) -> Path:
@@ -233,6 +239,22 @@ class RelayMetrics:
         yield GaugeMetricFamily("cqrskit_relay_lag_events", "Committed events not yet relayed.", value=lag.events)
         yield GaugeMetricFamily("cqrskit_relay_lag_seconds", "Age of the oldest event not yet relayed.",
                                 value=lag.oldest_age)
+        yield self._parked(GaugeMetricFamily)
+
+    def _parked(self, family: Any) -> Any:
+        """Parked documents per read model (G7), counted in the write store when scraped."""
+        import sqlalchemy as sa
+
+        from cqrskit.infra.schema import parked_documents
+
+        parked = family("cqrskit_parked_documents", "Documents the indexer parked, per read model.",
+                        labels=["read_model"])
+        with self.relay.engine.connect() as conn:
+            rows = conn.execute(sa.select(parked_documents.c.read_model, sa.func.count())
+                                .group_by(parked_documents.c.read_model)).all()
+        for read_model, count in rows:
+            parked.add_metric([read_model], count)
+        return parked
 
     def close(self) -> None:
         if self.server is not None:
