@@ -78,39 +78,37 @@ SELECT_OUTCOME = "SELECT * FROM command_outcomes WHERE command_id = %s"
 # always true), so a duplicate writes nothing. Positions are drawn first, so that the outcome
 # can carry them.
 _WRITE = """
-WITH p AS MATERIALIZED (
-    SELECT n, nextval('{sequence}') AS pos FROM generate_series(1, %(n_events)s::int) AS n),
+WITH d AS MATERIALIZED (SELECT %(doc)s::jsonb AS doc),
+p AS MATERIALIZED ({positions}),
 {outcome},
 sn AS (
     INSERT INTO streams (stream_id, stream_type, aggregate_id, version, state, state_version, updated_at)
-    SELECT u.sid, u.stype, u.aid, u.version, u.state::jsonb, u.sv, %(now)s
-    FROM unnest(%(n_sid)s::text[], %(n_type)s::text[], %(n_aid)s::text[], %(n_ver)s::int[],
-                %(n_state)s::text[], %(n_sv)s::int[]) AS u(sid, stype, aid, version, state, sv)
+    SELECT u.sid, u.t, u.aid, u.v, u.state, u.sv, %(now)s
+    FROM d, jsonb_to_recordset(d.doc -> 'n') AS u(sid text, t text, aid text, v int, state jsonb, sv int)
     WHERE (SELECT ok FROM go)
     RETURNING 1),
 sm AS (
-    UPDATE streams AS s SET version = u.version, state = u.state::jsonb, state_version = u.sv, updated_at = %(now)s
-    FROM unnest(%(m_sid)s::text[], %(m_from)s::int[], %(m_ver)s::int[], %(m_state)s::text[], %(m_sv)s::int[])
-        AS u(sid, from_version, version, state, sv)
-    WHERE s.stream_id = u.sid AND s.version = u.from_version AND (SELECT ok FROM go)
+    UPDATE streams AS s SET version = u.v, state = u.state, state_version = u.sv, updated_at = %(now)s
+    FROM d, jsonb_to_recordset(d.doc -> 'm') AS u(sid text, f int, v int, state jsonb, sv int)
+    WHERE s.stream_id = u.sid AND s.version = u.f AND (SELECT ok FROM go)
     RETURNING 1),
 ev AS (
     INSERT INTO events (position, event_id, stream_id, stream_type, version, type, schema_version, data,
                         metadata, recorded_at)
-    SELECT p.pos, u.eid, u.sid, u.stype, u.version, u.type, u.sv, u.data::jsonb, %(meta)s::jsonb, %(now)s
-    FROM unnest(%(e_id)s::text[], %(e_sid)s::text[], %(e_type)s::text[], %(e_ver)s::int[], %(e_etype)s::text[],
-                %(e_sv)s::int[], %(e_data)s::text[]) WITH ORDINALITY AS u(eid, sid, stype, version, type, sv, data, n)
-    JOIN p USING (n)
+    SELECT p.pos, e.id, e.sid, e.t, e.v, e.et, e.sv, e.data, %(meta)s::jsonb, %(now)s
+    FROM d, jsonb_array_elements(d.doc -> 'e') WITH ORDINALITY AS a(value, n)
+    CROSS JOIN LATERAL jsonb_to_record(a.value) AS e(id text, sid text, t text, v int, et text, sv int, data jsonb)
+    JOIN p ON p.n = a.n
     WHERE (SELECT ok FROM go)
     RETURNING 1),
 cd AS (
     DELETE FROM unique_claims AS c
-    USING unnest(%(d_scope)s::text[], %(d_key)s::text[], %(d_owner)s::text[]) AS u(scope, key, owner)
-    WHERE c.scope = u.scope AND c.key = u.key AND c.owner = u.owner AND (SELECT ok FROM go)
+    USING d, jsonb_to_recordset(d.doc -> 'r') AS u(s text, k text, o text)
+    WHERE c.scope = u.s AND c.key = u.k AND c.owner = u.o AND (SELECT ok FROM go)
     RETURNING 1),
 ci AS (
     INSERT INTO unique_claims (scope, key, owner)
-    SELECT * FROM unnest(%(c_scope)s::text[], %(c_key)s::text[], %(c_owner)s::text[])
+    SELECT u.s, u.k, u.o FROM d, jsonb_to_recordset(d.doc -> 'c') AS u(s text, k text, o text)
     WHERE (SELECT ok FROM go)
     RETURNING 1)
 SELECT (SELECT ok FROM go), (SELECT count(*) FROM sm), (SELECT count(*) FROM sn),
@@ -134,23 +132,37 @@ def lock_key(kind: str, *parts: str) -> int:
 
 
 class PgStatements:
-    """The write statement with the events' sequence resolved once per store."""
+    """The write statements, with the events' sequence resolved once per store: positions drawn
+    by the statement (a unit of work on its own) or given (group commit draws them ahead)."""
 
     def __init__(self, sequence: str) -> None:
-        self.with_outcome = _WRITE.format(sequence=sequence, outcome=_WITH_OUTCOME)
-        self.without_outcome = _WRITE.format(sequence=sequence, outcome=_WITHOUT_OUTCOME)
+        drawn = (f"SELECT n, nextval('{sequence}') AS pos "
+                 "FROM generate_series(1, cardinality(%(positions)s::bigint[]) + %(n_events)s::int) AS n")
+        given = "SELECT n, pos FROM unnest(%(positions)s::bigint[]) WITH ORDINALITY AS t(pos, n)"
+        self.draw = f"SELECT nextval('{sequence}') FROM generate_series(1, %s)"
+        self.write = {(outcome, ahead): _WRITE.format(positions=given if ahead else drawn,
+                                                      outcome=_WITH_OUTCOME if outcome else _WITHOUT_OUTCOME)
+                      for outcome in (True, False) for ahead in (True, False)}
 
 
 class PgTransaction:
-    """One PostgreSQL transaction on ``conn`` (autocommit mode; begun with its first write or lock)."""
+    """One PostgreSQL transaction on ``conn``, in pipeline mode: a statement whose result is not
+    needed yet (BEGIN, a lock wait, a command's write when ``deferred``, COMMIT) travels with the
+    next one whose result is, so a command costs about one round trip per read. Deferred writes
+    are checked by ``finish``, before COMMIT. Unique violations, deadlocks and serialization
+    failures raise ConcurrencyConflict, wherever they surface."""
+
+    POSITIONS_AHEAD = 64
 
     def __init__(self, conn: psycopg.Connection, registry: Registry, statements: PgStatements,
-                 now: datetime, *, locking: bool) -> None:
+                 now: datetime, *, locking: bool, deferred: bool) -> None:
         self.conn, self.registry, self.statements = conn, registry, statements
-        self.clock, self.locking = now, locking
-        self.begun = self.wrote = False
+        self.clock, self.locking, self.deferred = now, locking, deferred
+        self.wrote = self.failed = False
         self.held: set[int] = set()
         self.refused: set[int] = set()
+        self.writes: list[PgUnitOfWork] = []
+        self.spare: list[int] = []
 
     def unit(self) -> PgUnitOfWork:
         return PgUnitOfWork(self)
@@ -158,7 +170,7 @@ class PgTransaction:
     def lock(self, key: int) -> None:
         """Wait for the lock of ``key`` (call it only while holding none: see the module docstring)."""
         if key not in self.held:
-            self.execute(LOCK, (key,), begin=True)
+            self.send(LOCK, (key,))
             self.held.add(key)
 
     def refuse(self, keys: list[int]) -> None:
@@ -171,39 +183,61 @@ class PgTransaction:
         if key in self.refused:
             raise LockBusy(key)
         if not self.locking or key in self.held:
-            return self.execute(plain, params).fetchone()
+            return self.one(plain, params)
         if not self.held and not self.wrote:
             self.lock(key)
-            return self.execute(plain, params).fetchone()
-        row = self.execute(locked, (key, *params), begin=True).fetchone()
+            return self.one(plain, params)
+        row = self.one(locked, (key, *params))
         if not row[0]:  # type: ignore[index]
             raise LockBusy(key)
         self.held.add(key)
         return None if all(v is None for v in row[1:]) else row[1:]  # type: ignore[index]
 
-    def execute(self, sql: str, params: Any = None, *, begin: bool = False) -> psycopg.Cursor[Any]:
-        """Run one statement (``begin``: inside the transaction, beginning it if need be).
-        Unique violations, deadlocks and serialization failures raise ConcurrencyConflict."""
+    def positions(self, count: int) -> list[int]:
+        """``count`` event positions drawn ahead from the events' sequence (group commit)."""
+        if len(self.spare) < count:
+            self.spare += [r[0] for r in self.all(self.statements.draw, (max(count, self.POSITIONS_AHEAD),))]
+        taken, self.spare = self.spare[:count], self.spare[count:]
+        return taken
+
+    def send(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        """Queue one statement; its result is read later (or never)."""
+        return self.conn.execute(sql, params)
+
+    def one(self, sql: str, params: Any = None) -> tuple[Any, ...] | None:
+        return self.row(self.send(sql, params))
+
+    def all(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        cursor = self.send(sql, params)
         try:
-            if self.begun or not begin:
-                return self.conn.execute(sql, params)
-            with self.conn.pipeline():
-                self.conn.execute("BEGIN")
-                self.begun = True
-                cursor = self.conn.execute(sql, params)
-            return cursor
-        except (pg_errors.UniqueViolation, pg_errors.TransactionRollback) as exc:
-            raise ConcurrencyConflict(f"postgresql: {exc}") from exc
+            return cursor.fetchall()
+        except psycopg.Error as exc:
+            raise self._failed(exc) from exc
 
-    def commit(self) -> None:
-        if self.begun:
-            self.conn.execute("COMMIT")
-            self.begun = False
+    def row(self, cursor: psycopg.Cursor[Any]) -> tuple[Any, ...] | None:
+        try:
+            return cursor.fetchone()
+        except psycopg.Error as exc:
+            raise self._failed(exc) from exc
 
-    def rollback(self) -> None:
-        if self.begun:
-            self.begun = False
-            self.conn.execute("ROLLBACK")
+    def _failed(self, exc: psycopg.Error) -> Exception:
+        """The transaction is lost (it can only be rolled back); what to raise for ``exc``."""
+        self.failed = True
+        if isinstance(exc, (pg_errors.UniqueViolation, pg_errors.TransactionRollback)):
+            return ConcurrencyConflict(f"postgresql: {exc}")
+        return exc
+
+    def finish_writes(self) -> None:
+        """Check every deferred write: a duplicate is marked on its unit (it wrote nothing); a
+        stream that moved raises ConcurrencyConflict."""
+        for unit in self.writes:
+            unit.check(self.row(unit.write))  # type: ignore[arg-type]
+        self.writes.clear()
+
+    def finish(self) -> None:
+        """Check the deferred writes left, then queue COMMIT (sent as the pipeline ends)."""
+        self.finish_writes()
+        self.send("COMMIT")
 
     def record_outcome(self, outcome: Outcome) -> Outcome | None:
         """Insert ``outcome`` alone (rejected, invalid...); None when the command id has one already."""
@@ -211,12 +245,12 @@ class PgTransaction:
         values["errors"] = None if outcome.errors is None else json.dumps(outcome.errors)
         values["status"] = outcome.status.value
         self.wrote = True
-        row = self.execute(INSERT_OUTCOME, [values[c] for c in OUTCOME_COLUMNS], begin=True).fetchone()
+        row = self.one(INSERT_OUTCOME, [values[c] for c in OUTCOME_COLUMNS])
         return outcome if row is not None else None
 
     def stored_outcome(self, command_id: str) -> Outcome | None:
-        cursor = self.execute(SELECT_OUTCOME, (command_id,))
-        row = cursor.fetchone()
+        cursor = self.send(SELECT_OUTCOME, (command_id,))
+        row = self.row(cursor)
         if row is None:
             return None
         return Outcome.from_row(dict(zip([c.name for c in cursor.description or ()], row)))
@@ -231,6 +265,9 @@ class PgUnitOfWork:
         self.keys: list[int] = []  # the lock keys of everything this command read
         self.taken: dict[tuple[str, str], str] = {}
         self.released: dict[tuple[str, str], str] = {}
+        self.duplicate = False
+        self.counts = (0, 0)
+        self.write: psycopg.Cursor[Any] | None = None
 
     # -- HandlerContext ---------------------------------------------------------------------
     def load(self, cls: type[A], aggregate_id: str) -> A:
@@ -279,50 +316,70 @@ class PgUnitOfWork:
     # -- commit -----------------------------------------------------------------------------
     def commit(self, metadata: dict[str, Any], outcome: Outcome | None = None) -> list[int]:
         """Write every pending event, stream move, claim and ``outcome`` in one statement; the
-        positions of the new events, in order. Raises DuplicateCommand, ConcurrencyConflict."""
+        positions of the new events, in order. Raises DuplicateCommand, ConcurrencyConflict; in a
+        deferred transaction the write is checked by ``PgTransaction.finish`` instead (a
+        duplicate then sets ``duplicate``)."""
+        tx = self.tx
         params = self._params(metadata)
+        ahead = tx.positions(params["n_events"]) if tx.deferred else []
+        params["positions"] = ahead
         if outcome is not None:
             params.update(_outcome_params(outcome))
-        sql = self.tx.statements.with_outcome if outcome is not None else self.tx.statements.without_outcome
-        self.tx.wrote = True
-        ok, moved, created, positions = self.tx.execute(sql, params, begin=True).fetchone()  # type: ignore[misc]
+        tx.wrote = True
+        self.write = tx.send(tx.statements.write[(outcome is not None, tx.deferred)], params)
+        self._applied()
+        if tx.deferred:
+            tx.writes.append(self)
+            return ahead
+        return self.check(tx.row(self.write))  # type: ignore[arg-type]
+
+    def check(self, result: tuple[Any, ...]) -> list[int]:
+        ok, moved, created, positions = result
         if not ok:
-            raise DuplicateCommand(f"command {outcome.command_id if outcome else '?'} has an outcome already")
-        if moved != len(params["m_sid"]) or created != len(params["n_sid"]):
+            self.duplicate = True
+            if not self.tx.deferred:
+                raise DuplicateCommand("the command has an outcome already")
+        elif (moved, created) != self.counts:
             raise ConcurrencyConflict("a stream moved past the version it was loaded at")
+        return list(positions or [])
+
+    def _applied(self) -> None:
         for aggregate in self.loaded.values():
             aggregate.version += len(aggregate.pending)
             aggregate.pending.clear()
-        return list(positions or [])
 
     def _params(self, metadata: dict[str, Any]) -> dict[str, Any]:
-        p: dict[str, Any] = {k: [] for k in ("n_sid", "n_type", "n_aid", "n_ver", "n_state", "n_sv", "m_sid",
-                                              "m_from", "m_ver", "m_state", "m_sv", "e_id", "e_sid", "e_type",
-                                              "e_ver", "e_etype", "e_sv", "e_data")}
+        """The statement's parameters: everything to write as ONE JSON document (``doc``: new
+        streams ``n``, moved streams ``m``, events ``e``, released ``r`` and taken ``c`` claims),
+        built as text around the JSON that pydantic already produced."""
+        new, moved, events = [], [], []
+        n_events = 0
         # Streams in one global order (by id): two transactions touching the same rows lock them
         # in the same order.
         for sid, agg in sorted(self.loaded.items()):
             if not agg.pending:
                 continue
-            new_version, state = agg.version + len(agg.pending), _snapshot_json(agg)
-            if agg.version == 0:
-                _append(p, n_sid=sid, n_type=agg.stream_type, n_aid=agg.id, n_ver=new_version, n_state=state,
-                        n_sv=agg.state_version)
+            version, quoted = agg.version, _q(sid)
+            head = f'{{"sid":{quoted},"v":{version + len(agg.pending)},"sv":{agg.state_version},' \
+                   f'"state":{_snapshot_json(agg)}'
+            if version == 0:
+                new.append(f'{head},"t":{_q(agg.stream_type)},"aid":{_q(agg.id)}}}')
             else:
-                _append(p, m_sid=sid, m_from=agg.version, m_ver=new_version, m_state=state, m_sv=agg.state_version)
+                moved.append(f'{head},"f":{version}}}')
             for offset, event in enumerate(agg.pending, start=1):
-                _append(p, e_id=str(uuid.uuid4()), e_sid=sid, e_type=agg.stream_type, e_ver=agg.version + offset,
-                        e_etype=event.type, e_sv=event.schema_version, e_data=event.model_dump_json())
-        p.update(n_events=len(p["e_id"]), meta=json.dumps(metadata), now=self.tx.clock,
-                 d_scope=[s for s, _ in self.released], d_key=[k for _, k in self.released],
-                 d_owner=list(self.released.values()), c_scope=[s for s, _ in self.taken],
-                 c_key=[k for _, k in self.taken], c_owner=list(self.taken.values()))
-        return p
+                events.append(f'{{"id":"{uuid.uuid4()}","sid":{quoted},"t":{_q(agg.stream_type)},'
+                              f'"v":{version + offset},"et":{_q(event.type)},"sv":{event.schema_version},'
+                              f'"data":{event.model_dump_json()}}}')
+            n_events += len(agg.pending)
+        claims = lambda held: ",".join(  # noqa: E731
+            f'{{"s":{_q(s)},"k":{_q(k)},"o":{_q(o)}}}' for (s, k), o in held.items())
+        doc = (f'{{"n":[{",".join(new)}],"m":[{",".join(moved)}],"e":[{",".join(events)}],'
+               f'"r":[{claims(self.released)}],"c":[{claims(self.taken)}]}}')
+        self.counts = (len(moved), len(new))
+        return {"doc": doc, "n_events": n_events, "meta": json.dumps(metadata), "now": self.tx.clock}
 
 
-def _append(params: dict[str, list[Any]], **values: Any) -> None:
-    for name, value in values.items():
-        params[name].append(value)
+_q = json.dumps
 
 
 def _outcome_params(outcome: Outcome) -> dict[str, Any]:
@@ -348,6 +405,6 @@ def _restore(cls: type[A], aggregate_id: str, row: tuple[Any, ...], uow: PgUnitO
         return cls.restore(aggregate_id, version, json.loads(state))  # type: ignore[return-value]
     aggregate = cls(aggregate_id)
     sid = stream_id(cls.stream_type, aggregate_id)
-    stored = uow.tx.execute(READ_EVENTS, (sid, 0)).fetchall()
+    stored = uow.tx.all(READ_EVENTS, (sid, 0))
     aggregate.replay([uow.tx.registry.decode_event(t, v, d) for t, v, d in stored], version)
     return aggregate

@@ -78,7 +78,7 @@ class EventStore:
         raises. ``serialize``: on SQLite, take the write lock up front (writers queue instead of
         conflicting on a stale snapshot); no effect on PostgreSQL."""
         if self.postgres:
-            with self.transaction(now, locking=False) as tx:
+            with self.transaction(now, locking=False, deferred=False) as tx:
                 yield tx.unit()
             return
         with self.engine.connect() as conn:
@@ -88,17 +88,27 @@ class EventStore:
                 yield UnitOfWork(self, conn, now or datetime.now(UTC))
 
     @contextmanager
-    def transaction(self, now: datetime | None = None, *, locking: bool = True) -> Iterator[PgTransaction]:
+    def transaction(self, now: datetime | None = None, *, locking: bool = True, deferred: bool = True
+                    ) -> Iterator[PgTransaction]:
         """PostgreSQL only: one transaction for many units of work (group commit), committed
         when the block ends normally, rolled back when it raises. See ``cqrskit.infra.pg_store``."""
         with self.psycopg_connection() as conn:
-            tx = PgTransaction(conn, self.registry, self.statements(conn), now or datetime.now(UTC), locking=locking)
+            tx = PgTransaction(conn, self.registry, self.statements(conn), now or datetime.now(UTC),
+                               locking=locking, deferred=deferred)
             try:
-                yield tx
+                with conn.pipeline() as pipeline:
+                    tx.send("BEGIN")
+                    yield tx
+                    if tx.failed:  # a statement failed and its error was handled: roll back
+                        _drain(pipeline)
+                    else:
+                        tx.finish()
+                if tx.failed:
+                    conn.execute("ROLLBACK")
             except BaseException:
-                tx.rollback()
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
                 raise
-            tx.commit()
 
     @contextmanager
     def psycopg_connection(self) -> Iterator[Any]:
@@ -319,6 +329,14 @@ class UnitOfWork:
                 unique_claims.insert(),
                 [{"scope": s, "key": k, "owner": o} for (s, k), o in self.claims.taken.items()],
             )
+
+
+def _drain(pipeline: Any) -> None:
+    """Sync a pipeline whose transaction failed (the failure was raised already)."""
+    try:
+        pipeline.sync()
+    except psycopg_errors.Error:
+        pass
 
 
 def _insert_outcome(conn: Connection) -> Any:

@@ -38,6 +38,7 @@ from cqrskit.infra.validation import CommandTooLarge, InvalidCommand, ValidComma
 from cqrskit.workers.group_commit import GroupCommit, Pending
 
 log = structlog.get_logger("cqrskit.commands")
+_stdlib_log = logging.getLogger("cqrskit.commands")  # its level decides (structlog renders through it)
 _IDENTIFIER = re.compile(IDENTIFIER)
 _SNIFF_ID = re.compile(rb'"command_id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9._:@/-]{0,127})"')
 
@@ -150,18 +151,29 @@ class CommandExecutor:
         with self.store.transaction() as tx:
             if batch[0].wait_key is not None:
                 tx.lock(batch[0].wait_key)
+            units = []
             for item in batch:
                 uow = tx.unit()
                 try:
                     decided.append((item, self._decide_in(tx, uow, item)))
+                    units.append(uow)
                 except LockBusy as busy:
                     item.wait_key = busy.key
                     tx.refuse(uow.keys)
                     deferred.append(item)
+            tx.finish_writes()
+            decided = [(item, self._stored_if_duplicate(tx, uow, item, outcome))
+                       for (item, outcome), uow in zip(decided, units)]
         _log_batch(decided)
         for item, outcome in decided:
             item.settle(outcome)
         return deferred
+
+    @staticmethod
+    def _stored_if_duplicate(tx: PgTransaction, uow: PgUnitOfWork, item: Pending, outcome: Outcome) -> Outcome:
+        if not uow.duplicate:
+            return outcome
+        return (tx.stored_outcome(item.envelope.command_id) or outcome).as_duplicate()
 
     def _decide_in(self, tx: PgTransaction, uow: PgUnitOfWork, item: Pending) -> Outcome:
         envelope = item.envelope
@@ -265,7 +277,7 @@ def _log_outcome(outcome: Outcome, *, quiet: bool = False) -> None:
     if outcome.status in (Status.invalid, Status.dead):
         level = log.warning
     elif quiet and outcome.status is Status.succeeded and not outcome.duplicate:
-        if not log.isEnabledFor(logging.DEBUG):
+        if not _stdlib_log.isEnabledFor(logging.DEBUG):
             return
         level = log.debug
     else:
