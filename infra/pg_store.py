@@ -56,12 +56,11 @@ class LockBusy(Exception):
 
 
 LOAD = "SELECT version, state::text, state_version FROM streams WHERE stream_id = %s"
-TRY_LOAD = ("SELECT pg_try_advisory_xact_lock(%s), s.version, s.state::text, s.state_version "
-            "FROM (VALUES (1)) AS one(x) LEFT JOIN streams AS s ON s.stream_id = %s")
+LOAD_MANY = "SELECT stream_id, version, state::text, state_version FROM streams WHERE stream_id = ANY(%s)"
 OWNER = "SELECT owner FROM unique_claims WHERE scope = %s AND key = %s"
-TRY_OWNER = ("SELECT pg_try_advisory_xact_lock(%s), c.owner FROM (VALUES (1)) AS one(x) "
-             "LEFT JOIN unique_claims AS c ON c.scope = %s AND c.key = %s")
 LOCK = "SELECT pg_advisory_xact_lock(%s)"
+TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
+TRY_LOCKS = "SELECT k, pg_try_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
 READ_EVENTS = ("SELECT type, schema_version, data FROM events WHERE stream_id = %s AND version > %s "
                "ORDER BY version")
 OUTCOME_COLUMNS = ("command_id", "status", "type", "aggregate_id", "reason", "errors", "aggregate_version",
@@ -132,27 +131,23 @@ def lock_key(kind: str, *parts: str) -> int:
 
 
 class PgStatements:
-    """The write statements, with the events' sequence resolved once per store: positions drawn
-    by the statement (a unit of work on its own) or given (group commit draws them ahead)."""
+    """The write statements, with the events' sequence resolved once per store."""
 
     def __init__(self, sequence: str) -> None:
-        drawn = (f"SELECT n, nextval('{sequence}') AS pos "
-                 "FROM generate_series(1, cardinality(%(positions)s::bigint[]) + %(n_events)s::int) AS n")
-        given = "SELECT n, pos FROM unnest(%(positions)s::bigint[]) WITH ORDINALITY AS t(pos, n)"
-        self.draw = f"SELECT nextval('{sequence}') FROM generate_series(1, %s)"
-        self.write = {(outcome, ahead): _WRITE.format(positions=given if ahead else drawn,
-                                                      outcome=_WITH_OUTCOME if outcome else _WITHOUT_OUTCOME)
-                      for outcome in (True, False) for ahead in (True, False)}
+        positions = f"SELECT n, nextval('{sequence}') AS pos FROM generate_series(1, %(n_events)s::int) AS n"
+        self.write = {outcome: _WRITE.format(positions=positions,
+                                             outcome=_WITH_OUTCOME if outcome else _WITHOUT_OUTCOME)
+                      for outcome in (True, False)}
 
 
 class PgTransaction:
     """One PostgreSQL transaction on ``conn``, in pipeline mode: a statement whose result is not
     needed yet (BEGIN, a lock wait, a command's write when ``deferred``, COMMIT) travels with the
-    next one whose result is, so a command costs about one round trip per read. Deferred writes
-    are checked by ``finish``, before COMMIT. Unique violations, deadlocks and serialization
-    failures raise ConcurrencyConflict, wherever they surface."""
-
-    POSITIONS_AHEAD = 64
+    next one whose result is, so a batch costs one round trip per read it makes, plus one for
+    its COMMIT. A deferred write is checked after the commit (``PgUnitOfWork.result``): a stream
+    that moved under it fails its event insert (the unique stream version), which aborts the
+    transaction before COMMIT. Unique violations, deadlocks and serialization failures raise
+    ConcurrencyConflict, wherever they surface."""
 
     def __init__(self, conn: psycopg.Connection, registry: Registry, statements: PgStatements,
                  now: datetime, *, locking: bool, deferred: bool) -> None:
@@ -161,8 +156,8 @@ class PgTransaction:
         self.wrote = self.failed = False
         self.held: set[int] = set()
         self.refused: set[int] = set()
-        self.writes: list[PgUnitOfWork] = []
-        self.spare: list[int] = []
+        self.busy: set[int] = set()
+        self.cache: dict[str, tuple[Any, ...] | None] = {}
 
     def unit(self) -> PgUnitOfWork:
         return PgUnitOfWork(self)
@@ -178,27 +173,40 @@ class PgTransaction:
         a command put off), so that none overtakes it."""
         self.refused.update(keys)
 
-    def fetch(self, locked: str, plain: str, key: int, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def prefetch(self, streams: list[tuple[int, str]]) -> None:
+        """Lock (try) and read the streams ``(key, stream id)`` that a batch's commands address,
+        in one round trip: the locks first, then the read in a statement of its own (its
+        snapshot is taken once the locks are held, so it sees every commit before them)."""
+        wanted = [(k, sid) for k, sid in streams if k not in self.held and k not in self.refused]
+        if not wanted or not self.locking:
+            return
+        got = self.send(TRY_LOCKS, ([k for k, _ in wanted],))
+        rows = self.send(LOAD_MANY, ([sid for _, sid in wanted],))
+        acquired = {key for key, ok in self.rows(got) if ok}
+        found = {row[0]: row[1:] for row in self.rows(rows)}
+        for key, sid in wanted:
+            if key in acquired:
+                self.held.add(key)
+                self.cache[sid] = found.get(sid)
+            else:
+                self.busy.add(key)
+
+    def fetch(self, _locked: str, plain: str, key: int, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """A read under the lock of ``key`` (locking mode), or a plain read."""
-        if key in self.refused:
+        if key in self.refused or key in self.busy:
             raise LockBusy(key)
         if not self.locking or key in self.held:
             return self.one(plain, params)
         if not self.held and not self.wrote:
             self.lock(key)
             return self.one(plain, params)
-        row = self.one(locked, (key, *params))
-        if not row[0]:  # type: ignore[index]
+        got = self.send(TRY_LOCK, (key,))
+        row = self.one(plain, params)
+        if not self.row(got)[0]:  # type: ignore[index]
+            self.busy.add(key)
             raise LockBusy(key)
         self.held.add(key)
-        return None if all(v is None for v in row[1:]) else row[1:]  # type: ignore[index]
-
-    def positions(self, count: int) -> list[int]:
-        """``count`` event positions drawn ahead from the events' sequence (group commit)."""
-        if len(self.spare) < count:
-            self.spare += [r[0] for r in self.all(self.statements.draw, (max(count, self.POSITIONS_AHEAD),))]
-        taken, self.spare = self.spare[:count], self.spare[count:]
-        return taken
+        return row
 
     def send(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
         """Queue one statement; its result is read later (or never)."""
@@ -208,7 +216,9 @@ class PgTransaction:
         return self.row(self.send(sql, params))
 
     def all(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        cursor = self.send(sql, params)
+        return self.rows(self.send(sql, params))
+
+    def rows(self, cursor: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
         try:
             return cursor.fetchall()
         except psycopg.Error as exc:
@@ -227,26 +237,18 @@ class PgTransaction:
             return ConcurrencyConflict(f"postgresql: {exc}")
         return exc
 
-    def finish_writes(self) -> None:
-        """Check every deferred write: a duplicate is marked on its unit (it wrote nothing); a
-        stream that moved raises ConcurrencyConflict."""
-        for unit in self.writes:
-            unit.check(self.row(unit.write))  # type: ignore[arg-type]
-        self.writes.clear()
-
     def finish(self) -> None:
-        """Check the deferred writes left, then queue COMMIT (sent as the pipeline ends)."""
-        self.finish_writes()
+        """Queue COMMIT (sent, with every write still queued, as the pipeline ends)."""
         self.send("COMMIT")
 
-    def record_outcome(self, outcome: Outcome) -> Outcome | None:
-        """Insert ``outcome`` alone (rejected, invalid...); None when the command id has one already."""
+    def record_outcome(self, outcome: Outcome) -> psycopg.Cursor[Any]:
+        """Queue the insert of ``outcome`` alone (rejected...); its cursor's row is None after
+        the commit when the command id had an outcome already."""
         values = outcome.row()
         values["errors"] = None if outcome.errors is None else json.dumps(outcome.errors)
         values["status"] = outcome.status.value
         self.wrote = True
-        row = self.one(INSERT_OUTCOME, [values[c] for c in OUTCOME_COLUMNS])
-        return outcome if row is not None else None
+        return self.send(INSERT_OUTCOME, [values[c] for c in OUTCOME_COLUMNS])
 
     def stored_outcome(self, command_id: str) -> Outcome | None:
         cursor = self.send(SELECT_OUTCOME, (command_id,))
@@ -276,7 +278,10 @@ class PgUnitOfWork:
             return self.loaded[sid]  # type: ignore[return-value]
         key = lock_key("s", sid)
         self.keys.append(key)
-        row = self.tx.fetch(TRY_LOAD, LOAD, key, (sid,))
+        if sid in self.tx.cache and key not in self.tx.refused:
+            row = self.tx.cache.pop(sid)
+        else:
+            row = self.tx.fetch(LOAD, LOAD, key, (sid,))
         if row is None:
             aggregate = cls(aggregate_id)
         else:
@@ -291,7 +296,7 @@ class PgUnitOfWork:
             return None
         lock = lock_key("c", scope, key)
         self.keys.append(lock)
-        row = self.tx.fetch(TRY_OWNER, OWNER, lock, (scope, key))
+        row = self.tx.fetch(OWNER, OWNER, lock, (scope, key))
         return None if row is None else row[0]
 
     def claim(self, scope: str, key: str, owner: str) -> None:
@@ -316,37 +321,34 @@ class PgUnitOfWork:
     # -- commit -----------------------------------------------------------------------------
     def commit(self, metadata: dict[str, Any], outcome: Outcome | None = None) -> list[int]:
         """Write every pending event, stream move, claim and ``outcome`` in one statement; the
-        positions of the new events, in order. Raises DuplicateCommand, ConcurrencyConflict; in a
-        deferred transaction the write is checked by ``PgTransaction.finish`` instead (a
-        duplicate then sets ``duplicate``)."""
+        positions of the new events, in order. Raises DuplicateCommand, ConcurrencyConflict. In a
+        deferred transaction the write is only queued and [] returned: ``result`` tells, after
+        the commit, the positions and whether it was a duplicate."""
         tx = self.tx
         params = self._params(metadata)
-        ahead = tx.positions(params["n_events"]) if tx.deferred else []
-        params["positions"] = ahead
         if outcome is not None:
             params.update(_outcome_params(outcome))
         tx.wrote = True
-        self.write = tx.send(tx.statements.write[(outcome is not None, tx.deferred)], params)
-        self._applied()
-        if tx.deferred:
-            tx.writes.append(self)
-            return ahead
-        return self.check(tx.row(self.write))  # type: ignore[arg-type]
-
-    def check(self, result: tuple[Any, ...]) -> list[int]:
-        ok, moved, created, positions = result
-        if not ok:
-            self.duplicate = True
-            if not self.tx.deferred:
-                raise DuplicateCommand("the command has an outcome already")
-        elif (moved, created) != self.counts:
-            raise ConcurrencyConflict("a stream moved past the version it was loaded at")
-        return list(positions or [])
-
-    def _applied(self) -> None:
-        for aggregate in self.loaded.values():
+        self.write = tx.send(tx.statements.write[outcome is not None], params)
+        for sid, aggregate in self.loaded.items():
+            if aggregate.pending:
+                tx.cache.pop(sid, None)  # a later command must read what this one wrote
             aggregate.version += len(aggregate.pending)
             aggregate.pending.clear()
+        if tx.deferred:
+            return []
+        positions = self.result()
+        if self.duplicate:
+            raise DuplicateCommand("the command has an outcome already")
+        return positions
+
+    def result(self) -> list[int]:
+        """The positions of the committed write (sets ``duplicate`` when it wrote nothing)."""
+        ok, moved, created, positions = self.tx.row(self.write)  # type: ignore[arg-type,misc]
+        self.duplicate = not ok
+        if ok and (moved, created) != self.counts:
+            raise ConcurrencyConflict("a stream moved past the version it was loaded at")
+        return list(positions or [])
 
     def _params(self, metadata: dict[str, Any]) -> dict[str, Any]:
         """The statement's parameters: everything to write as ONE JSON document (``doc``: new

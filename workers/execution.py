@@ -27,12 +27,12 @@ from typing import Any
 import structlog
 from pydantic import BaseModel
 
-from cqrskit.domain.model import RuleViolation
+from cqrskit.domain.model import RuleViolation, stream_id
 from cqrskit.domain.ports import HandlerContext
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
-from cqrskit.infra.pg_store import LockBusy, PgTransaction, PgUnitOfWork
+from cqrskit.infra.pg_store import LockBusy, PgTransaction, PgUnitOfWork, lock_key
 from cqrskit.infra.store import ConcurrencyConflict, DuplicateCommand, EventStore
 from cqrskit.infra.validation import CommandTooLarge, InvalidCommand, ValidCommand, safe_text, validate_command
 from cqrskit.workers.group_commit import GroupCommit, Pending
@@ -146,46 +146,51 @@ class CommandExecutor:
     def _attempt(self, batch: list[Pending]) -> list[Pending]:
         """One transaction for ``batch``: settles what it decides (after the commit) and returns
         what it put off. Raises ConcurrencyConflict and infrastructure errors (nothing committed)."""
-        decided: list[tuple[Pending, Outcome]] = []
+        decided: list[tuple[Pending, Outcome, Any]] = []
         deferred: list[Pending] = []
         with self.store.transaction() as tx:
             if batch[0].wait_key is not None:
                 tx.lock(batch[0].wait_key)
-            units = []
+            tx.prefetch([self._target(item) for item in batch])
             for item in batch:
                 uow = tx.unit()
                 try:
-                    decided.append((item, self._decide_in(tx, uow, item)))
-                    units.append(uow)
+                    decided.append((item, *self._decide_in(tx, uow, item)))
                 except LockBusy as busy:
                     item.wait_key = busy.key
                     tx.refuse(uow.keys)
                     deferred.append(item)
-            tx.finish_writes()
-            decided = [(item, self._stored_if_duplicate(tx, uow, item, outcome))
-                       for (item, outcome), uow in zip(decided, units)]
-        _log_batch(decided)
-        for item, outcome in decided:
+        settled = [(item, self._committed(tx, item, outcome, write)) for item, outcome, write in decided]
+        _log_batch(settled)
+        for item, outcome in settled:
             item.settle(outcome)
         return deferred
 
-    @staticmethod
-    def _stored_if_duplicate(tx: PgTransaction, uow: PgUnitOfWork, item: Pending, outcome: Outcome) -> Outcome:
-        if not uow.duplicate:
-            return outcome
-        return (tx.stored_outcome(item.envelope.command_id) or outcome).as_duplicate()
+    def _target(self, item: Pending) -> tuple[int, str]:
+        """The lock key and stream id of the aggregate a command addresses."""
+        aggregate = self.registry.command_type(item.envelope.type).aggregate
+        sid = stream_id(aggregate.stream_type, item.envelope.aggregate_id)
+        return lock_key("s", sid), sid
 
-    def _decide_in(self, tx: PgTransaction, uow: PgUnitOfWork, item: Pending) -> Outcome:
-        envelope = item.envelope
+    def _decide_in(self, tx: PgTransaction, uow: PgUnitOfWork, item: Pending) -> tuple[Outcome, Any]:
+        """The outcome decided in ``tx`` and what tells, after the commit, whether it was written
+        (the unit of work, or the cursor of a rejection's insert)."""
         try:
-            return self._decide(uow, envelope, item.command)
+            return self._decide(uow, item.envelope, item.command), uow
         except RuleViolation as exc:
-            rejected = _outcome(envelope, Status.rejected, reason=exc.reason)
-            if tx.record_outcome(rejected) is not None:
-                return rejected
-        except DuplicateCommand:
-            pass
-        return (tx.stored_outcome(envelope.command_id) or _outcome(envelope, Status.rejected)).as_duplicate()
+            rejected = _outcome(item.envelope, Status.rejected, reason=exc.reason)
+            return rejected, tx.record_outcome(rejected)
+
+    def _committed(self, tx: PgTransaction, item: Pending, outcome: Outcome, write: Any) -> Outcome:
+        """``outcome`` as committed: with its positions, or the stored one when it was a duplicate."""
+        if isinstance(write, PgUnitOfWork):
+            outcome.positions = write.result()
+            duplicate = write.duplicate
+        else:
+            duplicate = tx.row(write) is None
+        if not duplicate:
+            return outcome
+        return (self.store.outcome(item.envelope.command_id) or outcome).as_duplicate()
 
     # -- deciding: one command alone ----------------------------------------------------------
     def _decide_with_retries(self, item: Pending) -> Outcome:

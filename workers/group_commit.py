@@ -36,6 +36,7 @@ class Pending:
     alone: bool = False  # its batch failed: the command's own thread decides it alone
     batch_size: int = 0
     done: bool = field(default=False, repr=False)
+    wake: Any = field(default=None, repr=False)  # notified when settled, or to lead
 
     def settle(self, outcome: Outcome | None = None, *, error: BaseException | None = None,
                alone: bool = False) -> None:
@@ -51,12 +52,14 @@ class GroupCommit:
         self.leading = 0
 
     def submit(self, item: Pending) -> Pending:
-        """Queue ``item`` and return it once settled (this thread may lead batches meanwhile)."""
+        """Queue ``item`` and return it once settled (this thread may lead batches meanwhile).
+        Only the threads whose commands were settled are woken, plus one to lead the next batch."""
+        item.wake = threading.Condition(self.lock)
         with self.lock:
             self.queue.append(item)
             while not item.done:
                 if self.leading >= self.leaders or not self.queue:
-                    self.lock.wait()
+                    item.wake.wait()
                     continue
                 batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.max_batch))]
                 self.leading += 1
@@ -68,7 +71,11 @@ class GroupCommit:
                     self.lock.acquire()
                     self.leading -= 1
                     self.queue.extendleft(reversed(deferred))
-                    self.lock.notify_all()
+                    for settled in batch:
+                        if settled.done:
+                            settled.wake.notify()
+                    for waiting in list(self.queue)[: self.leaders - self.leading]:
+                        waiting.wake.notify()  # to lead the next batch
         return item
 
     def _run(self, batch: list[Pending]) -> list[Pending]:
