@@ -143,10 +143,10 @@ class PgStatements:
 class PgTransaction:
     """One PostgreSQL transaction on ``conn``, in pipeline mode: a statement whose result is not
     needed yet (BEGIN, a lock wait, a command's write when ``deferred``, COMMIT) travels with the
-    next one whose result is, so a batch costs one round trip per read it makes, plus one for
-    its COMMIT. A deferred write is checked after the commit (``PgUnitOfWork.result``): a stream
-    that moved under it fails its event insert (the unique stream version), which aborts the
-    transaction before COMMIT. Unique violations, deadlocks and serialization failures raise
+    next one whose result is, so a batch costs one round trip per read it makes, plus two to
+    end: its writes' results, then COMMIT. A deferred write is checked after the commit
+    (``PgUnitOfWork.result``): a stream that moved under it fails its event insert (the unique
+    stream version), which aborts the transaction before COMMIT. Unique violations, deadlocks and serialization failures raise
     ConcurrencyConflict, wherever they surface."""
 
     def __init__(self, conn: psycopg.Connection, registry: Registry, statements: PgStatements,
@@ -157,6 +157,7 @@ class PgTransaction:
         self.held: set[int] = set()
         self.refused: set[int] = set()
         self.busy: set[int] = set()
+        self.pipeline: psycopg.Pipeline | None = None  # set by the store while the transaction runs
         self.cache: dict[str, tuple[Any, ...] | None] = {}
 
     def unit(self) -> PgUnitOfWork:
@@ -238,7 +239,14 @@ class PgTransaction:
         return exc
 
     def finish(self) -> None:
-        """Queue COMMIT (sent, with every write still queued, as the pipeline ends)."""
+        """Wait until every queued statement has run, then queue COMMIT (sent as the pipeline
+        ends). COMMIT never travels with the writes: a worker that dies while its writes wait
+        (on a row lock, say) must leave a transaction that the server rolls back."""
+        if self.wrote and self.pipeline is not None:
+            try:
+                self.pipeline.sync()
+            except psycopg.Error as exc:
+                raise self._failed(exc) from exc
         self.send("COMMIT")
 
     def record_outcome(self, outcome: Outcome) -> psycopg.Cursor[Any]:

@@ -97,6 +97,7 @@ class EventStore:
                                locking=locking, deferred=deferred)
             try:
                 with conn.pipeline() as pipeline:
+                    tx.pipeline = pipeline
                     tx.send("BEGIN")
                     yield tx
                     if tx.failed:  # a statement failed and its error was handled: roll back
