@@ -39,6 +39,10 @@ from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.pg_sql import (
+    INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, OUTCOME_COLUMNS, OWNER, READ_EVENTS, SELECT_OUTCOME, TRY_LOCK,
+    TRY_LOCKS, WITH_OUTCOME, WITHOUT_OUTCOME, WRITE,
+)
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 
@@ -55,75 +59,6 @@ class LockBusy(Exception):
         self.key = key
 
 
-LOAD = "SELECT version, state::text, state_version FROM streams WHERE stream_id = %s"
-LOAD_MANY = "SELECT stream_id, version, state::text, state_version FROM streams WHERE stream_id = ANY(%s)"
-OWNER = "SELECT owner FROM unique_claims WHERE scope = %s AND key = %s"
-LOCK = "SELECT pg_advisory_xact_lock(%s)"
-TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
-TRY_LOCKS = "SELECT k, pg_try_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
-READ_EVENTS = ("SELECT type, schema_version, data FROM events WHERE stream_id = %s AND version > %s "
-               "ORDER BY version")
-OUTCOME_COLUMNS = ("command_id", "status", "type", "aggregate_id", "reason", "errors", "aggregate_version",
-                   "correlation_id", "causation_id", "recorded_at")
-INSERT_OUTCOME = (
-    "INSERT INTO command_outcomes (command_id, status, type, aggregate_id, reason, errors, aggregate_version, "
-    "correlation_id, causation_id, recorded_at, positions) "
-    "VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, '[]'::jsonb) "
-    "ON CONFLICT (command_id) DO NOTHING RETURNING 1"
-)
-SELECT_OUTCOME = "SELECT * FROM command_outcomes WHERE command_id = %s"
-
-# One command's whole write. ``go`` gates every write on the outcome's insert (no outcome given:
-# always true), so a duplicate writes nothing. Positions are drawn first, so that the outcome
-# can carry them.
-_WRITE = """
-WITH d AS MATERIALIZED (SELECT %(doc)s::jsonb AS doc),
-p AS MATERIALIZED ({positions}),
-{outcome},
-sn AS (
-    INSERT INTO streams (stream_id, stream_type, aggregate_id, version, state, state_version, updated_at)
-    SELECT u.sid, u.t, u.aid, u.v, u.state, u.sv, %(now)s
-    FROM d, jsonb_to_recordset(d.doc -> 'n') AS u(sid text, t text, aid text, v int, state jsonb, sv int)
-    WHERE (SELECT ok FROM go)
-    RETURNING 1),
-sm AS (
-    UPDATE streams AS s SET version = u.v, state = u.state, state_version = u.sv, updated_at = %(now)s
-    FROM d, jsonb_to_recordset(d.doc -> 'm') AS u(sid text, f int, v int, state jsonb, sv int)
-    WHERE s.stream_id = u.sid AND s.version = u.f AND (SELECT ok FROM go)
-    RETURNING 1),
-ev AS (
-    INSERT INTO events (position, event_id, stream_id, stream_type, version, type, schema_version, data,
-                        metadata, recorded_at)
-    SELECT p.pos, e.id, e.sid, e.t, e.v, e.et, e.sv, e.data, %(meta)s::jsonb, %(now)s
-    FROM d, jsonb_array_elements(d.doc -> 'e') WITH ORDINALITY AS a(value, n)
-    CROSS JOIN LATERAL jsonb_to_record(a.value) AS e(id text, sid text, t text, v int, et text, sv int, data jsonb)
-    JOIN p ON p.n = a.n
-    WHERE (SELECT ok FROM go)
-    RETURNING 1),
-cd AS (
-    DELETE FROM unique_claims AS c
-    USING d, jsonb_to_recordset(d.doc -> 'r') AS u(s text, k text, o text)
-    WHERE c.scope = u.s AND c.key = u.k AND c.owner = u.o AND (SELECT ok FROM go)
-    RETURNING 1),
-ci AS (
-    INSERT INTO unique_claims (scope, key, owner)
-    SELECT u.s, u.k, u.o FROM d, jsonb_to_recordset(d.doc -> 'c') AS u(s text, k text, o text)
-    WHERE (SELECT ok FROM go)
-    RETURNING 1)
-SELECT (SELECT ok FROM go), (SELECT count(*) FROM sm), (SELECT count(*) FROM sn),
-       (SELECT array_agg(pos ORDER BY n) FROM p)
-"""
-_WITH_OUTCOME = """o AS (
-    INSERT INTO command_outcomes (command_id, status, type, aggregate_id, reason, errors, aggregate_version,
-                                  correlation_id, causation_id, recorded_at, positions)
-    VALUES (%(o_id)s, %(o_status)s, %(o_type)s, %(o_aid)s, %(o_reason)s, %(o_errors)s::jsonb, %(o_version)s,
-            %(o_corr)s, %(o_cause)s, %(o_at)s, (SELECT coalesce(jsonb_agg(pos ORDER BY n), '[]'::jsonb) FROM p))
-    ON CONFLICT (command_id) DO NOTHING
-    RETURNING 1),
-go AS (SELECT EXISTS (SELECT FROM o) AS ok)"""
-_WITHOUT_OUTCOME = "go AS (SELECT true AS ok)"
-
-
 def lock_key(kind: str, *parts: str) -> int:
     """A stable signed 64-bit advisory-lock key (the same in every process)."""
     digest = hashlib.blake2b("\x00".join((kind, *parts)).encode(), digest_size=8).digest()
@@ -135,8 +70,8 @@ class PgStatements:
 
     def __init__(self, sequence: str) -> None:
         positions = f"SELECT n, nextval('{sequence}') AS pos FROM generate_series(1, %(n_events)s::int) AS n"
-        self.write = {outcome: _WRITE.format(positions=positions,
-                                             outcome=_WITH_OUTCOME if outcome else _WITHOUT_OUTCOME)
+        self.write = {outcome: WRITE.format(positions=positions,
+                                             outcome=WITH_OUTCOME if outcome else WITHOUT_OUTCOME)
                       for outcome in (True, False)}
 
 

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     group_commit_leaders: int = Field(
         default=2, ge=1, description="PostgreSQL: group-commit transactions a worker process runs at once.",
     )
+    group_commit_linger_ms: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="PostgreSQL: how long a batch may wait to fill up before it starts (0: it never waits).",
+    )
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="Serve Prometheus metrics on this port (one per process group or relay; unset: no metrics).",

@@ -79,10 +79,12 @@ class CommandExecutor:
     conflict_retries: int = 30
     max_batch: int = 32
     leaders: int = 2
+    linger: float = 0.0
 
     def __post_init__(self) -> None:
         grouped = self.store.postgres and self.max_batch > 1
-        self.group = GroupCommit(self._run_batch, max_batch=self.max_batch, leaders=self.leaders) if grouped else None
+        self.group = (GroupCommit(self._run_batch, max_batch=self.max_batch, leaders=self.leaders, linger=self.linger)
+                      if grouped else None)
 
     def execute(self, body: bytes) -> Outcome:
         parsed = self._parse(body)
@@ -135,6 +137,8 @@ class CommandExecutor:
 
     def _run_batch(self, batch: list[Pending]) -> list[Pending]:
         """Settle ``batch`` in one transaction; returns the commands put off. Never raises."""
+        if _stdlib_log.isEnabledFor(logging.DEBUG):
+            log.debug("command.batch_begun", size=len(batch), command_ids=[i.envelope.command_id for i in batch])
         try:
             return self._attempt(batch)
         except Exception as exc:  # rolled back as a whole: each command alone, in its own thread

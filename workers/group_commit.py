@@ -4,7 +4,7 @@ Each Dramatiq worker thread hands its command to ``GroupCommit.submit`` and wait
 thread at a time (at most ``leaders`` at once) becomes the leader: it takes every command queued
 so far (at most ``max_batch``) and runs them as one batch (``run``: one transaction, see
 ``cqrskit.workers.execution``), while the commands that arrive meanwhile queue up for the next
-batch. The batch's outcomes are handed to their threads only after its commit, and each thread
+batch (after waiting up to ``linger`` seconds for a full one, 0 by default). The batch's outcomes are handed to their threads only after its commit, and each thread
 returns to Dramatiq, which acks its message, only then (G1). Under light load a batch holds one
 command and nothing waits; under load batches grow by themselves, up to the number of threads.
 
@@ -45,8 +45,8 @@ class Pending:
 
 class GroupCommit:
     def __init__(self, run: Callable[[list[Pending]], list[Pending]], *, max_batch: int = 32,
-                 leaders: int = 2) -> None:
-        self.run, self.max_batch, self.leaders = run, max_batch, leaders
+                 leaders: int = 2, linger: float = 0.0) -> None:
+        self.run, self.max_batch, self.leaders, self.linger = run, max_batch, leaders, linger
         self.lock = threading.Condition()
         self.queue: deque[Pending] = deque()
         self.leading = 0
@@ -57,10 +57,13 @@ class GroupCommit:
         item.wake = threading.Condition(self.lock)
         with self.lock:
             self.queue.append(item)
+            self.lock.notify()  # a leader lingering for a fuller batch
             while not item.done:
                 if self.leading >= self.leaders or not self.queue:
                     item.wake.wait()
                     continue
+                if self.linger:
+                    self.lock.wait_for(lambda: len(self.queue) >= self.max_batch, timeout=self.linger)
                 batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.max_batch))]
                 self.leading += 1
                 deferred: list[Pending] = []
