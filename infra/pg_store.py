@@ -93,7 +93,9 @@ class PgTransaction:
         self.refused: set[int] = set()
         self.busy: set[int] = set()
         self.pipeline: psycopg.Pipeline | None = None  # set by the store while the transaction runs
-        self.cache: dict[str, tuple[Any, ...] | None] = {}
+        self.cache: dict[str, tuple[Any, ...] | None] = {}  # stream rows, as the batch left them
+        self.claims: dict[tuple[str, str], str | None] = {}
+        self.writes: list[PgUnitOfWork] = []
 
     def unit(self) -> PgUnitOfWork:
         return PgUnitOfWork(self)
@@ -182,6 +184,8 @@ class PgTransaction:
                 self.pipeline.sync()
             except psycopg.Error as exc:
                 raise self._failed(exc) from exc
+        for unit in self.writes:
+            unit.result()
         self.send("COMMIT")
 
     def record_outcome(self, outcome: Outcome) -> psycopg.Cursor[Any]:
@@ -211,6 +215,9 @@ class PgUnitOfWork:
         self.taken: dict[tuple[str, str], str] = {}
         self.released: dict[tuple[str, str], str] = {}
         self.duplicate = False
+        self.positions: list[int] | None = None
+        self.rows: dict[str, tuple[Any, ...] | None] = {}  # each stream as loaded, then as written
+        self.snapshots: dict[str, str] = {}
         self.counts = (0, 0)
         self.write: psycopg.Cursor[Any] | None = None
 
@@ -221,10 +228,12 @@ class PgUnitOfWork:
             return self.loaded[sid]  # type: ignore[return-value]
         key = lock_key("s", sid)
         self.keys.append(key)
-        if sid in self.tx.cache and key not in self.tx.refused:
-            row = self.tx.cache.pop(sid)
+        tx = self.tx
+        if sid in tx.cache and key not in tx.refused and key in tx.held:
+            row = tx.cache[sid]  # read ahead, or as an earlier command of the batch left it
         else:
-            row = self.tx.fetch(LOAD, LOAD, key, (sid,))
+            row = tx.fetch(LOAD, LOAD, key, (sid,))
+        self.rows[sid] = row
         if row is None:
             aggregate = cls(aggregate_id)
         else:
@@ -233,20 +242,32 @@ class PgUnitOfWork:
         return aggregate  # type: ignore[return-value]
 
     def owner_of(self, scope: str, key: str) -> str | None:
+        """A claim's holder: read without a lock (a claim that changes meanwhile fails the
+        commit on the claims' unique key); ``claim`` and ``release`` lock it first."""
+        return self._holder(scope, key, locked=False)
+
+    def _holder(self, scope: str, key: str, *, locked: bool) -> str | None:
         if (scope, key) in self.taken:
             return self.taken[(scope, key)]
         if (scope, key) in self.released:
             return None
-        lock = lock_key("c", scope, key)
-        self.keys.append(lock)
-        row = self.tx.fetch(OWNER, OWNER, lock, (scope, key))
-        return None if row is None else row[0]
+        tx, lock = self.tx, lock_key("c", scope, key)
+        if locked and tx.locking:
+            self.keys.append(lock)
+        if (scope, key) in tx.claims and (lock in tx.held or not (locked and tx.locking)):
+            return tx.claims[(scope, key)]
+        if locked:
+            row = tx.fetch(OWNER, OWNER, lock, (scope, key))
+        else:
+            row = tx.one(OWNER, (scope, key))
+        tx.claims[(scope, key)] = owner = None if row is None else row[0]
+        return owner
 
     def claim(self, scope: str, key: str, owner: str) -> None:
         if self.released.get((scope, key)) == owner:
             del self.released[(scope, key)]  # given up and taken back in one command
             return
-        holder = self.owner_of(scope, key)
+        holder = self._holder(scope, key, locked=True)
         if holder == owner:
             return
         if holder is not None:
@@ -254,7 +275,7 @@ class PgUnitOfWork:
         self.taken[(scope, key)] = owner
 
     def release(self, scope: str, key: str, owner: str) -> None:
-        if self.owner_of(scope, key) == owner:
+        if self._holder(scope, key, locked=True) == owner:
             self.taken.pop((scope, key), None)
             self.released[(scope, key)] = owner
 
@@ -274,11 +295,15 @@ class PgUnitOfWork:
         tx.wrote = True
         self.write = tx.send(tx.statements.write[outcome is not None], params)
         for sid, aggregate in self.loaded.items():
-            if aggregate.pending:
-                tx.cache.pop(sid, None)  # a later command must read what this one wrote
             aggregate.version += len(aggregate.pending)
+            if aggregate.pending:  # what a later command of the batch loads, without a read
+                self.rows[sid] = (aggregate.version, self.snapshots[sid], aggregate.state_version)
             aggregate.pending.clear()
         if tx.deferred:
+            tx.cache.update(self.rows)
+            tx.claims.update(self.taken)
+            tx.claims.update(dict.fromkeys(self.released))
+            tx.writes.append(self)
             return []
         positions = self.result()
         if self.duplicate:
@@ -286,12 +311,16 @@ class PgUnitOfWork:
         return positions
 
     def result(self) -> list[int]:
-        """The positions of the committed write (sets ``duplicate`` when it wrote nothing)."""
-        ok, moved, created, positions = self.tx.row(self.write)  # type: ignore[arg-type,misc]
-        self.duplicate = not ok
-        if ok and (moved, created) != self.counts:
-            raise ConcurrencyConflict("a stream moved past the version it was loaded at")
-        return list(positions or [])
+        """The positions of the write once it ran (sets ``duplicate`` when it wrote nothing).
+        Raises ConcurrencyConflict when a stream was not where the command found it (moved by
+        another transaction, or by a duplicate earlier in the batch that wrote nothing)."""
+        if self.positions is None:
+            ok, moved, created, positions = self.tx.row(self.write)  # type: ignore[arg-type,misc]
+            self.duplicate = not ok
+            if ok and (moved, created) != self.counts:
+                raise ConcurrencyConflict("a stream moved past the version it was loaded at")
+            self.positions = list(positions or [])
+        return self.positions
 
     def _params(self, metadata: dict[str, Any]) -> dict[str, Any]:
         """The statement's parameters: everything to write as ONE JSON document (``doc``: new
@@ -305,8 +334,9 @@ class PgUnitOfWork:
             if not agg.pending:
                 continue
             version, quoted = agg.version, _q(sid)
+            self.snapshots[sid] = snapshot = _snapshot_json(agg)
             head = f'{{"sid":{quoted},"v":{version + len(agg.pending)},"sv":{agg.state_version},' \
-                   f'"state":{_snapshot_json(agg)}'
+                   f'"state":{snapshot}'
             if version == 0:
                 new.append(f'{head},"t":{_q(agg.stream_type)},"aid":{_q(agg.id)}}}')
             else:

@@ -61,7 +61,7 @@ def test_a_batch_killed_before_its_commit_is_redelivered_and_applied_once(
             stuck = workers.start(threads=8, CQRSKIT_LOG_LEVEL="DEBUG", **BATCHES)
             write_store.wait_until(lambda: waiting_on_a_row_lock(write_store) == 1, timeout=30,
                                    what="the batch's writes to wait on the locked stream row")
-            (batch,) = [r for r in stuck.log_records() if r["event"] == "command.batch_begun"]
+            (batch,) = [r for r in stuck.log_records() if r["event"] == "group_commit.batch_begun"]
             assert len(set(batch["command_ids"]) & set(ids)) >= 2, f"not a batch: {batch}"
             stuck.kill()
             lock.rollback()

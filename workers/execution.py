@@ -138,11 +138,11 @@ class CommandExecutor:
     def _run_batch(self, batch: list[Pending]) -> list[Pending]:
         """Settle ``batch`` in one transaction; returns the commands put off. Never raises."""
         if _stdlib_log.isEnabledFor(logging.DEBUG):
-            log.debug("command.batch_begun", size=len(batch), command_ids=[i.envelope.command_id for i in batch])
+            log.debug("group_commit.batch_begun", size=len(batch), command_ids=[i.envelope.command_id for i in batch])
         try:
             return self._attempt(batch)
         except Exception as exc:  # rolled back as a whole: each command alone, in its own thread
-            log.debug("command.batch_failed", size=len(batch), error=repr(exc)[:300])
+            log.debug("group_commit.batch_failed", size=len(batch), error=repr(exc)[:300])
             for item in batch:
                 item.settle(alone=True)
             return []
