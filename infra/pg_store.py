@@ -89,6 +89,7 @@ class PgTransaction:
         self.conn, self.registry, self.statements = conn, registry, statements
         self.clock, self.locking, self.deferred = now, locking, deferred
         self.wrote = self.failed = False
+        self.unsynced = False  # a write was sent whose result was not read yet
         self.held: set[int] = set()
         self.refused: set[int] = set()
         self.busy: set[int] = set()
@@ -179,7 +180,7 @@ class PgTransaction:
         """Wait until every queued statement has run, then queue COMMIT (sent as the pipeline
         ends). COMMIT never travels with the writes: a worker that dies while its writes wait
         (on a row lock, say) must leave a transaction that the server rolls back."""
-        if self.wrote and self.pipeline is not None:
+        if self.unsynced and self.pipeline is not None:
             try:
                 self.pipeline.sync()
             except psycopg.Error as exc:
@@ -194,7 +195,7 @@ class PgTransaction:
         values = outcome.row()
         values["errors"] = None if outcome.errors is None else json.dumps(outcome.errors)
         values["status"] = outcome.status.value
-        self.wrote = True
+        self.wrote = self.unsynced = True
         return self.send(INSERT_OUTCOME, [values[c] for c in OUTCOME_COLUMNS])
 
     def stored_outcome(self, command_id: str) -> Outcome | None:
@@ -292,7 +293,7 @@ class PgUnitOfWork:
         params = self._params(metadata)
         if outcome is not None:
             params.update(_outcome_params(outcome))
-        tx.wrote = True
+        tx.wrote = tx.unsynced = True
         self.write = tx.send(tx.statements.write[outcome is not None], params)
         for sid, aggregate in self.loaded.items():
             aggregate.version += len(aggregate.pending)
@@ -306,6 +307,7 @@ class PgUnitOfWork:
             tx.writes.append(self)
             return []
         positions = self.result()
+        tx.unsynced = False
         if self.duplicate:
             raise DuplicateCommand("the command has an outcome already")
         return positions
