@@ -1,26 +1,28 @@
 """The event store's hot path on PostgreSQL: psycopg directly, each statement built once.
 
 A ``PgTransaction`` is one PostgreSQL transaction on a connection checked out of the engine's
-pool (in autocommit mode: the transaction is begun by hand, pipelined with its first statement).
-It hands out one ``PgUnitOfWork`` per command (``unit()``); a unit implements the domain's
+pool, run in pipeline mode (BEGIN travels with the first read; a write travels with the next
+read). It hands out one ``PgUnitOfWork`` per command (``unit()``); a unit implements the domain's
 ``HandlerContext``, and its ``commit`` writes the command's streams, events, claims and outcome
-in ONE statement (data-modifying CTEs): one round trip per command.
+in ONE statement (data-modifying CTEs, ``cqrskit.infra.pg_sql``).
 
 Two modes:
-- ``locking=False`` (``EventStore.unit_of_work``): optimistic. Reads before the first write run
-  outside the transaction (under READ COMMITTED a read sees the same either way), a stream moved
-  by someone else since it was loaded fails the commit as a ``ConcurrencyConflict``.
-- ``locking=True`` (group commit): every stream and claim a command reads is locked first with a
-  transaction-level advisory lock on its key, so commands on one aggregate queue instead of
-  conflicting. To stay free of deadlocks, only a transaction that holds no lock yet waits for
-  one (``pg_advisory_xact_lock``); any later lock is only tried (``pg_try_advisory_xact_lock``)
-  and a busy one raises ``LockBusy``: the command is put off to a later transaction, having
-  written nothing. The optimistic checks stay underneath (stream versions, unique keys), so
-  correctness never rests on the locks alone (G4).
+- ``EventStore.unit_of_work`` (``locking=False, deferred=False``): optimistic, one command;
+  ``commit`` waits for its write's result. A stream moved by someone else since it was loaded
+  fails the commit as a ``ConcurrencyConflict``.
+- group commit (``locking=True, deferred=True``): many commands. Every stream a command reads,
+  and every claim it takes or gives up, is locked first with a transaction-level advisory lock
+  on its key, so commands on one aggregate queue instead of conflicting. To stay free of
+  deadlocks, only a transaction that holds no lock yet waits for one (``pg_advisory_xact_lock``);
+  any later lock is only tried (``pg_try_advisory_xact_lock``) and a busy one raises
+  ``LockBusy``: the command is put off to a later transaction, having written nothing. What a
+  batch has read or written is reused by its later commands without reading again. Writes are
+  checked once they ran, before COMMIT. The optimistic checks stay underneath (stream versions,
+  unique keys), so correctness never rests on the locks alone (G4).
 
-Raised by ``commit``: ``DuplicateCommand`` (the outcome's primary key is taken: the command ran
-before; nothing was written), ``ConcurrencyConflict`` (a stream moved, a stream or claim was
-created concurrently: the transaction must be rolled back). psycopg's errors otherwise.
+Raised: ``DuplicateCommand`` (the outcome's primary key is taken: the command ran before;
+nothing was written), ``ConcurrencyConflict`` (a stream moved, a stream or claim was created
+concurrently: the transaction must be rolled back). psycopg's errors otherwise.
 """
 
 from __future__ import annotations

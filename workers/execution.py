@@ -60,7 +60,8 @@ class CommandExecutor:
     - in one batch transaction, commands are decided one after the other in their order of
       arrival, each seeing the effects of the ones before it; each writes its streams, events,
       claims and outcome in one statement;
-    - every stream and claim a command reads is locked (``cqrskit.infra.pg_store``); a command
+    - every stream a command reads, and every claim it takes or gives up, is locked
+      (``cqrskit.infra.pg_store``); a command
       that finds a lock busy writes nothing and is put off to the next batch, with every later
       command of the batch that touches what it touched (so one aggregate's commands never
       overtake each other); the next batch first waits for that lock: commands on a hot
