@@ -132,17 +132,17 @@ class PgTransaction:
             else:
                 self.busy.add(key)
 
-    def fetch(self, _locked: str, plain: str, key: int, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """A read under the lock of ``key`` (locking mode), or a plain read."""
+    def fetch(self, sql: str, key: int, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """One row read by ``sql`` under the lock of ``key`` (locking mode), or plainly."""
         if key in self.refused or key in self.busy:
             raise LockBusy(key)
         if not self.locking or key in self.held:
-            return self.one(plain, params)
+            return self.one(sql, params)
         if not self.held and not self.wrote:
             self.lock(key)
-            return self.one(plain, params)
+            return self.one(sql, params)
         got = self.send(TRY_LOCK, (key,))
-        row = self.one(plain, params)
+        row = self.one(sql, params)
         if not self.row(got)[0]:  # type: ignore[index]
             self.busy.add(key)
             raise LockBusy(key)
@@ -235,7 +235,7 @@ class PgUnitOfWork:
         if sid in tx.cache and key not in tx.refused and key in tx.held:
             row = tx.cache[sid]  # read ahead, or as an earlier command of the batch left it
         else:
-            row = tx.fetch(LOAD, LOAD, key, (sid,))
+            row = tx.fetch(LOAD, key, (sid,))
         self.rows[sid] = row
         if row is None:
             aggregate = cls(aggregate_id)
@@ -260,7 +260,7 @@ class PgUnitOfWork:
         if (scope, key) in tx.claims and (lock in tx.held or not (locked and tx.locking)):
             return tx.claims[(scope, key)]
         if locked:
-            row = tx.fetch(OWNER, OWNER, lock, (scope, key))
+            row = tx.fetch(OWNER, lock, (scope, key))
         else:
             row = tx.one(OWNER, (scope, key))
         tx.claims[(scope, key)] = owner = None if row is None else row[0]
