@@ -76,6 +76,17 @@ class Settings(BaseSettings):
     min_backoff_ms: int = Field(default=500, ge=0)
     max_backoff_ms: int = Field(default=30_000, ge=0)
     conflict_retries: int = Field(default=30, ge=0, description="In-worker retries on version conflicts.")
+    group_commit_max: int = Field(
+        default=32, ge=1, le=60,
+        description="PostgreSQL: most commands a worker process decides and commits in one transaction (1: none).",
+    )
+    group_commit_leaders: int = Field(
+        default=2, ge=1, description="PostgreSQL: group-commit transactions a worker process runs at once.",
+    )
+    group_commit_linger_ms: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="PostgreSQL: how long a batch may wait to fill up before it starts (0: it never waits).",
+    )
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="Serve Prometheus metrics on this port (one per process group or relay; unset: no metrics).",

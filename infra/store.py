@@ -1,14 +1,18 @@
-"""The event store on SQLAlchemy (PostgreSQL or SQLite) and its unit of work.
+"""The event store (PostgreSQL or SQLite) and its unit of work.
 
-``EventStore.unit_of_work()`` opens ONE transaction and yields a ``UnitOfWork`` that implements
+``EventStore.unit_of_work()`` opens ONE transaction and yields a unit of work that implements
 the domain's ``HandlerContext``: aggregates are loaded from their snapshot row (falling back to
 folding events), decisions record events on them, and ``commit`` appends every pending event
 with the version its aggregate was loaded at, moves each stream's version and snapshot, writes
-the unique claims and the command outcome, all in that one transaction.
+the unique claims and the command outcome, all in that one transaction. On PostgreSQL that unit
+is ``cqrskit.infra.pg_store``'s (psycopg directly, one write statement per command), and
+``EventStore.transaction()`` gives group commit its many-commands transaction; on SQLite it is
+``UnitOfWork`` here (SQLAlchemy Core, statements built once).
 
-Raised: ``ConcurrencyConflict`` when another transaction moved a stream, took a claim or
-recorded the same command id first (retry the whole command); SQLAlchemy's ``OperationalError``
-and friends for infrastructure failures (let the broker's retries see them).
+Raised: ``ConcurrencyConflict`` when another transaction moved a stream or took a claim first
+(retry the whole command), its subclass ``DuplicateCommand`` when the command id already has an
+outcome (the outcome's primary key is the guard: nothing was written); the drivers'
+``OperationalError`` and friends for infrastructure failures (let the broker's retries see them).
 """
 
 from __future__ import annotations
@@ -22,14 +26,19 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
+from psycopg import errors as psycopg_errors
+from psycopg.pq import TransactionStatus
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
-from cqrskit.infra.db import upsert_insert
+from cqrskit.infra.db import is_postgres, upsert_insert
 from cqrskit.infra.outcomes import Outcome, Status
+from cqrskit.infra.pg_store import DuplicateCommand, PgStatements, PgTransaction, PgUnitOfWork
 from cqrskit.infra.schema import command_outcomes, events, streams, unique_claims
+
+__all__ = ["ConcurrencyConflict", "DuplicateCommand", "EventStore", "StoredEvent", "UnitOfWork", "read_outcome"]
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 
@@ -59,17 +68,72 @@ class EventStore:
     def __init__(self, engine: Engine, registry: Registry) -> None:
         self.engine = engine
         self.registry = registry
+        self.postgres = is_postgres(engine)
+        self._statements: PgStatements | None = None
 
     @contextmanager
-    def unit_of_work(self, now: datetime | None = None, *, serialize: bool = False) -> Iterator[UnitOfWork]:
-        """One write transaction; committed only by ``UnitOfWork.commit``, else rolled back.
-        ``serialize``: on SQLite, take the write lock up front (writers queue instead of
+    def unit_of_work(self, now: datetime | None = None, *, serialize: bool = False
+                     ) -> Iterator[UnitOfWork | PgUnitOfWork]:
+        """One write transaction: committed when the block ends normally, rolled back when it
+        raises. ``serialize``: on SQLite, take the write lock up front (writers queue instead of
         conflicting on a stale snapshot); no effect on PostgreSQL."""
+        if self.postgres:
+            with self.transaction(now, locking=False, deferred=False) as tx:
+                yield tx.unit()
+            return
         with self.engine.connect() as conn:
             if serialize:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 yield UnitOfWork(self, conn, now or datetime.now(UTC))
+
+    @contextmanager
+    def transaction(self, now: datetime | None = None, *, locking: bool = True, deferred: bool = True
+                    ) -> Iterator[PgTransaction]:
+        """PostgreSQL only: one transaction for many units of work (group commit), committed
+        when the block ends normally, rolled back when it raises. See ``cqrskit.infra.pg_store``."""
+        with self.psycopg_connection() as conn:
+            tx = PgTransaction(conn, self.registry, self.statements(conn), now or datetime.now(UTC),
+                               locking=locking, deferred=deferred)
+            try:
+                with conn.pipeline() as pipeline:
+                    tx.pipeline = pipeline
+                    tx.send("BEGIN")
+                    yield tx
+                    if tx.failed:  # a statement failed and its error was handled: roll back
+                        _drain(pipeline)
+                    else:
+                        tx.finish()
+                if tx.failed:
+                    conn.execute("ROLLBACK")
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def psycopg_connection(self) -> Iterator[Any]:
+        """A pooled connection as psycopg's own, in autocommit mode while it is lent out."""
+        fairy = self.engine.raw_connection()
+        conn = fairy.driver_connection
+        try:
+            conn.autocommit = True
+            yield conn
+        except psycopg_errors.OperationalError:
+            fairy.invalidate()
+            raise
+        finally:
+            if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+                conn.autocommit = False
+            elif fairy.is_valid:
+                fairy.invalidate()
+            fairy.close()
+
+    def statements(self, conn: Any) -> PgStatements:
+        if self._statements is None:
+            sequence = conn.execute("SELECT pg_get_serial_sequence('events', 'position')").fetchone()[0]
+            self._statements = PgStatements(sequence)
+        return self._statements
 
     def outcome(self, command_id: str) -> Outcome | None:
         with self.engine.connect() as conn:
@@ -192,8 +256,9 @@ class UnitOfWork:
         try:  # no savepoint: a failure here aborts the whole unit of work, which is then retried
             positions = self._append_all(metadata)
             self._write_claims()
-            if outcome is not None:
-                self.conn.execute(command_outcomes.insert(), outcome.row(positions=positions))
+            if outcome is not None and self.conn.execute(_insert_outcome(self.conn), outcome.row(positions=positions)
+                                                         ).first() is None:
+                raise DuplicateCommand(f"command {outcome.command_id} has an outcome already")
         except IntegrityError as exc:
             raise ConcurrencyConflict(str(exc.orig)) from exc
         except OperationalError as exc:
@@ -265,6 +330,20 @@ class UnitOfWork:
                 unique_claims.insert(),
                 [{"scope": s, "key": k, "owner": o} for (s, k), o in self.claims.taken.items()],
             )
+
+
+def _drain(pipeline: Any) -> None:
+    """Sync a pipeline whose transaction failed (the failure was raised already)."""
+    try:
+        pipeline.sync()
+    except psycopg_errors.Error:
+        pass
+
+
+def _insert_outcome(conn: Connection) -> Any:
+    """The outcome insert: its primary key is the dedup guard (a duplicate inserts nothing)."""
+    return (upsert_insert(conn, command_outcomes).on_conflict_do_nothing(index_elements=["command_id"])
+            .returning(command_outcomes.c.command_id))
 
 
 def _is_conflict(conn: Connection, exc: OperationalError) -> bool:

@@ -46,6 +46,9 @@ class Runtime:
             self.registry,
             max_bytes=self.settings.max_command_bytes,
             conflict_retries=self.settings.conflict_retries,
+            max_batch=self.settings.group_commit_max,
+            leaders=self.settings.group_commit_leaders,
+            linger=self.settings.group_commit_linger_ms / 1000,
         )
 
     @cached_property

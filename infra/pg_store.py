@@ -1,0 +1,389 @@
+"""The event store's hot path on PostgreSQL: psycopg directly, each statement built once.
+
+A ``PgTransaction`` is one PostgreSQL transaction on a connection checked out of the engine's
+pool, run in pipeline mode (BEGIN travels with the first read; a write travels with the next
+read). It hands out one ``PgUnitOfWork`` per command (``unit()``); a unit implements the domain's
+``HandlerContext``, and its ``commit`` writes the command's streams, events, claims and outcome
+in ONE statement (data-modifying CTEs, ``cqrskit.infra.pg_sql``).
+
+Two modes:
+- ``EventStore.unit_of_work`` (``locking=False, deferred=False``): optimistic, one command;
+  ``commit`` waits for its write's result. A stream moved by someone else since it was loaded
+  fails the commit as a ``ConcurrencyConflict``.
+- group commit (``locking=True, deferred=True``): many commands. Every stream a command reads,
+  and every claim it takes or gives up, is locked first with a transaction-level advisory lock
+  on its key, so commands on one aggregate queue instead of conflicting. To stay free of
+  deadlocks, only a transaction that holds no lock yet waits for one (``pg_advisory_xact_lock``);
+  any later lock is only tried (``pg_try_advisory_xact_lock``) and a busy one raises
+  ``LockBusy``: the command is put off to a later transaction, having written nothing. What a
+  batch has read or written is reused by its later commands without reading again. Writes are
+  checked once they ran, before COMMIT. The optimistic checks stay underneath (stream versions,
+  unique keys), so correctness never rests on the locks alone (G4).
+
+Raised: ``DuplicateCommand`` (the outcome's primary key is taken: the command ran before;
+nothing was written), ``ConcurrencyConflict`` (a stream moved, a stream or claim was created
+concurrently: the transaction must be rolled back). psycopg's errors otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import datetime
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from pydantic import BaseModel
+
+from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
+from cqrskit.domain.ports import ConcurrencyConflict
+from cqrskit.domain.registry import Registry
+from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.pg_sql import (
+    INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, OUTCOME_COLUMNS, OWNER, READ_EVENTS, SELECT_OUTCOME, TRY_LOCK,
+    TRY_LOCKS, WITH_OUTCOME, WITHOUT_OUTCOME, WRITE,
+)
+
+A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
+
+
+class DuplicateCommand(ConcurrencyConflict):
+    """The command id already has an outcome: this delivery is a duplicate and wrote nothing."""
+
+
+class LockBusy(Exception):
+    """Another transaction holds the lock of ``key``; the command wrote nothing and is put off."""
+
+    def __init__(self, key: int) -> None:
+        super().__init__(f"advisory lock {key} is busy")
+        self.key = key
+
+
+def lock_key(kind: str, *parts: str) -> int:
+    """A stable signed 64-bit advisory-lock key (the same in every process)."""
+    digest = hashlib.blake2b("\x00".join((kind, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class PgStatements:
+    """The write statements, with the events' sequence resolved once per store."""
+
+    def __init__(self, sequence: str) -> None:
+        positions = f"SELECT n, nextval('{sequence}') AS pos FROM generate_series(1, %(n_events)s::int) AS n"
+        self.write = {outcome: WRITE.format(positions=positions,
+                                             outcome=WITH_OUTCOME if outcome else WITHOUT_OUTCOME)
+                      for outcome in (True, False)}
+
+
+class PgTransaction:
+    """One PostgreSQL transaction on ``conn``, in pipeline mode: a statement whose result is not
+    needed yet (BEGIN, a lock wait, a command's write when ``deferred``, COMMIT) travels with the
+    next one whose result is, so a batch costs one round trip per read it makes, plus two to
+    end: its writes' results, then COMMIT. A deferred write is checked after the commit
+    (``PgUnitOfWork.result``): a stream that moved under it fails its event insert (the unique
+    stream version), which aborts the transaction before COMMIT. Unique violations, deadlocks and serialization failures raise
+    ConcurrencyConflict, wherever they surface."""
+
+    def __init__(self, conn: psycopg.Connection, registry: Registry, statements: PgStatements,
+                 now: datetime, *, locking: bool, deferred: bool) -> None:
+        self.conn, self.registry, self.statements = conn, registry, statements
+        self.clock, self.locking, self.deferred = now, locking, deferred
+        self.wrote = self.failed = False
+        self.unsynced = False  # a write was sent whose result was not read yet
+        self.held: set[int] = set()
+        self.refused: set[int] = set()
+        self.busy: set[int] = set()
+        self.pipeline: psycopg.Pipeline | None = None  # set by the store while the transaction runs
+        self.cache: dict[str, tuple[Any, ...] | None] = {}  # stream rows, as the batch left them
+        self.claims: dict[tuple[str, str], str | None] = {}
+        self.writes: list[PgUnitOfWork] = []
+
+    def unit(self) -> PgUnitOfWork:
+        return PgUnitOfWork(self)
+
+    def lock(self, key: int) -> None:
+        """Wait for the lock of ``key`` (call it only while holding none: see the module docstring)."""
+        if key not in self.held:
+            self.send(LOCK, (key,))
+            self.held.add(key)
+
+    def refuse(self, keys: list[int]) -> None:
+        """Put off, for the rest of this transaction, every command that touches ``keys`` (those of
+        a command put off), so that none overtakes it."""
+        self.refused.update(keys)
+
+    def prefetch(self, streams: list[tuple[int, str]]) -> None:
+        """Lock (try) and read the streams ``(key, stream id)`` that a batch's commands address,
+        in one round trip: the locks first, then the read in a statement of its own (its
+        snapshot is taken once the locks are held, so it sees every commit before them)."""
+        wanted = [(k, sid) for k, sid in streams if k not in self.held and k not in self.refused]
+        if not wanted or not self.locking:
+            return
+        got = self.send(TRY_LOCKS, ([k for k, _ in wanted],))
+        rows = self.send(LOAD_MANY, ([sid for _, sid in wanted],))
+        acquired = {key for key, ok in self.rows(got) if ok}
+        found = {row[0]: row[1:] for row in self.rows(rows)}
+        for key, sid in wanted:
+            if key in acquired:
+                self.held.add(key)
+                self.cache[sid] = found.get(sid)
+            else:
+                self.busy.add(key)
+
+    def fetch(self, sql: str, key: int, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """One row read by ``sql`` under the lock of ``key`` (locking mode), or plainly."""
+        if key in self.refused or key in self.busy:
+            raise LockBusy(key)
+        if not self.locking or key in self.held:
+            return self.one(sql, params)
+        if not self.held and not self.wrote:
+            self.lock(key)
+            return self.one(sql, params)
+        got = self.send(TRY_LOCK, (key,))
+        row = self.one(sql, params)
+        if not self.row(got)[0]:  # type: ignore[index]
+            self.busy.add(key)
+            raise LockBusy(key)
+        self.held.add(key)
+        return row
+
+    def send(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        """Queue one statement; its result is read later (or never)."""
+        return self.conn.execute(sql, params)
+
+    def one(self, sql: str, params: Any = None) -> tuple[Any, ...] | None:
+        return self.row(self.send(sql, params))
+
+    def all(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        return self.rows(self.send(sql, params))
+
+    def rows(self, cursor: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+        try:
+            return cursor.fetchall()
+        except psycopg.Error as exc:
+            raise self._failed(exc) from exc
+
+    def row(self, cursor: psycopg.Cursor[Any]) -> tuple[Any, ...] | None:
+        try:
+            return cursor.fetchone()
+        except psycopg.Error as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: psycopg.Error) -> Exception:
+        """The transaction is lost (it can only be rolled back); what to raise for ``exc``."""
+        self.failed = True
+        if isinstance(exc, (pg_errors.UniqueViolation, pg_errors.TransactionRollback)):
+            return ConcurrencyConflict(f"postgresql: {exc}")
+        return exc
+
+    def finish(self) -> None:
+        """Wait until every queued statement has run, then queue COMMIT (sent as the pipeline
+        ends). COMMIT never travels with the writes: a worker that dies while its writes wait
+        (on a row lock, say) must leave a transaction that the server rolls back."""
+        if self.unsynced and self.pipeline is not None:
+            try:
+                self.pipeline.sync()
+            except psycopg.Error as exc:
+                raise self._failed(exc) from exc
+        for unit in self.writes:
+            unit.result()
+        self.send("COMMIT")
+
+    def record_outcome(self, outcome: Outcome) -> psycopg.Cursor[Any]:
+        """Queue the insert of ``outcome`` alone (rejected...); its cursor's row is None after
+        the commit when the command id had an outcome already."""
+        values = outcome.row()
+        values["errors"] = None if outcome.errors is None else json.dumps(outcome.errors)
+        values["status"] = outcome.status.value
+        self.wrote = self.unsynced = True
+        return self.send(INSERT_OUTCOME, [values[c] for c in OUTCOME_COLUMNS])
+
+    def stored_outcome(self, command_id: str) -> Outcome | None:
+        cursor = self.send(SELECT_OUTCOME, (command_id,))
+        row = self.row(cursor)
+        if row is None:
+            return None
+        return Outcome.from_row(dict(zip([c.name for c in cursor.description or ()], row)))
+
+
+class PgUnitOfWork:
+    """The handler context of one command inside a ``PgTransaction`` (see the module docstring)."""
+
+    def __init__(self, tx: PgTransaction) -> None:
+        self.tx = tx
+        self.loaded: dict[str, Aggregate[Any]] = {}
+        self.keys: list[int] = []  # the lock keys of everything this command read
+        self.taken: dict[tuple[str, str], str] = {}
+        self.released: dict[tuple[str, str], str] = {}
+        self.duplicate = False
+        self.positions: list[int] | None = None
+        self.rows: dict[str, tuple[Any, ...] | None] = {}  # each stream as loaded, then as written
+        self.snapshots: dict[str, str] = {}
+        self.counts = (0, 0)
+        self.write: psycopg.Cursor[Any] | None = None
+
+    # -- HandlerContext ---------------------------------------------------------------------
+    def load(self, cls: type[A], aggregate_id: str) -> A:
+        sid = stream_id(cls.stream_type, aggregate_id)
+        if sid in self.loaded:
+            return self.loaded[sid]  # type: ignore[return-value]
+        key = lock_key("s", sid)
+        self.keys.append(key)
+        tx = self.tx
+        if sid in tx.cache and key not in tx.refused and key in tx.held:
+            row = tx.cache[sid]  # read ahead, or as an earlier command of the batch left it
+        else:
+            row = tx.fetch(LOAD, key, (sid,))
+        self.rows[sid] = row
+        if row is None:
+            aggregate = cls(aggregate_id)
+        else:
+            aggregate = _restore(cls, aggregate_id, row, self)
+        self.loaded[sid] = aggregate
+        return aggregate  # type: ignore[return-value]
+
+    def owner_of(self, scope: str, key: str) -> str | None:
+        """A claim's holder: read without a lock (a claim that changes meanwhile fails the
+        commit on the claims' unique key); ``claim`` and ``release`` lock it first."""
+        return self._holder(scope, key, locked=False)
+
+    def _holder(self, scope: str, key: str, *, locked: bool) -> str | None:
+        if (scope, key) in self.taken:
+            return self.taken[(scope, key)]
+        if (scope, key) in self.released:
+            return None
+        tx, lock = self.tx, lock_key("c", scope, key)
+        if locked and tx.locking:
+            self.keys.append(lock)
+        if (scope, key) in tx.claims and (lock in tx.held or not (locked and tx.locking)):
+            return tx.claims[(scope, key)]
+        if locked:
+            row = tx.fetch(OWNER, lock, (scope, key))
+        else:
+            row = tx.one(OWNER, (scope, key))
+        tx.claims[(scope, key)] = owner = None if row is None else row[0]
+        return owner
+
+    def claim(self, scope: str, key: str, owner: str) -> None:
+        if self.released.get((scope, key)) == owner:
+            del self.released[(scope, key)]  # given up and taken back in one command
+            return
+        holder = self._holder(scope, key, locked=True)
+        if holder == owner:
+            return
+        if holder is not None:
+            raise RuleViolation(f"{scope} {key!r} is already taken")
+        self.taken[(scope, key)] = owner
+
+    def release(self, scope: str, key: str, owner: str) -> None:
+        if self._holder(scope, key, locked=True) == owner:
+            self.taken.pop((scope, key), None)
+            self.released[(scope, key)] = owner
+
+    def now(self) -> datetime:
+        return self.tx.clock
+
+    # -- commit -----------------------------------------------------------------------------
+    def commit(self, metadata: dict[str, Any], outcome: Outcome | None = None) -> list[int]:
+        """Write every pending event, stream move, claim and ``outcome`` in one statement; the
+        positions of the new events, in order. Raises DuplicateCommand, ConcurrencyConflict. In a
+        deferred transaction the write is only queued and [] returned: ``result`` tells, after
+        the commit, the positions and whether it was a duplicate."""
+        tx = self.tx
+        params = self._params(metadata)
+        if outcome is not None:
+            params.update(_outcome_params(outcome))
+        tx.wrote = tx.unsynced = True
+        self.write = tx.send(tx.statements.write[outcome is not None], params)
+        for sid, aggregate in self.loaded.items():
+            aggregate.version += len(aggregate.pending)
+            if aggregate.pending:  # what a later command of the batch loads, without a read
+                self.rows[sid] = (aggregate.version, self.snapshots[sid], aggregate.state_version)
+            aggregate.pending.clear()
+        if tx.deferred:
+            tx.cache.update(self.rows)
+            tx.claims.update(self.taken)
+            tx.claims.update(dict.fromkeys(self.released))
+            tx.writes.append(self)
+            return []
+        positions = self.result()
+        tx.unsynced = False
+        if self.duplicate:
+            raise DuplicateCommand("the command has an outcome already")
+        return positions
+
+    def result(self) -> list[int]:
+        """The positions of the write once it ran (sets ``duplicate`` when it wrote nothing).
+        Raises ConcurrencyConflict when a stream was not where the command found it (moved by
+        another transaction, or by a duplicate earlier in the batch that wrote nothing)."""
+        if self.positions is None:
+            ok, moved, created, positions = self.tx.row(self.write)  # type: ignore[arg-type,misc]
+            self.duplicate = not ok
+            if ok and (moved, created) != self.counts:
+                raise ConcurrencyConflict("a stream moved past the version it was loaded at")
+            self.positions = list(positions or [])
+        return self.positions
+
+    def _params(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The statement's parameters: everything to write as ONE JSON document (``doc``: new
+        streams ``n``, moved streams ``m``, events ``e``, released ``r`` and taken ``c`` claims),
+        built as text around the JSON that pydantic already produced."""
+        new, moved, events = [], [], []
+        n_events = 0
+        # Streams in one global order (by id): two transactions touching the same rows lock them
+        # in the same order.
+        for sid, agg in sorted(self.loaded.items()):
+            if not agg.pending:
+                continue
+            version, quoted = agg.version, _q(sid)
+            self.snapshots[sid] = snapshot = _snapshot_json(agg)
+            head = f'{{"sid":{quoted},"v":{version + len(agg.pending)},"sv":{agg.state_version},' \
+                   f'"state":{snapshot}'
+            if version == 0:
+                new.append(f'{head},"t":{_q(agg.stream_type)},"aid":{_q(agg.id)}}}')
+            else:
+                moved.append(f'{head},"f":{version}}}')
+            for offset, event in enumerate(agg.pending, start=1):
+                events.append(f'{{"id":"{uuid.uuid4()}","sid":{quoted},"t":{_q(agg.stream_type)},'
+                              f'"v":{version + offset},"et":{_q(event.type)},"sv":{event.schema_version},'
+                              f'"data":{event.model_dump_json()}}}')
+            n_events += len(agg.pending)
+        claims = lambda held: ",".join(  # noqa: E731
+            f'{{"s":{_q(s)},"k":{_q(k)},"o":{_q(o)}}}' for (s, k), o in held.items())
+        doc = (f'{{"n":[{",".join(new)}],"m":[{",".join(moved)}],"e":[{",".join(events)}],'
+               f'"r":[{claims(self.released)}],"c":[{claims(self.taken)}]}}')
+        self.counts = (len(moved), len(new))
+        return {"doc": doc, "n_events": n_events, "meta": json.dumps(metadata), "now": self.tx.clock}
+
+
+_q = json.dumps
+
+
+def _outcome_params(outcome: Outcome) -> dict[str, Any]:
+    return {"o_id": outcome.command_id, "o_status": outcome.status.value, "o_type": outcome.type,
+            "o_aid": outcome.aggregate_id, "o_reason": outcome.reason,
+            "o_errors": None if outcome.errors is None else json.dumps(outcome.errors),
+            "o_version": outcome.aggregate_version, "o_corr": outcome.correlation_id,
+            "o_cause": outcome.causation_id, "o_at": outcome.recorded_at}
+
+
+def _snapshot_json(aggregate: Aggregate[Any]) -> str:
+    if type(aggregate).snapshot is Aggregate.snapshot:
+        return aggregate.state.model_dump_json()
+    return json.dumps(aggregate.snapshot())
+
+
+def _restore(cls: type[A], aggregate_id: str, row: tuple[Any, ...], uow: PgUnitOfWork) -> A:
+    version, state, state_version = row
+    if state is not None and state_version == cls.state_version:
+        if cls.restore.__func__ is Aggregate.restore.__func__:  # type: ignore[attr-defined]
+            model: BaseModel = cls.State.model_validate_json(state)
+            return cls(aggregate_id, version, model)
+        return cls.restore(aggregate_id, version, json.loads(state))  # type: ignore[return-value]
+    aggregate = cls(aggregate_id)
+    sid = stream_id(cls.stream_type, aggregate_id)
+    stored = uow.tx.all(READ_EVENTS, (sid, 0))
+    aggregate.replay([uow.tx.registry.decode_event(t, v, d) for t, v, d in stored], version)
+    return aggregate
