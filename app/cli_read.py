@@ -23,15 +23,16 @@ parked_app = typer.Typer(help="Documents the indexer could not write: list, show
 
 
 @contextmanager
-def read_side(settings: Settings) -> Iterator:  # type: ignore[type-arg]
-    """The runtime (engine, search client, indexer) of a command run against real services."""
+def read_side(settings: Settings, process: str = "read-side") -> Iterator:  # type: ignore[type-arg]
+    """The runtime (engine, search client, indexer) of a command run against real services, once
+    the preflight of ``process`` passed."""
     from cqrskit.app import bootstrap
 
     if settings.elasticsearch_url == EMBEDDED_SEARCH:
         err.print("[red]this command needs a search server:[/red] set CQRSKIT_ELASTICSEARCH_URL=http://... "
                   "(the embedded one lives inside `cqrskit demo`)")
         raise typer.Exit(2)
-    preflight(settings, "read-side")
+    preflight(settings, process)
     runtime = bootstrap.runtime(settings)
     try:
         yield runtime
@@ -136,7 +137,7 @@ def rebuild(
 
     model = _model(ctx.obj, read_model)
     columns = (TextColumn(f"rebuilding {read_model}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with read_side(ctx.obj) as rt, Progress(*columns, console=console) as progress:
+    with read_side(ctx.obj, "rebuild") as rt, Progress(*columns, console=console) as progress:
         task = progress.add_task("rebuild", total=None)
         report = run_rebuild(rt.engine, rt.registry, rt.search, ctx.obj.index_prefix, model,
                              on_total=lambda n: progress.update(task, total=n),

@@ -52,6 +52,8 @@ def needs_of(process: str, settings: Settings) -> Needs:
         "send": Needs(exchanges=[s.commands_exchange]),
         "send-wait": Needs(schema=True, exchanges=[s.commands_exchange]),
         "read-side": Needs(schema=True, indices=True),
+        # rebuild makes the index it writes, and is the remedy when the search server lost them
+        "rebuild": Needs(schema=True, reach=("search",)),
         "outcome": Needs(schema=True),
         "setup": Needs(reach=("database", "broker", "search")),
     }[process]
