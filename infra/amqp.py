@@ -25,8 +25,7 @@ from pika.adapters.select_connection import IOLoop
 
 from cqrskit.infra.amqp_confirms import Batch, ConfirmLoop, Entry, OutgoingMessage
 
-__all__ = ["AmqpPublisher", "CommandNotConfirmed", "OutgoingMessage", "PendingPublish", "PublishReport",
-           "PublisherClosed"]
+__all__ = ["AmqpPublisher", "CommandNotConfirmed", "OutgoingMessage", "PublishReport", "PublisherClosed"]
 
 
 class CommandNotConfirmed(Exception):
@@ -117,15 +116,6 @@ class AmqpPublisher(ConfirmLoop):
         self._wait(batch, on_confirmed)
         return PublishReport(confirmed=batch.confirmed, failed=list(batch.failed))
 
-    def submit_many(self, messages: Iterable[OutgoingMessage]) -> PendingPublish:
-        """Hand messages over and return at once (blocking only while ``window`` messages are in
-        flight); ``wait()`` on the result returns the report once every one is settled. Lets one
-        thread keep several publishers' confirms in flight together. Raises like publish_many."""
-        batch = Batch()
-        for message in messages:
-            self._submit(batch, message)
-        return PendingPublish(self, batch)
-
     def close(self) -> None:
         """Wait (up to confirm_timeout) for messages other threads have in flight, then disconnect.
 
@@ -211,15 +201,3 @@ class AmqpPublisher(ConfirmLoop):
             delta, batch.reported = confirmed - batch.reported, confirmed
             on_confirmed(delta)
 
-
-
-class PendingPublish:
-    """Messages handed to ``AmqpPublisher.submit_many``, settling in the background."""
-
-    def __init__(self, publisher: AmqpPublisher, batch: Batch) -> None:
-        self._publisher, self._batch = publisher, batch
-
-    def wait(self) -> PublishReport:
-        """Block until every message is confirmed or failed; never raises for a failed message."""
-        self._publisher._wait(self._batch, None)  # noqa: SLF001 - the publisher's own settlement
-        return PublishReport(confirmed=self._batch.confirmed, failed=list(self._batch.failed))
