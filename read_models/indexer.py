@@ -52,13 +52,16 @@ class Indexer:
         self.coverage = Coverage()
 
     def index_batches(self, batches: list[list[dict[str, Any]]]) -> IndexReport:
-        """Project several batches as one (events delivered twice counted once); see index_events."""
+        """Project several batches as one (an event delivered twice is projected once; the report
+        and the log count every event delivered); see index_events."""
         merged = {e["event_id"]: e for batch in batches for e in batch}
-        return self.index_events(sorted(merged.values(), key=lambda e: e["position"]))
+        events = sorted(merged.values(), key=lambda e: e["position"])
+        return self.index_events(events, delivered=sum(len(b) for b in batches))
 
-    def index_events(self, events: list[dict[str, Any]]) -> IndexReport:
+    def index_events(self, events: list[dict[str, Any]], delivered: int | None = None) -> IndexReport:
         """Project a batch of events (wire-format dicts). Raises TransientIndexError (and
         database or connection errors) when the batch must be retried as a whole."""
+        delivered = len(events) if delivered is None else delivered
         targets = write_targets(self.engine, self.prefix, list(self.models))
         touches = {e["position"]: (e["stream_id"], e["version"]) for e in events}
         with snapshot(self.engine) as conn:
@@ -71,9 +74,9 @@ class Indexer:
         except TransientIndexError:
             self.coverage.forget_all()  # an index may have been lost: trust nothing written before
             raise
-        report.events = len(events)
+        report.events = delivered
         report.skipped = sum(len(t) for t in affected.values()) - sum(len(t) for t in plan.values())
-        log.info("indexer.indexed", events=len(events), documents=report.documents, written=report.written,
+        log.info("indexer.indexed", events=delivered, documents=report.documents, written=report.written,
                  stale=report.stale, skipped=report.skipped, parked=len(report.parked),
                  command_ids=sorted({e["command_id"] for e in events if e.get("command_id")}),
                  correlation_ids=sorted({e["correlation_id"] for e in events if e.get("correlation_id")}))
