@@ -56,7 +56,10 @@ class Indexer:
         and the log count every event delivered); see index_events."""
         merged = {e["event_id"]: e for batch in batches for e in batch}
         events = sorted(merged.values(), key=lambda e: e["position"])
-        return self.index_events(events, delivered=sum(len(b) for b in batches))
+        delivered = sum(len(b) for b in batches)
+        if len(batches) > 1:
+            log.info("indexer.coalesced", batches=len(batches), events=delivered, distinct=len(events))
+        return self.index_events(events, delivered=delivered)
 
     def index_events(self, events: list[dict[str, Any]], delivered: int | None = None) -> IndexReport:
         """Project a batch of events (wire-format dicts). Raises TransientIndexError (and
