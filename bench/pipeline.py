@@ -17,7 +17,9 @@ It also draws the lag percentiles against the offered rate (``--plot``, a PNG).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,8 +34,8 @@ from rich.console import Console
 
 from bench.command_side import raw_pg_rate
 from bench.read_side import (Orders, Row, Sent, Watcher, bench_settings, delete_topology, json_lines, log_time,
-                             machine_facts, osmem, percentile, preload, quiet_gc, raw_bulk, send, steady, table,
-                             wait_for_consumer, wait_visible)
+                             machine_facts, osmem, percentile, preload, quiet_gc, raw_bulk, send, stages, steady,
+                             table, wait_for_consumer, wait_visible)
 
 PROJECT = Path(__file__).resolve().parents[1]
 SUSTAINED = "pipeline: sustained commands/s with publish-to-searchable p99 <= 1 s"
@@ -65,6 +67,7 @@ class Run:
     sent: list[Sent] = field(default_factory=list)
     started: float = 0.0
     ended: float = 0.0
+    where: str = ""  # where the half-rate step's lag went, stage by stage
 
 
 def measure_step(stack: Any, watcher: Watcher, orders: Orders, rate: float, seconds: float) -> tuple[Step, list[Sent]]:
@@ -93,6 +96,13 @@ def ladder(stack: Any, watcher: Watcher, orders: Orders, rates: Sequence[float],
         if not step.kept_up:
             return
         time.sleep(1.0)
+
+
+def where_the_time_goes(stack: Any, sent: list[Sent]) -> str:
+    """Per stage (publish->committed->relayed->indexed->visible), p50 / p99 in ms."""
+    breakdown = stages(stack, sent) if sent else {}
+    return "; ".join(f"{name} {percentile(v, 0.5) * 1000:,.0f} / {percentile(v, 0.99) * 1000:,.0f}"
+                     for name, v in breakdown.items() if "->" in name and v)
 
 
 def written_documents(stack: Any, start: float, end: float) -> int:
@@ -199,7 +209,8 @@ def measure(args: argparse.Namespace, console: Console) -> tuple[list[Row], Run]
         load, stored = preload(url, args.sizes, console)
         settings = bench_settings(url, server.url, tag, relay_linger_ms=args.linger_ms)
         stack = Stack.create(settings, server.url, Path(tmp))
-        watcher = Watcher(stack.es, alias(settings.index_prefix, "orders"))
+        # one search every 20 ms at most: the watcher is a client, not a load on the search server
+        watcher = Watcher(stack.es, alias(settings.index_prefix, "orders"), pause=args.watch_pause)
         try:
             start(stack, shape)
             if not stored:
@@ -214,8 +225,8 @@ def measure(args: argparse.Namespace, console: Console) -> tuple[list[Row], Run]
             sustained = max((s.achieved for s in kept), default=0.0)
             if sustained:
                 time.sleep(1.0)
-                run.half, sent = measure_step(stack, watcher, orders, sustained / 2, args.half_seconds)
-                run.sent += sent
+                run.half, half_sent = measure_step(stack, watcher, orders, sustained / 2, args.half_seconds)
+                run.sent += half_sent
                 wait_visible(watcher, 120)
             run.ended = time.time() + 1.0
             written = written_documents(stack, run.started, run.ended)
@@ -223,6 +234,11 @@ def measure(args: argparse.Namespace, console: Console) -> tuple[list[Row], Run]
             watcher.join(timeout=10)
             failed = sum(1 for p in stack.started for line in json_lines(p.log_path)
                          if line.get("event") in ("indexer.batch_failed", "relay.error"))
+            run.where = where_the_time_goes(stack, half_sent if run.half else [])
+            if args.keep_logs:
+                shutil.copytree(tmp, args.keep_logs, dirs_exist_ok=True)
+                Path(args.keep_logs, "lags.json").write_text(json.dumps(
+                    [[s.command_id, s.wants, s.published, s.visible] for s in run.sent]))
         finally:
             watcher.stop.set()
             stack.close()
@@ -254,7 +270,8 @@ def rows_of(run: Run, shape: Shape, sustained: float, raw_docs: float, docs_per_
     half = run.half
     if half is None:
         return rows + [Row(HALF_P50, "n/a"), Row(HALF_P99, "n/a")]
-    note = f"{half.sent:,} commands at {half.offered:,.0f}/s ({half.achieved:,.0f}/s published); {common}"
+    note = (f"{half.sent:,} commands at {half.offered:,.0f}/s ({half.achieved:,.0f}/s published); stages p50 / p99 "
+            f"ms: {run.where}; {common}")
     rows.append(Row(HALF_P50, f"{half.p50 * 1000:,.0f} ms", "", "", "", "<= 100 ms", half.p50 <= 0.1, note))
     rows.append(Row(HALF_P99, f"{half.p99 * 1000:,.0f} ms", "", "", "", "<= 500 ms", half.p99 <= 0.5,
                     f"{half.unseen} not visible within 5 s"))
@@ -275,6 +292,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--linger-ms", type=float, default=5.0, help="the relay's linger")
     parser.add_argument("--raw-chunk", type=int, default=500, help="documents per raw bulk request")
     parser.add_argument("--plot", type=Path, default=PLOT, help="PNG of lag against offered rate ('' for none)")
+    parser.add_argument("--watch-pause", type=float, default=0.02, help="seconds between the watcher's searches")
+    parser.add_argument("--keep-logs", metavar="DIR", help="copy the processes' logs and the lags here")
     parser.add_argument("--smoke", action="store_true", help="a tiny run (CI): two short steps, no plot")
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]

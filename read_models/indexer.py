@@ -11,6 +11,7 @@ a batch twice, or two batches in any order, converges to the same index (G6).
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class Indexer:
         """Project a batch of events (wire-format dicts). Raises TransientIndexError (and
         database or connection errors) when the batch must be retried as a whole."""
         delivered = len(events) if delivered is None else delivered
+        started = time.perf_counter()
         targets = write_targets(self.engine, self.prefix, list(self.models))
         touches = {e["position"]: (e["stream_id"], e["version"]) for e in events}
         with snapshot(self.engine) as conn:
@@ -72,6 +74,7 @@ class Indexer:
             affected = {name: model.affected(source, events) for name, model in self.models.items()}
             plan = {name: self._uncovered(name, touched, targets[name], touches) for name, touched in affected.items()}
             built = {name: self._build(source, self.models[name], touched) for name, touched in plan.items()}
+        computed = time.perf_counter()
         try:
             report = self._write(built, plan, targets)
         except TransientIndexError:
@@ -81,6 +84,7 @@ class Indexer:
         report.skipped = sum(len(t) for t in affected.values()) - sum(len(t) for t in plan.values())
         log.info("indexer.indexed", events=delivered, documents=report.documents, written=report.written,
                  stale=report.stale, skipped=report.skipped, parked=len(report.parked),
+                 compute_ms=round((computed - started) * 1000, 1), write_ms=round((time.perf_counter() - computed) * 1000, 1),
                  command_ids=sorted({e["command_id"] for e in events if e.get("command_id")}),
                  correlation_ids=sorted({e["correlation_id"] for e in events if e.get("correlation_id")}))
         return report
