@@ -3,9 +3,8 @@
 Each worker thread hands its message's batch to ``Coalescer.submit`` and waits. Up to
 ``max_windows`` threads at a time lead: a leader takes every batch waiting (up to ``max_events``
 events), projects them in one pass (each document computed once per window, however many of the
-batches touch it), and settles every batch of the window with the outcome. A second window starts
-only when batches queue up behind the first: then one reads the write store while the other
-waits for the search server. A leader leads until
+batches touch it), and settles every batch of the window with the outcome. Two windows in flight
+let one read the write store while the other waits for the search server. A leader leads until
 its own batch is settled, then hands over to a waiting thread. So a batch's message is acknowledged only after a
 window holding it was written: a process killed mid-window acknowledges none of them, and they
 are delivered again (G6). Group commit, for read models.
@@ -54,8 +53,7 @@ class Coalescer:
         ticket = _Ticket(events)
         with self._cond:
             self._waiting.append(ticket)
-            self._cond.notify_all()
-            while not ticket.done and not self._may_lead():
+            while not ticket.done and self._leaders >= self.max_windows:
                 self._cond.wait()
             lead = not ticket.done
             if lead:
@@ -64,11 +62,6 @@ class Coalescer:
             self._lead(ticket)
         if ticket.error is not None:
             raise WindowFailed(repr(ticket.error)[:500]) from ticket.error
-
-    def _may_lead(self) -> bool:
-        """The first window starts at once; another only once batches queue up behind the first
-        (a second window of one batch would cost a round trip without saving one)."""
-        return self._leaders == 0 or (self._leaders < self.max_windows and len(self._waiting) >= 2)
 
     def _lead(self, own: _Ticket) -> None:
         """Project windows until ours is settled or nothing waits (another leader then holds it)."""
