@@ -114,9 +114,9 @@ def written_documents(stack: Any, start: float, end: float) -> int:
 
 def run_documents(url: str, order_ids: list[str]) -> dict[str, list[Any]]:
     """The final documents of the run's orders, their customers and their products."""
-    from cqrskit.domain.shop import Order, registry
+    from cqrskit.examples.shop.domain import Order, registry
     from cqrskit.infra.db import make_engine
-    from cqrskit.read_models.shop import SHOP_READ_MODELS
+    from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
     from cqrskit.read_models.source import WriteStoreSource, snapshot
 
     engine = make_engine(url, pool_size=2)
@@ -134,7 +134,7 @@ def run_documents(url: str, order_ids: list[str]) -> dict[str, list[Any]]:
 def raw_bulk_rate(documents: dict[str, list[Any]], chunk: int) -> float:
     """Documents/s of ``helpers.bulk`` of ``documents`` into a fresh osmem."""
     from cqrskit.read_models.search import make_client
-    from cqrskit.read_models.shop import SHOP_READ_MODELS
+    from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 
     tag = uuid.uuid4().hex[:8]
     with osmem() as server:
