@@ -300,6 +300,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a tiny run (CI): two short steps, no plot")
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
+    args.plot = args.plot if args.plot and str(args.plot) not in ("", ".") else None
     if args.smoke:
         args.rates, args.step_seconds, args.half_seconds, args.lag_store_events = [10.0, 20.0], 2.0, 2.0, 0
         args.workers, args.worker_threads, args.indexer_threads, args.plot = 1, 2, 2, None
