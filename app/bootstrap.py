@@ -77,7 +77,7 @@ def command_worker(settings: Settings, threads: int = 8,
     return build_command_worker(rt, metrics_server), rt
 
 
-def indexer_worker(settings: Settings, threads: int = 4,
+def indexer_worker(settings: Settings, threads: int = 8,
                    metrics_server: Callable[[], int] | None = None) -> tuple[dramatiq.Broker, Runtime]:
     """An indexer process: its runtime and its broker (set as the process's broker)."""
     rt = runtime(settings, pool_size=threads + 2)

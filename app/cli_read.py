@@ -71,7 +71,7 @@ def relay(ctx: typer.Context) -> None:
 def indexer(
     ctx: typer.Context,
     processes: Annotated[int, typer.Option("--processes", "-p", help="Indexer processes.")] = 1,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process.")] = 4,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process (they share coalesced windows).")] = 8,
 ) -> None:
     """Run indexer workers on the indexer queue (Dramatiq), until interrupted.
 

@@ -36,7 +36,7 @@ def command_worker() -> None:
 
 def indexer_worker() -> None:
     """Dramatiq factory: an indexer process (sets the process's broker)."""
-    bootstrap.indexer_worker(_settings(), threads=_threads(4), metrics_server=worker_metrics_server)
+    bootstrap.indexer_worker(_settings(), threads=_threads(8), metrics_server=worker_metrics_server)
 
 
 def worker_metrics_server() -> int:

@@ -392,15 +392,27 @@ def log_time(line: dict[str, Any]) -> float:
 # -- documents -----------------------------------------------------------------------------
 def relay_batches(engine: Any, size: int = RELAY_BATCH) -> list[list[dict[str, Any]]]:
     """Every event in relay order, in relay-sized batches of wire-format dicts, as the relay
-    hands them to the indexer (read with the relay's own query)."""
+    hands them to the indexer (read with the relay's own query). Waits (up to 120 s) while a
+    transaction elsewhere on the server holds the relay's horizon (xmin) back, as the relay would."""
+    import sqlalchemy as sa
+
     from cqrskit.infra.event_wire import EventMessage
     from cqrskit.workers.relay import read_batch
 
-    batches, checkpoint = [], (0, 0)
+    batches: list[list[dict[str, Any]]] = []
+    checkpoint, read, deadline = (0, 0), 0, time.monotonic() + 120
     with engine.connect() as conn:
-        while batch := read_batch(conn, checkpoint, size):
+        stored = conn.execute(sa.text("SELECT count(*) FROM events")).scalar_one()
+        while read < stored:
+            batch = read_batch(conn, checkpoint, size)
+            conn.commit()  # a fresh snapshot (and xmin) for the next read
+            if not batch:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {read} of {stored} events readable after 120 s (xmin held back)")
+                time.sleep(0.2)
+                continue
             batches.append([EventMessage.from_stored(e).model_dump(mode="json") for e in batch])
-            checkpoint = (batch[-1].tx_id or 0, batch[-1].position)
+            checkpoint, read = (batch[-1].tx_id or 0, batch[-1].position), read + len(batch)
     return batches
 
 

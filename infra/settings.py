@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(default=500, gt=0, description="Events per relay read and indexer batch.")
     relay_lease_seconds: float = Field(default=5.0, gt=0, description="A dead relay's lease expires after this.")
     indexer_max_retries: int = Field(default=10_000, ge=0, description="Indexer batches retry this often (a search outage).")
+    indexer_window_events: int = Field(
+        default=5000, gt=0,
+        description="Indexer batches held by one process's threads at once are projected together, up to this many events.",
+    )
+    relay_linger_ms: float = Field(
+        default=5.0, ge=0,
+        description="A relay batch that is not full waits this long for more events (batches grow under load).",
+    )
     token_secret: str = Field(
         default="cqrskit-development-secret",
         description="HMAC key of consistency tokens, shared by the gateway and the query API. Set it in production.",

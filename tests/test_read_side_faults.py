@@ -206,6 +206,39 @@ def test_indexer_killed_mid_bulk_converges(make_stack, own_search: SearchServers
     assert count(indexer, is_indexed) > 0
 
 
+# -- G6: indexer killed with SIGKILL in the middle of a coalesced window ------------------------------
+@pytest.mark.timeout(240)
+def test_indexer_killed_mid_coalesced_window_converges(make_stack, own_search: SearchServers) -> None:
+    """G6 with coalescing: the relay fills the indexer queue with a backlog of batches before any
+    indexer runs; the search server is stopped and an indexer (8 threads) starts, projects several
+    batches as one window and sends its bulk request, which the stopped server has not read when
+    the indexer is SIGKILLed. None of the window's batches was acknowledged: they come back to the
+    next indexer, the server applies the dead indexer's request on resuming, and the read models
+    converge (external versions settle the overlap)."""
+    server = own_search.start()
+    stack = make_stack(server.url)
+    stack.start_worker()
+    stack.start_relay()
+    load = ShopLoad(size=600, seed=41)
+    stack.start_load(load).join(timeout=180)
+    wait_until(lambda: stack.indexer_backlog() >= 4, 60, "a backlog of batches on the indexer queue")
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        indexer = stack.start_indexer(threads=8)
+        coalesced = indexer.wait_for_log(lambda r: r["event"] == "indexer.coalesced", timeout=60)
+        port = urlsplit(server.url).port
+        wait_until(lambda: unread_request_bytes(port) > 0, 60, "a bulk request in flight")
+        indexer.kill()
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert coalesced[0]["batches"] >= 2
+    assert count(indexer, is_indexed) == 0  # nothing was acknowledged before the kill
+    indexer = stack.start_indexer(threads=8)
+    stack.wait_drained(timeout=150)
+    stack.assert_converged()
+    assert count(indexer, is_indexed) > 0
+
+
 # -- G6: search server frozen (SIGSTOP) for 10 s under load -----------------------------------------
 @pytest.mark.timeout(210)
 def test_search_server_frozen_under_load_converges(make_stack, own_search: SearchServers) -> None:

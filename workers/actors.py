@@ -1,4 +1,5 @@
-"""The command actor: thin by design (decode the transport, call the executor, return)."""
+"""The command and indexer actors: thin by design (decode the transport, call the executor or the
+indexer, return)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import base64
 import dramatiq
 import structlog
 
+from elastic_transport import TransportError
+from sqlalchemy.exc import OperationalError
+
 from cqrskit.infra.broker import COMMAND_ACTOR, INDEX_ACTOR
+from cqrskit.read_models.writer import TransientIndexError
+from cqrskit.workers.coalescing import Coalescer
 from cqrskit.workers.execution import BadCommand
 from cqrskit.workers.runtime import Runtime
 
@@ -36,13 +42,16 @@ def declare_command_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
 
 def declare_indexer_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq.Actor:
     """Declare ``index_events`` on the indexer queue: a batch of events (wire-format dicts) in,
-    documents written. Any failure retries the whole batch, for as long as a search outage
+    documents written. The batches the process's threads hold at once are projected as one
+    window (``Coalescer``). Any failure retries the whole batch, for as long as a search outage
     lasts (``CQRSKIT_INDEXER_MAX_RETRIES``); the batch is acknowledged only once written."""
     settings = runtime.settings
+    coalescer = Coalescer(lambda batches: runtime.indexer.index_batches(batches), settings.indexer_window_events,
+                          transient=(TransientIndexError, TransportError, OperationalError))
 
     def index_events(events: list[dict]) -> None:  # type: ignore[type-arg]
         try:
-            runtime.indexer.index_events(events)
+            coalescer.submit(events)
         except Exception as exc:  # retried as a whole; logged without the batch (Dramatiq would log it all)
             log.warning("indexer.batch_failed", events=len(events), error=repr(exc)[:500])
             raise dramatiq.Retry(repr(exc)[:500]) from exc

@@ -18,10 +18,13 @@ passes an event that is yet to appear. The price: one long write transaction any
 cluster holds the relay back until it ends. SQLite has a single writer that commits in position
 order, so there the relay reads ``position > checkpoint`` and treats ``tx_id`` as 0.
 
-One batch: read up to ``relay_batch_size`` events, publish them (every one confirmed), feed the
-indexer (confirmed), then advance the checkpoint in a transaction that first renews our lease row
-(fencing: a relay that lost its lease cannot move the checkpoint). A crash anywhere before that
-commit publishes the batch again: consumers deduplicate by ``event_id``.
+One batch: read up to ``relay_batch_size`` events (a batch that is not full waits
+``relay_linger_ms`` once for more, so batches grow under load while an idle relay adds only that
+much latency), publish them to the exchange and feed them to the indexer at the same time (each
+outlet streams its messages with windowed confirms, and the two confirm rounds overlap), then
+advance the checkpoint in a transaction that first renews our lease row (fencing: a relay that
+lost its lease cannot move the checkpoint). A crash anywhere before that commit publishes the
+batch again: consumers deduplicate by ``event_id``.
 
 One active relay: the ``leases`` row ``relay`` names a holder until ``expires_at`` (the database's
 clock on PostgreSQL, so the clocks of the relays' hosts do not matter). The holder renews it every
@@ -41,6 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -95,7 +99,10 @@ class EventRelay:
         self.holder = holder
         self.postgres = engine.dialect.name == "postgresql"
         self.lease = Lease(engine, holder, settings.relay_lease_seconds)
+        self.linger = settings.relay_linger_ms / 1000
         self.closers: list[Callable[[], None]] = []
+        self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-outlet")
+        self.closers.append(self._beside.shutdown)
 
     @classmethod
     def for_rabbitmq(cls, settings: Settings, engine: Engine, holder: str | None = None) -> EventRelay:
@@ -141,7 +148,7 @@ class EventRelay:
         return relay_lag(self.engine)
 
     def close(self) -> None:
-        for close in self.closers:
+        for close in reversed(self.closers):
             close()
 
     def _cycle(self) -> float:
@@ -160,24 +167,43 @@ class EventRelay:
     def _relay_batch(self) -> tuple[int, bool]:
         """Read, publish, feed, checkpoint. Returns (events relayed, whether committed events are
         held back behind a running transaction)."""
-        with self.engine.connect() as conn:
-            checkpoint = read_checkpoint(conn)
-            batch = read_batch(conn, checkpoint, self.batch_size)
-            held_back = len(batch) < self.batch_size and self.postgres and _held_back(conn, checkpoint)
+        batch, held_back = self._read()
         if not batch:
             return 0, held_back
         started = time.monotonic()
         messages = [EventMessage.from_stored(event) for event in batch]
-        if self.publish_events is not None:
-            self.publish_events(messages)
-        if self.feed_indexer is not None:
-            self.feed_indexer([m.model_dump(mode="json") for m in messages])
+        self._send(messages)
         self._advance(batch[-1])
         command_ids = list(dict.fromkeys(m.command_id for m in messages if m.command_id))
         log.info("relay.published", count=len(batch), first_position=batch[0].position,
                  last_position=batch[-1].position, command_ids=command_ids,
                  ms=round((time.monotonic() - started) * 1000, 1))
         return len(batch), held_back
+
+    def _read(self) -> tuple[list[StoredEvent], bool]:
+        """The next batch (lingering once when it is not full) and whether events are held back."""
+        with self.engine.connect() as conn:
+            checkpoint = read_checkpoint(conn)
+            batch = read_batch(conn, checkpoint, self.batch_size)
+            if batch and len(batch) < self.batch_size and self.linger > 0:
+                conn.commit()
+                time.sleep(self.linger)
+                last = batch[-1]
+                batch += read_batch(conn, (last.tx_id or 0, last.position), self.batch_size - len(batch))
+            held_back = len(batch) < self.batch_size and self.postgres and _held_back(conn, checkpoint)
+        return batch, held_back
+
+    def _send(self, messages: list[EventMessage]) -> None:
+        """Both outlets at once; returns when both returned, raises what either raised."""
+        feed = None
+        if self.feed_indexer is not None:
+            feed = self._beside.submit(self.feed_indexer, [m.model_dump(mode="json") for m in messages])
+        try:
+            if self.publish_events is not None:
+                self.publish_events(messages)
+        finally:
+            if feed is not None:
+                feed.result()
 
     def _advance(self, last: StoredEvent) -> None:
         with self.engine.begin() as conn:
@@ -265,13 +291,17 @@ class Lease:
 class RabbitmqOutlet:
     """The relay's outlets on RabbitMQ: the events exchange (topic, durable; persistent messages,
     ``message_id`` = event id, publisher confirms) and the indexer queue (one Dramatiq message
-    per batch, confirmed). Declares both on first use and again after any failure."""
+    per batch, published to it through the default exchange, confirmed, ``mandatory``: a missing
+    queue fails the batch). Each outlet has its own confirming publisher, so that the two may be
+    used from two threads at once. Declares both on first use and again after any failure."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.publisher: AmqpPublisher | None = None
+        self.indexer_publisher: AmqpPublisher | None = None
         self.broker: Any = None
         self.declared = False
+        self.lock = threading.Lock()  # the two outlets are used from two threads
 
     def publish_events(self, messages: list[EventMessage]) -> None:
         """Raises EventsNotConfirmed unless the broker confirmed every message. Published without
@@ -287,8 +317,13 @@ class RabbitmqOutlet:
                                          f"e.g. {failed[0][0]}: {failed[0][1]}")
 
     def feed_indexer(self, batch: list[dict[str, Any]]) -> None:
+        """Raises EventsNotConfirmed unless the broker confirmed the batch's message."""
         with self._reset_on_error():
-            self.broker.enqueue(index_message(batch, self.settings.indexer_queue))
+            message = index_message(batch, self.settings.indexer_queue)
+            report = self.indexer_publisher.publish_many([OutgoingMessage(  # type: ignore[union-attr]
+                body=message.encode(), routing_key=self.settings.indexer_queue, message_id=message.message_id)])
+            if report.failed:
+                raise EventsNotConfirmed(f"indexer batch of {len(batch)} events not confirmed: {report.failed[0][1]}")
 
     @contextmanager
     def _reset_on_error(self) -> Iterator[None]:
@@ -300,25 +335,34 @@ class RabbitmqOutlet:
             raise
 
     def _declare(self) -> None:
-        if self.declared:
-            return
+        with self.lock:
+            if not self.declared:
+                self._declare_locked()
+
+    def _declare_locked(self) -> None:
         if self.broker is None:
             self.broker = make_broker(self.settings)
-        self.broker.declare_queue(self.settings.indexer_queue, ensure=True)
-        self.broker.channel.exchange_declare(self.settings.events_exchange, exchange_type="topic", durable=True)
+        try:
+            self.broker.declare_queue(self.settings.indexer_queue, ensure=True)
+            self.broker.channel.exchange_declare(self.settings.events_exchange, exchange_type="topic", durable=True)
+        finally:
+            del self.broker.connection  # this thread's, used only to declare
         if self.publisher is None:
             self.publisher = AmqpPublisher(self.settings.broker_url, self.settings.events_exchange,
                                            confirm_timeout=15.0, reconnect_attempts=2, mandatory=False)
+        if self.indexer_publisher is None:
+            self.indexer_publisher = AmqpPublisher(self.settings.broker_url, "", confirm_timeout=15.0,
+                                                   reconnect_attempts=2, mandatory=True)
         self.declared = True
 
     def reset(self) -> None:
         """Forget connections after a failure; the next call reconnects and declares again."""
-        self.declared = False
-        publisher, self.publisher = self.publisher, None
-        if publisher is not None:
-            publisher.close()
-        if self.broker is not None:
-            del self.broker.connection  # this thread's; Dramatiq makes a new one on next use
+        with self.lock:
+            self.declared = False
+            publishers, self.publisher, self.indexer_publisher = (self.publisher, self.indexer_publisher), None, None
+        for publisher in publishers:
+            if publisher is not None:
+                publisher.close()
 
     def close(self) -> None:
         self.reset()

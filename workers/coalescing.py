@@ -1,0 +1,113 @@
+"""Coalescing: the batches an indexer process's threads hold at one moment, projected as one.
+
+Each worker thread hands its message's batch to ``Coalescer.submit`` and waits. Up to
+``max_windows`` threads at a time lead: a leader takes every batch waiting (up to ``max_events``
+events), projects them in one pass (each document computed once per window, however many of the
+batches touch it), and settles every batch of the window with the outcome. Two windows in flight
+let one read the write store while the other waits for the search server. A leader leads until
+its own batch is settled, then hands over to a waiting thread. So a batch's message is acknowledged only after a
+window holding it was written: a process killed mid-window acknowledges none of them, and they
+are delivered again (G6). Group commit, for read models.
+
+A window that fails on something other than an outage (``transient``) is retried batch by
+batch, so that one poison batch fails alone instead of taking the others of its window with it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Batch = list[dict[str, Any]]
+
+
+class WindowFailed(Exception):
+    """The window holding this batch was not written; the batch must be retried."""
+
+
+@dataclass(eq=False)
+class _Ticket:
+    events: Batch
+    done: bool = False
+    error: BaseException | None = None
+
+
+class Coalescer:
+    """Group commit of concurrently submitted batches; see the module docstring."""
+
+    def __init__(self, project: Callable[[list[Batch]], Any], max_events: int, max_windows: int = 2,
+                 transient: tuple[type[BaseException], ...] = ()) -> None:
+        self.project = project
+        self.max_events = max_events
+        self.max_windows = max_windows
+        self.transient = transient
+        self._waiting: deque[_Ticket] = deque()
+        self._cond = threading.Condition()
+        self._leaders = 0
+
+    def submit(self, events: Batch) -> None:
+        """Return once a window holding ``events`` was projected; raise WindowFailed otherwise."""
+        ticket = _Ticket(events)
+        with self._cond:
+            self._waiting.append(ticket)
+            while not ticket.done and self._leaders >= self.max_windows:
+                self._cond.wait()
+            lead = not ticket.done
+            if lead:
+                self._leaders += 1
+        if lead:
+            self._lead(ticket)
+        if ticket.error is not None:
+            raise WindowFailed(repr(ticket.error)[:500]) from ticket.error
+
+    def _lead(self, own: _Ticket) -> None:
+        """Project windows until ours is settled or nothing waits (another leader then holds it)."""
+        try:
+            while not own.done:
+                window = self._take()
+                if not window:
+                    break
+                self._settle(window, self._run(window))
+        finally:
+            with self._cond:
+                self._leaders -= 1
+                self._cond.notify_all()
+        with self._cond:
+            while not own.done:
+                self._cond.wait()
+
+    def _take(self) -> list[_Ticket]:
+        with self._cond:
+            if not self._waiting:
+                return []
+            window = [self._waiting.popleft()]
+            events = len(window[0].events)
+            while self._waiting and events + len(self._waiting[0].events) <= self.max_events:
+                events += len(self._waiting[0].events)
+                window.append(self._waiting.popleft())
+        return window
+
+    def _run(self, window: list[_Ticket]) -> list[BaseException | None]:
+        try:
+            self.project([t.events for t in window])
+            return [None] * len(window)
+        except Exception as exc:
+            if len(window) == 1 or isinstance(exc, self.transient):
+                return [exc] * len(window)
+        return [self._run_alone(t) for t in window]
+
+    def _run_alone(self, ticket: _Ticket) -> BaseException | None:
+        try:
+            self.project([ticket.events])
+            return None
+        except Exception as exc:
+            return exc
+
+    def _settle(self, window: list[_Ticket], errors: list[BaseException | None]) -> None:
+        with self._cond:
+            for ticket, error in zip(window, errors, strict=True):
+                ticket.done, ticket.error = True, error
+            self._cond.notify_all()
