@@ -11,7 +11,7 @@ from enum import Enum
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER = "memory://"
@@ -187,12 +187,6 @@ class Settings(BaseSettings):
 def masked(url: str) -> str:
     """``url`` with the password of its user info replaced by ``***`` (for any message or log)."""
     return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
-
-
-def settings_errors(exc: ValidationError) -> list[str]:
-    """One line per mistake: the variable and what is wrong, the value never echoed."""
-    return [f"CQRSKIT_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors(include_url=False, include_input=False)]
 
 
 def load_settings(**overrides: object) -> Settings:
