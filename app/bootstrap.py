@@ -110,3 +110,23 @@ def run_relay(settings: Settings) -> None:
             metrics.close()
         relay.close()
         engine.dispose()
+
+
+def gateway_app(settings: Settings) -> Any:
+    """The HTTP command gateway of ``settings``, authenticated as ``app.security`` decides (raises
+    ``Insecure`` when it would serve real services without authentication)."""
+    from cqrskit.app.security import docs_served, http_authentication
+    from cqrskit.producers.gateway import create_app
+
+    return create_app(settings, registry=app_of(settings).registry,
+                      authenticate=http_authentication(settings, "gateway"), docs=docs_served(settings))
+
+
+def query_app(settings: Settings) -> Any:
+    """The HTTP query API of ``settings``, authenticated as ``app.security`` decides."""
+    from cqrskit.app.security import docs_served, http_authentication
+    from cqrskit.read_models.api import create_app
+
+    app = app_of(settings)
+    return create_app(settings, app.read_models, app.queries, authenticate=http_authentication(settings, "query"),
+                      docs=docs_served(settings))

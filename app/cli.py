@@ -54,14 +54,31 @@ def main(
 
 
 @app.command()
-def setup(ctx: typer.Context) -> None:
-    """Migrate the write store, declare the broker topology and create the read models' indices (idempotent).
+def setup(
+    ctx: typer.Context,
+    privileges: Annotated[bool, typer.Option(help="Also provision the least-privilege PostgreSQL roles and "
+                                                  "RabbitMQ users of docs/operations.md; print Elasticsearch roles.")
+                          ] = False,
+    prefix: Annotated[str, typer.Option(help="Prefix of the role and user names.")] = "cqrskit",
+    producer: Annotated[list[str], typer.Option(help="A producer's RabbitMQ user to provision (repeatable).")
+                        ] = [],  # noqa: B006 (typer's list default)
+) -> None:
+    """Migrate the write store, declare the broker topology and create the read models' indices
+    (idempotent); with --privileges, the roles and users of every process type.
 
-    Example: cqrskit setup
-    """
+    Example: cqrskit setup --privileges --producer billing"""
+    from cqrskit.app import bootstrap
+    from cqrskit.app.privileges import provision
     from cqrskit.app.setup import setup_all
 
-    setup_all(ctx.obj, console.print)
+    settings: Settings = ctx.obj
+    setup_all(settings, console.print)
+    if privileges:
+        made = provision(settings, [m.name for m in bootstrap.app_of(settings).read_models], prefix=prefix,
+                         producers=producer,
+                         say=lambda line: console.print(line, markup=False, highlight=False))
+        for name, password in made.items():
+            print(f"password of {name} (shown once): {password}")
 
 
 @app.command()
@@ -93,7 +110,7 @@ def send(
         raise typer.Exit(2)
     confirmed, failed, outcomes = send_envelopes(settings, envelopes, wait=wait, console=console)
     for command_id_, reason in failed[:20]:
-        err.print(f"[red]not confirmed[/red] {command_id_}: {reason}")
+        err.print(f"[red]not confirmed[/red] {escape(str(command_id_))}: {escape(reason)}")
     if len(envelopes) == 1 and not failed:
         console.print(envelopes[0].command_id)
     console.print(f"{confirmed} of {len(envelopes)} commands confirmed by the broker")
@@ -125,7 +142,7 @@ def outcome(
         time.sleep(0.1)
         found = store.outcome(command_id)
     if found is None:
-        err.print(f"no outcome for {command_id} (yet)")
+        err.print(f"no outcome for {escape(command_id)} (yet)")
         raise typer.Exit(3)
     if as_json:
         print(found.model_dump_json(exclude={"duplicate"}, indent=2))
@@ -196,19 +213,29 @@ def gateway(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+    insecure: Annotated[bool, typer.Option(help="Local use: no API keys, development token secret.")] = False,
 ) -> None:
-    """Serve the HTTP command gateway (POST /commands, GET /commands/{id}; OpenAPI at /docs).
+    """Serve the HTTP command gateway (POST /commands, GET /commands/{id}). Every request needs an
+    API key (cqrskit keys create) unless --insecure.
 
     Example: cqrskit gateway --host 0.0.0.0 --port 8000 --workers 2
     """
-    from cqrskit.app.bootstrap import app_of
+    from cqrskit.app import bootstrap
+    from cqrskit.app.security import Insecure
     from cqrskit.producers.gateway import run_gateway
 
-    if ctx.obj.embedded_broker:
+    settings = _http_settings(ctx.obj, insecure)
+    if settings.embedded_broker:
         err.print("[red]the gateway publishes to RabbitMQ:[/red] set CQRSKIT_BROKER_URL=amqp://...")
         raise typer.Exit(2)
-    preflight(ctx.obj, "gateway")
-    run_gateway(ctx.obj, app_of(ctx.obj).registry, host, port, workers, factory="cqrskit.app.processes:gateway_app")
+    try:
+        app_ = bootstrap.gateway_app(settings)
+    except (Insecure, ValueError) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+    preflight(settings, "gateway")
+    run_gateway(settings, bootstrap.app_of(settings).registry, host, port, workers,
+                factory="cqrskit.app.processes:gateway_app", app=app_)
 
 
 @app.command()
@@ -216,21 +243,34 @@ def query(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
+    insecure: Annotated[bool, typer.Option(help="Local use: no API keys, development token secret.")] = False,
 ) -> None:
-    """Serve the HTTP query API over the read models (OpenAPI at /docs); reads the search indices only.
+    """Serve the HTTP query API over the read models; reads the search indices only. Every request
+    needs an API key (cqrskit keys create) unless --insecure.
 
     Example: cqrskit query --host 0.0.0.0 --port 8001
     """
-    from cqrskit.app.bootstrap import app_of
+    from cqrskit.app import bootstrap
+    from cqrskit.app.security import Insecure
     from cqrskit.read_models.api import run_query_api
 
-    app_ = app_of(ctx.obj)
-    preflight(ctx.obj, "query")
+    settings = _http_settings(ctx.obj, insecure)
+    app_ = bootstrap.app_of(settings)
     try:
-        run_query_api(ctx.obj, app_.read_models, app_.queries, host, port)
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
+        served = bootstrap.query_app(settings)
+    except (Insecure, ValueError) as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(2) from None
+    preflight(settings, "query")
+    try:
+        run_query_api(settings, app_.read_models, app_.queries, host, port, app=served)
+    except ValueError as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _http_settings(settings: Settings, insecure: bool) -> Settings:
+    return settings.model_copy(update={"insecure": True}) if insecure else settings
 
 
 @app.command()
@@ -259,9 +299,9 @@ def print_outcomes(outcomes: list) -> None:  # type: ignore[type-arg]
     for o in outcomes:
         status = o.status.value
         table.add_row(
-            o.command_id, o.type or "", o.aggregate_id or "", f"[{colours[status]}]{status}[/]",
+            escape(o.command_id), escape(o.type or ""), escape(o.aggregate_id or ""), f"[{colours[status]}]{status}[/]",
             "" if o.aggregate_version is None else str(o.aggregate_version),
-            ",".join(map(str, o.positions)), (o.reason or "") + _errors_text(o.errors),
+            ",".join(map(str, o.positions)), escape((o.reason or "") + _errors_text(o.errors)),
         )
     console.print(table)
 
@@ -274,8 +314,10 @@ from cqrskit.app.cli_dev import register as register_dev  # noqa: E402
 from cqrskit.app.cli_ops import register as register_ops  # noqa: E402
 from cqrskit.app.cli_read import register  # noqa: E402
 from cqrskit.app.cli_search import register as register_search  # noqa: E402
+from cqrskit.app.cli_security import register as register_security  # noqa: E402
 
 register(app)
 register_search(app)
 register_ops(app)
 register_dev(app)
+register_security(app)

@@ -97,7 +97,7 @@ def render_status(s: PipelineStatus) -> Group:
     queues = Table("queue", "name", "ready", "consumers", title="queues", title_justify="left")
     for role, q in s.queues.items():
         style = "red" if role.endswith(".XQ") and q.ready else ""
-        queues.add_row(role, q.name, _n(q.ready) if q.exists else "[red]missing[/]", _n(q.consumers), style=style)
+        queues.add_row(escape(role), escape(q.name), _n(q.ready) if q.exists else "[red]missing[/]", _n(q.consumers), style=style)
     if s.queues:
         parts.append(queues)
     r = s.relay
@@ -110,10 +110,10 @@ def render_status(s: PipelineStatus) -> Group:
                    title="read models", title_justify="left")
     search_up = s.components.get("search") is not None and s.components["search"].reachable
     for name, m in s.read_models.items():
-        index = ", ".join(m.indices) or ("[red]missing[/]" if search_up else "?")
-        index += f" (building {', '.join(m.building)})" if m.building else ""
+        index = escape(", ".join(m.indices)) or ("[red]missing[/]" if search_up else "?")
+        index += escape(f" (building {', '.join(m.building)})") if m.building else ""
         lag = _n(m.lag_events) + ("+" if m.lag_exact is False else "")
-        models.add_row(name, index, _n(m.documents), f"[red]{m.parked}[/]" if m.parked else _n(m.parked), lag,
+        models.add_row(escape(name), index, _n(m.documents), f"[red]{m.parked}[/]" if m.parked else _n(m.parked), lag,
                        _n(m.lag_seconds))
     parts += [_rates_line(s), relay, models]
     if s.outcomes is not None:
@@ -151,7 +151,7 @@ def dead_letter_queue(settings: Settings) -> Iterator[DeadLetterQueue]:
     try:
         queue = DeadLetterQueue(settings, readable_command_id)
     except (pika.exceptions.AMQPError, OSError) as exc:
-        err.print(f"[red]cannot reach the broker:[/red] {exc!r}")
+        err.print(f"[red]cannot reach the broker:[/red] {escape(repr(exc))}")
         raise typer.Exit(2) from None
     try:
         yield queue
@@ -187,7 +187,8 @@ def dlq_list(
         return
     table = Table("#", "command id", "type", "bytes", "reason", title=f"{queue.name}")
     for d in letters:
-        table.add_row(str(d.position), d.command_id or "[red]unreadable[/]", d.type or "", str(len(d.body)), d.reason)
+        table.add_row(str(d.position), escape(d.command_id) if d.command_id else "[red]unreadable[/]",
+                      escape(d.type or ""), str(len(d.body)), escape(d.reason))
     console.print(table if letters else f"{queue.name} is empty")
 
 
@@ -203,9 +204,9 @@ def dlq_show(
     with dead_letter_queue(ctx.obj) as queue:
         found = next((d for _tag, d in _letters(queue, 1_000_000) if ref in (str(d.position), d.command_id)), None)
     if found is None:
-        err.print(f"no dead letter {ref!r} in {queue.name}")
+        err.print(f"no dead letter {escape(repr(ref))} in {escape(queue.name)}")
         raise typer.Exit(3)
-    console.print(f"[bold]#{found.position}[/bold] command {found.command_id or '(unreadable)'} type {found.type or '?'}, "
+    console.print(f"[bold]#{found.position}[/bold] command {escape(found.command_id or '(unreadable)')} type {escape(found.type or '?')}, "
                   f"{len(found.body)} bytes" + (", in a Dramatiq message" if found.wrapper else ""))
     console.print(f"reason: {found.reason}", markup=False)
     envelope = found.envelope
@@ -253,7 +254,7 @@ def _retry(queue: DeadLetterQueue, store: EventStore, tag: int, letter: DeadLett
     except (pika.exceptions.AMQPError, OSError) as exc:
         if removed is not None:
             store.record_outcome(removed)
-        err.print(f"[red]#{letter.position} {letter.command_id} not republished:[/red] {exc!r}")
+        err.print(f"[red]#{letter.position} {escape(str(letter.command_id))} not republished:[/red] {escape(repr(exc))}")
         raise typer.Exit(1) from None
     queue.ack(tag)
 

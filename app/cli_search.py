@@ -11,11 +11,12 @@ from datetime import datetime
 from typing import Annotated, Any, Optional, get_args, get_origin
 
 import typer
+from rich.markup import escape
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings, masked
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
@@ -85,10 +86,10 @@ def page_table(searchable: Any, page: Any) -> Table:
     columns = list(searchable.queries.columns) or [n for n in searchable.queries.view.model_fields if n != "score"]
     table = Table(*columns)
     for item in page.items:
-        table.add_row(*(_cell(_path(item, c)) for c in columns))
+        table.add_row(*(escape(_cell(_path(item, c))) for c in columns))
     relation = "" if page.total.relation == "eq" else "at least "
     table.caption = f"{len(page.items)} of {relation}{page.total.value}" + (
-        f"; next page: --cursor {page.next_cursor}" if page.next_cursor else "")
+        f"; next page: --cursor {escape(page.next_cursor)}" if page.next_cursor else "")
     return table
 
 
@@ -102,9 +103,9 @@ def facets_table(page: Any) -> Table:
     table = Table("facet", "value", "documents", title="facets")
     for name, buckets in (page.facets.model_dump() if page.facets else {}).items():
         for bucket in buckets:
-            table.add_row(name, str(bucket["key"]), str(bucket["count"]))
+            table.add_row(escape(name), escape(str(bucket["key"])), str(bucket["count"]))
     for name, value in (getattr(page, "metrics", None) or {}).items():
-        table.add_row(name, "", "" if value is None else f"{value:g}")
+        table.add_row(escape(name), "", "" if value is None else f"{value:g}")
     return table
 
 
@@ -185,7 +186,7 @@ def search(
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     except (ApiError, TransportError) as exc:
-        err.print(f"[red]search failed at {settings.elasticsearch_url}:[/red] {exc}")
+        err.print(f"[red]search failed at {escape(masked(settings.elasticsearch_url))}:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     finally:
         es.close()

@@ -11,6 +11,7 @@ from typing import IO, Any
 
 import sqlalchemy as sa
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -18,7 +19,7 @@ from cqrskit.app.errors import DATABASE, Problem
 from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.logs import configure_logging
 from cqrskit.infra.schema import command_outcomes, events
-from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings, masked
 from cqrskit.app.bootstrap import app_of
 from cqrskit.app.declaration import DemoLoad
 from cqrskit.app.local import LocalPipeline
@@ -37,7 +38,7 @@ def run_demo(settings: Settings, *, size: int, seed: int, console: Console, log_
     load = app.demo(size, seed)
     console.rule("[bold]cqrskit demo[/bold]: commands in, events and outcomes out")
     cleaned = clean_start(settings)
-    console.print(f"write store [cyan]{_where(settings.database_url)}[/cyan], broker [cyan]{settings.broker_url}[/cyan], "
+    console.print(f"write store [cyan]{_where(settings.database_url)}[/cyan], broker [cyan]{escape(masked(settings.broker_url))}[/cyan], "
                   f"logs [cyan]{log_path}[/cyan]" + (f"\n{cleaned}" if cleaned else ""))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:

@@ -48,7 +48,9 @@ def worker_metrics_server() -> int:
 
 def gateway_app() -> Any:
     """uvicorn factory: the HTTP command gateway of one uvicorn worker process."""
-    from cqrskit.producers.gateway import create_app
+    return bootstrap.gateway_app(_settings())
 
-    settings = _settings()
-    return create_app(settings, registry=bootstrap.app_of(settings).registry)
+
+def query_app() -> Any:
+    """uvicorn factory: the HTTP query API of one uvicorn worker process."""
+    return bootstrap.query_app(_settings())

@@ -195,8 +195,8 @@ def test_a_completed_task_is_found_once_reflected(tmp_path: Path) -> None:
 PROCFILE = '''commands: cqrskit worker --processes 1 --threads 8
 relay: cqrskit relay
 indexer: cqrskit indexer --processes 1 --threads 4
-query: cqrskit query --host 127.0.0.1 --port ${PORT:-8001}
-gateway: cqrskit gateway --host 127.0.0.1 --port ${PORT:-8000}
+query: cqrskit query --insecure --host 127.0.0.1 --port ${PORT:-8001}
+gateway: cqrskit gateway --insecure --host 127.0.0.1 --port ${PORT:-8000}
 '''
 
 ENV = '''CQRSKIT_APP={{package}}.app:app

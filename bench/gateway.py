@@ -99,7 +99,7 @@ def gateway(exchange: str, workers: int) -> Iterator[tuple[str, int]]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     settings = Settings(broker_url=AMQP_URL, database_url=ADMIN_URL, commands_exchange=exchange,
-                        log_level="WARNING", log_format="json")
+                        log_level="WARNING", log_format="json", insecure=True)  # a local benchmark
     env = {**os.environ, **settings.environment()}
     code = ("from cqrskit.infra.logs import configure_logging; from cqrskit.infra.settings import load_settings; "
             "from cqrskit.producers.gateway import run_gateway; from cqrskit.app.bootstrap import app_of; "

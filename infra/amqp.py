@@ -67,6 +67,8 @@ class AmqpPublisher(ConfirmLoop):
         self._params.blocked_connection_timeout = blocked_connection_timeout
         self._params.connection_attempts = 1  # retries are ours, counted against reconnect_attempts
         self._params.client_properties = {"connection_name": self.connection_name}
+        # RabbitMQ checks user_id against the connection's user, so consumers can trust it (G11).
+        self._user_id = self._params.credentials.username
         self.republished = 0  # messages requeued for republishing after a connection loss (observability)
         self._window, self._confirm_timeout = window, confirm_timeout
         self._reconnect_attempts = reconnect_attempts

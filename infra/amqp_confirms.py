@@ -66,6 +66,7 @@ class ConfirmLoop:
     connection_name: str
     republished: int
     _params: pika.URLParameters
+    _user_id: str | None
     _mandatory: bool
     _confirm_timeout: float
     _tick: float
@@ -143,7 +144,7 @@ class ConfirmLoop:
             entry = self._retry.popleft() if self._retry else self._outbox.popleft()
             m = entry.message
             props = pika.BasicProperties(content_type="application/json", delivery_mode=2,
-                                         message_id=m.message_id, headers=m.headers)
+                                         message_id=m.message_id, headers=m.headers, user_id=self._user_id)
             try:
                 publish(exchange, m.routing_key, m.body, props, mandatory=self._mandatory)
             except Exception as exc:  # channel/connection went away: the close callbacks take over

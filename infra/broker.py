@@ -15,16 +15,18 @@ import json
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
 import pika
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import dq_name
 from dramatiq.encoder import JSONEncoder, MessageData
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
+from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.reconnect import ConsumeBackoff
 from cqrskit.infra.settings import QueueType, Settings
 
@@ -57,7 +59,9 @@ class CommandEncoder(JSONEncoder):
             decoded = None
         if self._is_own(decoded):
             return decoded  # type: ignore[no-any-return]
-        return wrap_command(data, self.commands_queue)
+        # Not through the commands exchange (RabbitMQ's consumer wraps those, with their delivery):
+        # the empty routing key of the default exchange, which matches no command type.
+        return wrap_command(data, self.commands_queue, Delivery(routing_key=""))
 
     def _is_own(self, message: Any) -> bool:
         if not isinstance(message, dict) or message.keys() != MESSAGE_KEYS:
@@ -66,7 +70,9 @@ class CommandEncoder(JSONEncoder):
         actor = next((b.actors[name] for b in list(self.brokers) if isinstance(name, str) and name in b.actors), None)
         if actor is None or queue not in (actor.queue_name, dq_name(actor.queue_name)):
             return False
-        if not isinstance(options, dict) or not options.keys() <= _OWN_OPTIONS or message["kwargs"] != {}:
+        if not isinstance(options, dict) or not options.keys() <= _OWN_OPTIONS:
+            return False
+        if message["kwargs"] != {} and not (name == COMMAND_ACTOR and Delivery.from_kwargs(message["kwargs"])):
             return False
         delayed = queue == dq_name(actor.queue_name)
         eta = options.get("eta")
@@ -98,13 +104,14 @@ def index_message(events: list[dict[str, Any]], queue_name: str) -> dramatiq.Mes
     return dramatiq.Message(queue_name=queue_name, actor_name=INDEX_ACTOR, args=(events,), kwargs={}, options={})
 
 
-def wrap_command(body: bytes, queue_name: str) -> MessageData:
-    """The Dramatiq message that runs ``execute_command`` on a raw command body."""
+def wrap_command(body: bytes, queue_name: str, delivery: Delivery | None = None) -> MessageData:
+    """The Dramatiq message that runs ``execute_command`` on a raw command body, with what its
+    delivery said (the routing key, the validated producer); retries carry both unchanged."""
     return {
         "queue_name": queue_name,
         "actor_name": COMMAND_ACTOR,
         "args": [base64.b64encode(body).decode("ascii")],
-        "kwargs": {},
+        "kwargs": (delivery or Delivery()).as_kwargs(),
         "options": {},
         "message_id": str(uuid.uuid4()),
         "message_timestamp": int(time.time() * 1000),
@@ -116,11 +123,17 @@ class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
     message that kills its worker process is parked instead of coming back forever; its
     consumers back off together while the broker is down (``cqrskit.infra.reconnect``)."""
 
-    def __init__(self, *, queue_type: QueueType, delivery_limit: int, endpoint: str = "?", **kwargs: Any) -> None:
+    def __init__(self, *, queue_type: QueueType, delivery_limit: int, commands_queue: str = "", endpoint: str = "?",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.endpoint = endpoint
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
+        self.commands_queue = commands_queue
+
+    @property
+    def consumer_class(self) -> type:
+        return CommandsConsumer
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
         arguments = super()._build_queue_arguments(queue_name)
@@ -128,6 +141,31 @@ class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
             arguments["x-queue-type"] = "quorum"
             arguments["x-delivery-limit"] = self.delivery_limit
         return arguments
+
+
+class CommandsConsumer(_RabbitmqConsumer):  # type: ignore[misc]
+    """Dramatiq's consumer, told where each message came from. On the commands queues a body
+    published through an exchange (the commands exchange: producers, the gateway, ``dlq retry``)
+    is always a raw command, wrapped with its ``Delivery`` (routing key, RabbitMQ's validated
+    ``user_id``, the gateway's issuer header), however much it looks like a Dramatiq message.
+    Only bodies from the default exchange, which only the workers may write to (their retries,
+    the delay queue's re-enqueues), may be Dramatiq messages, and ``CommandEncoder`` checks each
+    one (G10, G11)."""
+
+    def __init__(self, broker: CqrsRabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)
+        commands = broker.commands_queue
+        if queue_name in (commands, dq_name(commands)):
+            self.iterator = _exchange_bodies_wrapped(self.iterator, commands)
+
+
+def _exchange_bodies_wrapped(deliveries: Iterator[tuple[Any, Any, Any]], commands_queue: str
+                             ) -> Iterator[tuple[Any, Any, Any]]:
+    for method, properties, body in deliveries:
+        if method is not None and method.exchange != "":
+            delivery = Delivery.from_amqp(method.routing_key, properties.user_id, properties.headers)
+            body = json.dumps(wrap_command(body, commands_queue, delivery)).encode()
+        yield method, properties, body
 
 
 def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] | None = None) -> dramatiq.Broker:
@@ -155,6 +193,7 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
             queue_type=settings.queue_type,
             delivery_limit=settings.delivery_limit,
             endpoint=_masked(settings.broker_url),
+            commands_queue=settings.commands_queue,
         )
     # Retries wait at most max_backoff_ms; the rest allows for clocks that disagree between hosts.
     encoder = dramatiq.get_encoder()

@@ -18,6 +18,7 @@ from typing import Any
 import pika
 
 from cqrskit.infra.broker import MESSAGE_KEYS, amqp_parameters
+from cqrskit.infra.delivery import ISSUER_HEADER, Delivery
 from cqrskit.infra.settings import Settings
 
 
@@ -126,8 +127,14 @@ class DeadLetterQueue:
         if self.publisher is None:
             self.publisher = self.connection.channel()
             self.publisher.confirm_delivery()
+        headers = {"cqrskit-retried-from": self.name}
+        original = Delivery.from_kwargs((letter.wrapper or {}).get("kwargs"))
+        issuer = original and (original.on_behalf_of or original.producer)
+        if issuer:  # kept as the issuer when the operator's user may act on behalf of others (G11)
+            headers[ISSUER_HEADER] = issuer
         properties = pika.BasicProperties(delivery_mode=2, content_type="application/json",
-                                          message_id=letter.command_id, headers={"cqrskit-retried-from": self.name})
+                                          message_id=letter.command_id, headers=headers,
+                                          user_id=pika.URLParameters(self.settings.broker_url).credentials.username)
         self.publisher.basic_publish(self.settings.commands_exchange, letter.type or "dlq.retry", letter.body,
                                      properties, mandatory=True)
 

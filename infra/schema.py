@@ -118,3 +118,35 @@ read_model_indices = sa.Table(
     sa.Column("role", sa.String(16), nullable=False),  # live | building
     sa.Column("created_at", Timestamp, nullable=False),
 )
+
+# -- who may do what (revision 0005, G11) ------------------------------------------------------
+# producers: a RabbitMQ user (AMQP ``user_id``) allowed to publish commands; ``on_behalf``: it may
+# vouch for another issuer (the gateway, for its API keys). producer_grants: the command types each
+# may send ('*': every type). api_keys: the HTTP clients of the gateway and the query API; only a
+# SHA-256 of each secret is stored; scopes are lists of command types and read models ('*': all).
+producers = sa.Table(
+    "producers",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("on_behalf", sa.Boolean, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+)
+
+producer_grants = sa.Table(
+    "producer_grants",
+    metadata,
+    sa.Column("producer", sa.String(200), sa.ForeignKey("producers.name", ondelete="CASCADE"), primary_key=True),
+    sa.Column("command_type", sa.String(200), primary_key=True),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("commands", Json, nullable=False),
+    sa.Column("read_models", Json, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("revoked_at", Timestamp, nullable=True),
+)

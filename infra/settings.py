@@ -6,6 +6,7 @@ clients are made later, at start-up, by the process that needs them.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +18,7 @@ EMBEDDED_BROKER = "memory://"
 DEFAULT_APP = "cqrskit.examples.shop:app"  # an import string only: the core imports no example
 EMBEDDED_SEARCH = "embedded"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEVELOPMENT_SECRET = "cqrskit-development-secret"
 
 
 class LogFormat(str, Enum):
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
         description="A relay batch that is not full waits this long for more events (batches grow under load).",
     )
     token_secret: str = Field(
-        default="cqrskit-development-secret",
+        default=DEVELOPMENT_SECRET,
         description="HMAC key of consistency tokens, shared by the gateway and the query API. Set it in production.",
     )
     index_prefix: str = Field(default="cqrskit", description="Prefix of the read models' aliases and indices.")
@@ -95,11 +97,35 @@ class Settings(BaseSettings):
         default=0.0, ge=0, le=1000,
         description="PostgreSQL: how long a batch may wait to fill up before it starts (0: it never waits).",
     )
+    producer_grants: bool = Field(
+        default=False,
+        description="Command workers run only the types each producer was granted (cqrskit producers grant); "
+                    "a command without a validated AMQP user_id is refused.",
+    )
+    grants_ttl_seconds: float = Field(default=5.0, ge=0, description="Workers re-read the grants this often.")
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="Serve Prometheus metrics on this port (one per process group or relay; unset: no metrics).",
     )
-    metrics_host: str = Field(default="0.0.0.0", description="Interface of the metrics server.")
+    metrics_host: str = Field(default="127.0.0.1", description="Interface of the metrics server (no authentication: "
+                                                                "keep it local or behind your scraper's network).")
+    insecure: bool = Field(
+        default=False,
+        description="Serve the gateway and the query API on real services without authentication and with the "
+                    "development token secret (local use only).",
+    )
+    auth_database_url: str | None = Field(
+        default=None,
+        description="Where the HTTP processes look API keys up: a role that may only SELECT api_keys (the query "
+                    "API needs it; the gateway defaults to database_url).",
+    )
+    auth_ttl_seconds: float = Field(default=5.0, ge=0, description="HTTP processes re-read an API key this often.")
+    http_docs: bool = Field(default=False, description="Serve /docs (Swagger UI, loaded from a CDN) with authentication on.")
+    http_limit_concurrency: int = Field(default=1000, gt=0, description="Connections and tasks an HTTP process "
+                                                                        "serves at once; beyond, 503.")
+    http_body_timeout: float = Field(default=10.0, gt=0, description="Seconds a client has to send a request body.")
+    max_consistency_waits: int = Field(default=8, ge=0, description="Concurrent consistent_with waits per client "
+                                                                   "(API key, or address); beyond, 429. 0: no cap.")
     preflight_wait: float = Field(
         default=0.0, ge=0,
         description="Seconds a process waits for its services and for setup before giving up (a development "
@@ -113,7 +139,7 @@ class Settings(BaseSettings):
     @classmethod
     def _broker_scheme(cls, value: str) -> str:
         if not value.startswith(("amqp://", "amqps://", EMBEDDED_BROKER)):
-            raise ValueError(f"broker_url must be amqp://, amqps:// or {EMBEDDED_BROKER}, got {value!r}")
+            raise ValueError(f"broker_url must be amqp://, amqps:// or {EMBEDDED_BROKER}, got {masked(value)!r}")
         return value
 
     @field_validator("log_level")
@@ -123,7 +149,7 @@ class Settings(BaseSettings):
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
         return value.upper()
 
-    @field_validator("metrics_port", "metrics_dir", mode="before")
+    @field_validator("metrics_port", "metrics_dir", "auth_database_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """``CQRSKIT_METRICS_PORT=$PORT`` in a Procfile run without a PORT means no metrics."""
@@ -133,12 +159,22 @@ class Settings(BaseSettings):
     @classmethod
     def _database_scheme(cls, value: str) -> str:
         if not value.startswith(("postgresql", "sqlite")):
-            raise ValueError(f"database_url must be a postgresql or sqlite SQLAlchemy URL, got {value!r}")
+            raise ValueError(f"database_url must be a postgresql or sqlite SQLAlchemy URL, got {masked(value)!r}")
         return value
 
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url == EMBEDDED_BROKER
+
+    @property
+    def real_services(self) -> bool:
+        """Any of the write store, the broker or the search server is a real service."""
+        return not (self.embedded_broker and self.elasticsearch_url == EMBEDDED_SEARCH
+                    and self.database_url.startswith("sqlite"))
+
+    @property
+    def development_secret(self) -> bool:
+        return self.token_secret == DEVELOPMENT_SECRET or len(self.token_secret) < 32
 
     def environment(self) -> dict[str, str]:
         """Every setting as the ``CQRSKIT_*`` variables that ``load_settings`` reads back: how a
@@ -154,6 +190,11 @@ class Settings(BaseSettings):
             return None
         path = self.database_url.removeprefix("sqlite:///")
         return Path(path) if path and path != ":memory:" else None
+
+
+def masked(url: str) -> str:
+    """``url`` with the password of its user info replaced by ``***`` (for any message or log)."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def load_settings(**overrides: object) -> Settings:

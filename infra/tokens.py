@@ -31,20 +31,31 @@ class ConsistencyToken:
 
     @classmethod
     def decode(cls, token: str, secret: str) -> ConsistencyToken:
-        """Raises InvalidToken unless ``token`` was made by ``encode`` with the same secret."""
-        if not isinstance(token, str) or len(token) > 20_000 or token.count(".") != 1:
+        """Raises InvalidToken unless ``token`` was made by ``encode`` with the same secret; never
+        anything else, whatever the token holds (non-ASCII, huge numbers, lone surrogates)."""
+        if not isinstance(token, str) or len(token) > 20_000 or token.count(".") != 1 or not token.isascii():
             raise InvalidToken("malformed consistency token")
         payload, signature = token.split(".")
-        if not hmac.compare_digest(_sign(secret, payload), signature):
+        if not hmac.compare_digest(_sign(secret, payload).encode(), signature.encode()):
             raise InvalidToken("consistency token signature does not match")
         try:
             data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            streams = tuple((str(s), int(v)) for s, v in data["s"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidToken(f"malformed consistency token: {exc}") from None
+            streams = tuple(_stream(s, v) for s, v in data["s"])
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise InvalidToken(f"malformed consistency token: {str(exc)[:200]}") from None
         if data.get("v") != 1 or len(streams) > MAX_STREAMS:
             raise InvalidToken("unsupported consistency token")
         return cls(streams)
+
+
+def _stream(stream_id: object, version: object) -> tuple[str, int]:
+    """One (stream id, version) of a token, checked as the write store could have made it."""
+    if not isinstance(stream_id, str) or not 0 < len(stream_id) <= 300 or not stream_id.isprintable() \
+            or any("\ud800" <= char <= "\udfff" for char in stream_id):
+        raise ValueError("a stream id is not a stream id")
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**31:
+        raise ValueError("a version is not a stream version")
+    return stream_id, version
 
 
 def _sign(secret: str, payload: str) -> str:

@@ -20,6 +20,7 @@ from cqrskit.infra.envelope import CommandEnvelope, CommandMetadata
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.amqp import AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublishReport
 from cqrskit.infra.broker import wrap_command
+from cqrskit.infra.delivery import Delivery
 
 __all__ = ["CommandProducer", "CommandNotConfirmed", "PublishReport", "new_command"]
 
@@ -71,7 +72,8 @@ class InProcessPublisher:
         self.queue_name = queue_name
 
     def publish(self, message: OutgoingMessage) -> None:
-        self.broker.enqueue(Message(**wrap_command(message.body, self.queue_name)))
+        delivery = Delivery(routing_key=message.routing_key)  # no broker to vouch for a producer here
+        self.broker.enqueue(Message(**wrap_command(message.body, self.queue_name, delivery)))
 
     def publish_many(
         self, messages: Iterable[OutgoingMessage], on_confirmed: Callable[[int], None] | None = None

@@ -23,6 +23,7 @@ Here: the app, its routes and its resources; ``gateway_checks`` checks what it p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator
@@ -39,7 +40,9 @@ from starlette.concurrency import run_in_threadpool
 
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import make_engine
+from cqrskit.infra.delivery import ISSUER_HEADER
 from cqrskit.infra.envelope import IDENTIFIER
+from cqrskit.infra.http_auth import Authenticate, Authentication, current_key, server_limits
 from cqrskit.infra.problems import Problem, ProblemError, add_problem_handlers, problem_response, problem_type
 from cqrskit.infra.schema import events
 from cqrskit.infra.http_observe import observe
@@ -150,10 +153,14 @@ def read_only_engine(url: str) -> Engine:
 
 
 def create_app(settings: Settings, *, registry: Registry, publisher: Publisher | None = None,
-               max_batch_bytes: int = MAX_BATCH_BYTES, max_wait: float = MAX_WAIT) -> FastAPI:
+               max_batch_bytes: int = MAX_BATCH_BYTES, max_wait: float = MAX_WAIT,
+               authenticate: Authenticate | None = None, docs: bool = True) -> FastAPI:
     """The gateway app; nothing connects before its lifespan starts. ``publisher``: one the caller
     owns (e.g. the embedded broker's); by default an AmqpPublisher on the commands exchange.
-    ``max_wait`` caps the long poll of ``GET /commands/{id}?wait=``."""
+    ``max_wait`` caps the long poll of ``GET /commands/{id}?wait=``. ``authenticate``: API keys
+    (``cqrskit.infra.api_keys``): every request but ``/health`` needs one, a command is sent only
+    if its type is in the key's scope and records the key as its issuer (G11); None: nobody is
+    authenticated (the embedded default, ``--insecure``). ``docs``: serve ``/docs``."""
     if publisher is None and settings.embedded_broker:
         raise ValueError("the gateway publishes to RabbitMQ: set CQRSKIT_BROKER_URL to an amqp:// URL")
     commands = registry
@@ -174,8 +181,10 @@ def create_app(settings: Settings, *, registry: Registry, publisher: Publisher |
                 await run_in_threadpool(amqp.close)
             engine.dispose()
 
-    app = FastAPI(title="cqrskit command gateway", version="1", description=__doc__, lifespan=lifespan)
+    app = FastAPI(title="cqrskit command gateway", version="1", description=__doc__, lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url=None)
     app.include_router(router)
+    app.add_middleware(Authentication, authenticate=authenticate, open_paths=("/health",))
     add_problem_handlers(app, log, {sa.exc.DBAPIError: _on_store_error})
     app.openapi = lambda: document(app, commands)  # type: ignore[method-assign]
     return observe(app, "gateway")  # access log and GET /metrics
@@ -197,7 +206,7 @@ async def send_command(request: Request) -> JSONResponse:
     broker holds it (durable); its outcome will be at ``outcome_url`` (also the Location header)."""
     gateway: Gateway = request.app.state.gateway
     max_bytes = gateway.settings.max_command_bytes
-    message = check_command(await _read_body(request, max_bytes), gateway.registry, max_bytes)
+    message = _as_issued(request, check_command(await _read_body(request, max_bytes), gateway.registry, max_bytes))
     await gateway.publish(message)
     log.info("gateway.accepted", command_id=message.message_id, type=message.routing_key)
     url = _outcome_url(request, message.message_id)  # type: ignore[arg-type]
@@ -216,6 +225,7 @@ async def send_batch(request: Request) -> BatchAccepted:
     gateway: Gateway = request.app.state.gateway
     body = await _read_body(request, gateway.max_batch_bytes)
     messages = check_batch(body, gateway.registry, gateway.settings.max_command_bytes, MAX_BATCH_COMMANDS)
+    messages = [_as_issued(request, message) for message in messages]
     try:
         report = await run_in_threadpool(gateway.publisher.publish_many, messages)
     except PublisherClosed as exc:
@@ -248,7 +258,23 @@ async def command_outcome(request: Request, command_id: CommandIdPath, wait: Wai
                                f"command {command_id!r} is not known yet: pending or never received")
         await asyncio.sleep(min(pause, remaining))
         pause = min(pause * 2, 0.25)
+    key = current_key(request)
+    if key is not None and not (view.type and key.may_send(view.type)):  # not its business: as if unknown
+        raise ProblemError(404, "outcome-not-known", "Outcome not known",
+                           f"command {command_id!r} is not known yet: pending or never received")
     return view
+
+
+def _as_issued(request: Request, message: OutgoingMessage) -> OutgoingMessage:
+    """``message`` with the issuer header of the request's API key, if its scope allows the type
+    (403 otherwise). The workers honour the header only from the gateway's own RabbitMQ user."""
+    key = current_key(request)
+    if key is None:
+        return message
+    if not key.may_send(message.routing_key):
+        raise ProblemError(403, "not-allowed", "Not allowed",
+                           f"API key {key.key_id!r} may not send {message.routing_key}")
+    return dataclasses.replace(message, headers={ISSUER_HEADER: key.issuer})
 
 
 @router.get("/health", response_model=Health, summary="Liveness, and whether the write store answers")
@@ -271,15 +297,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     reading anything when it is far over, else after reading and dropping up to DRAIN_BYTES more
     (a server that closes on a client still sending resets the connection, and the client may
     then never see the answer). 415 unless it is JSON."""
-    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
         raise ProblemError(415, "unsupported-media-type", "Unsupported media type",
                            f"send the command as application/json, not {media_type!r}")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + DRAIN_BYTES:
         raise command_problem(CommandTooLarge(declared, limit))
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in _stream_in_time(request, request.app.state.gateway.settings.http_body_timeout):
         size += len(chunk)
         if size > limit + DRAIN_BYTES:
             raise command_problem(CommandTooLarge(f"more than {limit + DRAIN_BYTES}", limit))
@@ -288,6 +314,23 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if size > limit:
         raise command_problem(CommandTooLarge(size, limit))
     return b"".join(chunks)
+
+
+async def _stream_in_time(request: Request, timeout: float) -> AsyncIterator[bytes]:
+    """The body's chunks, or a 408 once the client took more than ``timeout`` seconds to send it all
+    (a slow body must not hold a connection and a task for ever)."""
+    deadline = time.monotonic() + timeout
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise ProblemError(408, "request-timeout", "Request timeout",
+                               f"the request body did not arrive within {timeout:g} s",
+                               headers={"Connection": "close"}) from None
+        yield chunk
 
 
 def _outcome_url(request: Request, command_id: str) -> str:
@@ -309,16 +352,16 @@ async def _on_store_error(request: Request, exc: sa.exc.DBAPIError) -> JSONRespo
 
 # -- running it ----------------------------------------------------------------------------
 def run_gateway(settings: Settings, registry: Registry, host: str = "127.0.0.1", port: int = 8000,
-                workers: int = 1, factory: str = "") -> None:
+                workers: int = 1, factory: str = "", app: FastAPI | None = None) -> None:
     """Serve the gateway with uvicorn until interrupted; ``workers`` > 1 runs that many processes
     from ``factory`` (a ``module:callable`` import string), each with its own publisher and engine;
     the settings reach them through the environment."""
     import uvicorn
 
     options: dict[str, Any] = dict(host=host, port=port, log_config=None, access_log=False,
-                                   server_header=False, timeout_graceful_shutdown=10)
+                                   server_header=False, timeout_graceful_shutdown=10, **server_limits(settings.http_limit_concurrency))
     if workers == 1:
-        uvicorn.run(create_app(settings, registry=registry), **options)
+        uvicorn.run(app or create_app(settings, registry=registry), **options)
         return
     os.environ.update(settings.environment())
     uvicorn.run(factory, factory=True, workers=workers, **options)

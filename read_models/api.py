@@ -35,6 +35,7 @@ from cqrskit.infra.problems import (PROBLEM_JSON, Problem, ProblemError, add_pro
                                    problem_type)
 from cqrskit.infra.http_observe import observe
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.http_auth import Authenticate, Authentication, read_model_scope, server_limits
 from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
@@ -247,11 +248,15 @@ DESCRIPTION = """Typed search over the read models of the app `{app}` (Elasticse
 
 
 def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: Sequence[QueryFunction] = (), *,
-               max_wait: float = MAX_WAIT_SECONDS, search_timeout: float = 30.0, title: str = "") -> FastAPI:
+               max_wait: float = MAX_WAIT_SECONDS, search_timeout: float = 30.0, title: str = "",
+               authenticate: Authenticate | None = None, docs: bool = True) -> FastAPI:
     """The query API over ``read_models`` (those that declare queries) and the app's query
     ``functions``. The search client is made at start-up and closed at shutdown. Only the search
     URL, the index prefix and the token secret are taken from ``settings`` (G11). ``max_wait`` caps
-    every ``consistent_with`` wait; a search slower than ``search_timeout`` seconds answers 503."""
+    every ``consistent_with`` wait; a search slower than ``search_timeout`` seconds answers 503.
+    ``authenticate``: API keys; every request but ``/health`` needs one, and a read model's paths
+    need that model in its scope (None: nobody is authenticated). Each client may hold at most
+    ``settings.max_consistency_waits`` waits at once. ``docs``: serve ``/docs``."""
     url, prefix, secret = settings.elasticsearch_url, settings.index_prefix, settings.token_secret
     models = {m.name: s for m in read_models if (s := searchable(m)) is not None}
     app_name = title or settings.app.rpartition(":")[0]
@@ -273,7 +278,9 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
 
     description = DESCRIPTION.format(app=app_name, models=", ".join(models) or "none")
     app = FastAPI(title="cqrskit query API", version="1", description=description, openapi_tags=tags,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None)
+    app.add_middleware(Authentication, authenticate=authenticate, scope=read_model_scope(list(models)),
+                       open_paths=("/health",), max_waits=settings.max_consistency_waits)
     add_problem_handlers(app, log, {QueryError: _on_query_error, ApiError: _on_search_error,
                                     TransportError: _on_search_error})
     _routes(app, models, functions)
@@ -281,12 +288,13 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
 
 
 def run_query_api(settings: Settings, read_models: Sequence[ReadModel], functions: Sequence[QueryFunction] = (),
-                  host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = False) -> None:
+                  host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = False,
+                  app: FastAPI | None = None) -> None:
     """Serve the query API with uvicorn until interrupted (logging as configured by the caller)."""
     import uvicorn
 
     if settings.elasticsearch_url == EMBEDDED_SEARCH:
         raise ValueError("the query API needs a search server: set CQRSKIT_ELASTICSEARCH_URL=http://... "
                          "(the embedded one lives inside `cqrskit demo`)")
-    uvicorn.run(create_app(settings, read_models, functions), host=host, port=port, log_config=None, access_log=access_log,
-                server_header=False)
+    uvicorn.run(app or create_app(settings, read_models, functions), host=host, port=port, log_config=None,
+                access_log=access_log, server_header=False, **server_limits(settings.http_limit_concurrency))

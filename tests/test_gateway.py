@@ -50,6 +50,7 @@ from tests.processes import (  # noqa: F401  (fixtures)
 )
 
 PROBLEM = "application/problem+json"
+JSON = {"content-type": "application/json"}  # a POST without it is refused (415, G11)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -290,13 +291,15 @@ def test_an_oversized_body_is_refused_from_its_content_length_before_it_is_read(
         assert status == 413 and time.monotonic() - started < 3  # 100 MB were never sent
         assert problem["detail"] == "command of 100000000 bytes exceeds CQRSKIT_MAX_COMMAND_BYTES=65536"
 
-        chunked = b"POST /commands/batch HTTP/1.1\r\nHost: gateway\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunked = (b"POST /commands/batch HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n")
         chunks = b"".join(b"%x\r\n" % 8192 + b"[" * 8192 + b"\r\n" for _ in range(1000))  # 8.2 MB, no length
         status, problem = raw_request(url, chunked, chunks)
         assert status == 413 and "more than 5242880 bytes" in problem["detail"]  # 4 MiB + 1 MiB drained
 
         a_little_over = b"[" + b" " * 70_000 + b"]"
-        head = b"POST /commands HTTP/1.1\r\nHost: gateway\r\nContent-Length: %d\r\n\r\n" % len(a_little_over)
+        head = (b"POST /commands HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(a_little_over))
         status, problem = raw_request(url, head, a_little_over)  # read (and dropped), then refused exactly
         assert status == 413 and "command of 70002 bytes exceeds" in problem["detail"]
     assert queue_depth(commands_topology) == 0
@@ -333,12 +336,12 @@ def test_a_batch_with_bad_commands_names_each_by_index_and_publishes_nothing(
 
 
 def test_batch_limits_and_shapes(client: httpx.Client, commands_topology: Settings) -> None:
-    assert "not valid JSON" in assert_problem(client.post("/commands/batch", content=b"[{"), 400)["detail"]
+    assert "not valid JSON" in assert_problem(client.post("/commands/batch", content=b"[{", headers=JSON), 400)["detail"]
     surrogate_body = json.dumps([customer("c-s")]).replace("Ann", "\\ud800").encode()
-    surrogate = client.post("/commands/batch", content=surrogate_body)
+    surrogate = client.post("/commands/batch", content=surrogate_body, headers=JSON)
     assert "lone surrogate" in problem_text(surrogate) and surrogate.status_code == 400
     for empty in (b"[]", b"{}"):
-        refused = assert_problem(client.post("/commands/batch", content=empty), 400)
+        refused = assert_problem(client.post("/commands/batch", content=empty, headers=JSON), 400)
         assert "JSON array of 1 or more" in refused["detail"]
     too_many = [customer(f"c-{i}") for i in range(1001)]
     assert "limit of 1000" in assert_problem(client.post("/commands/batch", json=too_many), 413)["detail"]
@@ -350,7 +353,7 @@ def test_a_good_batch_is_published_and_every_command_confirmed(
 ) -> None:
     batch = [customer(f"c-{i}") for i in range(200)]
     body = b"[" + b", ".join(json.dumps(c).encode() for c in batch) + b"]"
-    response = client.post("/commands/batch", content=body)
+    response = client.post("/commands/batch", content=body, headers=JSON)
     assert response.status_code == 202, response.text
     assert response.json()["confirmed"] == 200 and response.json()["failed"] == 0
     assert [c["command_id"] for c in response.json()["commands"]] == [c["command_id"] for c in batch]

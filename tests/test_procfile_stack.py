@@ -79,7 +79,8 @@ class Honcho:
                  concurrency: dict[str, int] = CONCURRENCY, **env_overrides: str) -> None:
         """``honcho start`` of ``project``'s Procfile (and its .env), from ``project``'s directory."""
         self.log = stack.directory / "honcho.log"
-        env = stack.env(PORT=str(base), PYTHONPATH=str(project), PATH=f"{BIN}:{os.environ['PATH']}")
+        env = stack.env(PORT=str(base), PYTHONPATH=str(project), PATH=f"{BIN}:{os.environ['PATH']}",
+                        CQRSKIT_INSECURE="true")  # local run: authentication is tested in test_http_auth.py
         env = {k: v for k, v in {**env, **env_overrides}.items() if v}
         scaled = ",".join(f"{name}={n}" for name, n in concurrency.items())
         with self.log.open("wb") as out:

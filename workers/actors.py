@@ -12,6 +12,8 @@ from elastic_transport import TransportError
 from sqlalchemy.exc import OperationalError
 
 from cqrskit.infra.broker import COMMAND_ACTOR, INDEX_ACTOR
+from cqrskit.infra.delivery import Delivery
+from cqrskit.infra.event_wire import EventMessage
 from cqrskit.read_models.writer import TransientIndexError
 from cqrskit.workers.coalescing import Coalescer
 from cqrskit.workers.execution import BadCommand
@@ -25,8 +27,9 @@ def declare_command_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
     infrastructure failures only; ``BadCommand`` goes straight to the dead-letter queue."""
     settings = runtime.settings
 
-    def execute_command(body_b64: str) -> None:
-        runtime.executor.execute(base64.b64decode(body_b64))
+    def execute_command(body_b64: str, routing_key: str | None = None, producer: str | None = None,
+                        on_behalf_of: str | None = None) -> None:
+        runtime.executor.execute(base64.b64decode(body_b64), Delivery(routing_key, producer, on_behalf_of))
 
     return dramatiq.actor(
         execute_command,
@@ -50,6 +53,7 @@ def declare_indexer_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
                           transient=(TransientIndexError, TransportError, OperationalError))
 
     def index_events(events: list[dict]) -> None:  # type: ignore[type-arg]
+        check_batch(events)
         try:
             coalescer.submit(events)
         except Exception as exc:  # retried as a whole; logged without the batch (Dramatiq would log it all)
@@ -64,4 +68,20 @@ def declare_indexer_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
         max_retries=settings.indexer_max_retries,
         min_backoff=settings.min_backoff_ms,
         max_backoff=settings.max_backoff_ms,
+        throws=(MalformedBatch,),
     )
+
+
+class MalformedBatch(Exception):
+    """A batch that is not a list of events as the relay publishes them: dead-lettered at once
+    (``indexer.XQ``), never retried (G10): retrying cannot make it readable."""
+
+
+def check_batch(events: object) -> None:
+    if not isinstance(events, list):
+        raise MalformedBatch(f"an indexer batch is a list of events, not {type(events).__name__}")
+    for index, event in enumerate(events):
+        try:
+            EventMessage.model_validate(event)
+        except ValueError as exc:
+            raise MalformedBatch(f"event {index} of the batch is not an event message: {str(exc)[:300]}") from None

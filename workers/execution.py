@@ -21,7 +21,7 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -30,11 +30,13 @@ from pydantic import BaseModel
 from cqrskit.domain.model import RuleViolation, stream_id
 from cqrskit.domain.ports import HandlerContext
 from cqrskit.domain.registry import Registry
+from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.pg_store import LockBusy, PgTransaction, PgUnitOfWork, lock_key
 from cqrskit.infra.store import ConcurrencyConflict, DuplicateCommand, EventStore
 from cqrskit.infra.validation import CommandTooLarge, InvalidCommand, ValidCommand, safe_text, validate_command
+from cqrskit.workers.admission import Gate
 from cqrskit.workers.group_commit import GroupCommit, Pending
 
 log = structlog.get_logger("cqrskit.commands")
@@ -81,18 +83,24 @@ class CommandExecutor:
     max_batch: int = 32
     leaders: int = 2
     linger: float = 0.0
+    gate: Gate = field(default_factory=Gate)
 
     def __post_init__(self) -> None:
         grouped = self.store.postgres and self.max_batch > 1
         self.group = (GroupCommit(self._run_batch, max_batch=self.max_batch, leaders=self.leaders, linger=self.linger)
                       if grouped else None)
 
-    def execute(self, body: bytes) -> Outcome:
+    def execute(self, body: bytes, delivery: Delivery | None = None) -> Outcome:
+        """``delivery``: what the broker said about the body (None: a direct, trusted call)."""
         parsed = self._parse(body)
         if isinstance(parsed, Outcome):
             return self._record_final(parsed)
         with structlog.contextvars.bound_contextvars(**_log_context(parsed.envelope)):
-            item = Pending(parsed.envelope, parsed.command)
+            admission = self.gate.admit(parsed.envelope, delivery)
+            if admission.refused:
+                error = {"loc": "", "msg": admission.refused, "type": "not_allowed"}
+                return self._record_final(_invalid(parsed.envelope, admission.refused, [error]))
+            item = Pending(parsed.envelope, parsed.command, provenance=admission.metadata(parsed.envelope))
             if self.group is None:
                 outcome = self._decide_with_retries(item)
             else:
@@ -181,7 +189,7 @@ class CommandExecutor:
         """The outcome decided in ``tx`` and what tells, after the commit, whether it was written
         (the unit of work, or the cursor of a rejection's insert)."""
         try:
-            return self._decide(uow, item.envelope, item.command), uow
+            return self._decide(uow, item), uow
         except RuleViolation as exc:
             rejected = _outcome(item.envelope, Status.rejected, reason=exc.reason)
             return rejected, tx.record_outcome(rejected)
@@ -205,16 +213,17 @@ class CommandExecutor:
                     if not self._attempt([item]):
                         return item.outcome  # type: ignore[return-value]
                     continue  # put off: the next attempt waits for the busy lock first
-                return self._decide_sqlite(item.envelope, item.command)
+                return self._decide_sqlite(item)
             except ConcurrencyConflict as exc:
                 log.debug("command.conflict", attempt=attempt, detail=str(exc)[:200])
                 time.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
         raise ConflictsExhausted(f"gave up after {self.conflict_retries} version conflicts")
 
-    def _decide_sqlite(self, envelope: CommandEnvelope, command: BaseModel) -> Outcome:
+    def _decide_sqlite(self, item: Pending) -> Outcome:
+        envelope = item.envelope
         try:
             with self.store.unit_of_work(serialize=True) as uow:
-                return self._decide(uow, envelope, command)
+                return self._decide(uow, item)
         except RuleViolation as exc:
             return self.store.record_outcome(_outcome(envelope, Status.rejected, reason=exc.reason))
         except DuplicateCommand:
@@ -223,7 +232,8 @@ class CommandExecutor:
                 raise
             return stored.as_duplicate()
 
-    def _decide(self, uow: HandlerContext, envelope: CommandEnvelope, command: BaseModel) -> Outcome:
+    def _decide(self, uow: HandlerContext, item: Pending) -> Outcome:
+        envelope, command = item.envelope, item.command
         aggregate_type = self.registry.command_type(envelope.type).aggregate
         target = uow.load(aggregate_type, envelope.aggregate_id)
         expected = envelope.expected_version
@@ -231,7 +241,7 @@ class CommandExecutor:
             raise RuleViolation(f"expected version {expected}, but {target.stream_id} is at {target.version}")
         self.registry.handler(envelope.type)(command, envelope.aggregate_id, uow)
         outcome = _outcome(envelope, Status.succeeded, aggregate_version=target.version + len(target.pending))
-        positions = uow.commit(_event_metadata(envelope), outcome)  # type: ignore[attr-defined]
+        positions = uow.commit(_event_metadata(envelope) | item.provenance, outcome)  # type: ignore[attr-defined]
         outcome.positions = positions
         return outcome
 
@@ -258,15 +268,12 @@ def _invalid(envelope: CommandEnvelope, reason: str, errors: list[dict[str, Any]
 
 
 def _event_metadata(envelope: CommandEnvelope) -> dict[str, Any]:
-    meta = {
+    return {
         "command_id": envelope.command_id,
         "command_type": envelope.type,
         "correlation_id": envelope.metadata.correlation_id or envelope.command_id,
         "causation_id": envelope.command_id,
     }
-    if envelope.metadata.issuer:
-        meta["issuer"] = envelope.metadata.issuer
-    return meta
 
 
 def _log_context(envelope: CommandEnvelope) -> dict[str, Any]:

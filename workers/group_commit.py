@@ -30,6 +30,7 @@ class Pending:
 
     envelope: Any
     command: Any
+    provenance: dict[str, Any] = field(default_factory=dict)  # issuer, producer: recorded in the events
     wait_key: int | None = None  # a lock this command found busy: its next transaction waits for it first
     outcome: Outcome | None = None
     error: BaseException | None = None

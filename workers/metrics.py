@@ -132,8 +132,8 @@ class MeasuredExecutor:
     def __init__(self, executor: Any, counter: Any) -> None:
         self.executor, self.counter = executor, counter
 
-    def execute(self, body: bytes) -> Outcome:
-        outcome: Outcome = self.executor.execute(body)
+    def execute(self, body: bytes, delivery: Any = None) -> Outcome:
+        outcome: Outcome = self.executor.execute(body, delivery)
         self.counter.labels("duplicate" if outcome.duplicate else outcome.status.value).inc()
         return outcome
 

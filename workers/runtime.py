@@ -11,11 +11,13 @@ from sqlalchemy import Engine
 
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import make_engine
+from cqrskit.infra.grants import ProducerGrants
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import EventStore
 from cqrskit.read_models.indexer import Indexer
 from cqrskit.read_models.model import ReadModel
 from cqrskit.read_models.search import make_client
+from cqrskit.workers.admission import Gate
 from cqrskit.workers.execution import CommandExecutor
 
 
@@ -49,6 +51,8 @@ class Runtime:
             max_batch=self.settings.group_commit_max,
             leaders=self.settings.group_commit_leaders,
             linger=self.settings.group_commit_linger_ms / 1000,
+            gate=Gate(ProducerGrants(self.engine, ttl=self.settings.grants_ttl_seconds),
+                      enforce=self.settings.producer_grants),
         )
 
     @cached_property

@@ -1,0 +1,169 @@
+"""``cqrskit setup --privileges``: the least-privilege roles of docs/operations.md, provisioned
+(G11), idempotently.
+
+- **PostgreSQL**: one login role per process type (``<prefix>_worker``, ``_relay``, ``_indexer``,
+  ``_gateway``, ``_query``, ``_operator``) with exactly the grants of docs/operations.md; none may
+  create anything (no ``CREATE`` on the schema, owns nothing). A role is created with a random
+  password, printed once; an existing role keeps its password and gets its grants again.
+- **RabbitMQ**: one user per process type (``<prefix>-worker``...) and one per ``--producer``,
+  with the configure/write/read permissions of docs/operations.md on this deployment's names,
+  set with ``rabbitmqctl`` on the broker's host (printed instead where there is none).
+- **Elasticsearch**: the role definitions (indexer, query, operator) are printed, for the
+  cluster's security API; there is nothing to create on a server without security.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import make_url
+
+from cqrskit.infra.settings import Settings
+
+Say = Callable[[str], None]
+ALL_TABLES = ("events", "streams", "command_outcomes", "unique_claims", "relay_checkpoints", "leases",
+              "parked_documents", "read_model_indices", "producers", "producer_grants", "api_keys")
+# role -> {privileges: tables}; "USAGE" lists sequences.
+PG_GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "worker": {"SELECT, INSERT, UPDATE": ("events", "streams", "command_outcomes"),
+               "SELECT, INSERT, DELETE": ("unique_claims",), "SELECT": ("producers", "producer_grants"),
+               "USAGE": ("events_position_seq",)},
+    "relay": {"SELECT": ("events",), "SELECT, INSERT, UPDATE": ("relay_checkpoints", "leases")},
+    "indexer": {"SELECT": ("events", "streams", "read_model_indices"),
+                "SELECT, INSERT, UPDATE, DELETE": ("parked_documents",), "USAGE": ("parked_documents_id_seq",)},
+    "gateway": {"SELECT": ("command_outcomes", "events", "api_keys")},
+    "query": {"SELECT": ("api_keys",)},
+    "operator": {"SELECT": ALL_TABLES, "INSERT, DELETE": ("command_outcomes",),
+                 "INSERT, UPDATE, DELETE": ("parked_documents", "read_model_indices", "producers", "producer_grants",
+                                            "api_keys"),
+                 "USAGE": ("parked_documents_id_seq",)},
+}
+
+
+@dataclass(frozen=True)
+class Permission:
+    configure: str
+    write: str
+    read: str
+
+
+def rabbitmq_permissions(settings: Settings) -> dict[str, Permission]:
+    """The permissions of each process type on this deployment's exchanges and queues."""
+    c, i = re.escape(settings.commands_queue), re.escape(settings.indexer_queue)
+    ce, ee = re.escape(settings.commands_exchange), re.escape(settings.events_exchange)
+    return {
+        "gateway": Permission("^$", f"^{ce}$", "^$"),
+        "worker": Permission(f"^{c}(\\.DQ|\\.XQ)?$", f"^(amq\\.default|{c}(\\.DQ|\\.XQ)?)$", f"^{c}(\\.DQ)?$"),
+        "relay": Permission(f"^({ee}|{i}(\\.DQ|\\.XQ)?)$", f"^({ee}|amq\\.default|{i}(\\.DQ|\\.XQ)?)$", "^$"),
+        "indexer": Permission(f"^{i}(\\.DQ|\\.XQ)?$", f"^(amq\\.default|{i}(\\.DQ|\\.XQ)?)$", f"^{i}(\\.DQ)?$"),
+        "operator": Permission(".*", f"^(amq\\.default|{ce})$", f"^{c}\\.XQ$"),
+    }
+
+
+PRODUCER = "producer"
+
+
+def elasticsearch_roles(settings: Settings, read_models: Sequence[str]) -> dict[str, Any]:
+    """Role definitions for Elasticsearch's security API (``PUT _security/role/<name>``)."""
+    prefix = settings.index_prefix
+    return {
+        f"{prefix}_indexer": {"indices": [{"names": [f"{prefix}-*"], "privileges": ["index"]}]},
+        f"{prefix}_query": {"indices": [{"names": [f"{prefix}-{m}" for m in read_models], "privileges": ["read"]}]},
+        f"{prefix}_operator": {"indices": [{"names": [f"{prefix}-*"],
+                                            "privileges": ["manage", "read", "index"]}]},
+    }
+
+
+def provision(settings: Settings, read_models: Sequence[str], *, prefix: str = "cqrskit",
+              producers: Sequence[str] = (), say: Say = print) -> dict[str, str]:
+    """Every role and user; returns the passwords of those created now (name -> password)."""
+    made = provision_postgres(settings.database_url, prefix, say) if settings.database_url.startswith("postgresql") \
+        else {}
+    if settings.database_url.startswith("sqlite"):
+        say("write store: SQLite has no roles (the embedded default); nothing to provision")
+    if not settings.embedded_broker:
+        made |= provision_rabbitmq(settings, prefix, producers, say)
+    say("Elasticsearch roles (PUT _security/role/<name> on a cluster with security):")
+    say(json.dumps(elasticsearch_roles(settings, read_models), indent=2))
+    return made
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+def provision_postgres(url: str, prefix: str, say: Say) -> dict[str, str]:
+    made: dict[str, str] = {}
+    with psycopg.connect(_dsn(url), autocommit=True) as conn:
+        database = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        for role, grants in PG_GRANTS.items():
+            name = f"{prefix}_{role}"
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+            if not exists:
+                made[name] = secrets.token_urlsafe(24)
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}")
+                             .format(sql.Identifier(name), sql.Literal(made[name])))
+            _grant(conn, name, database, grants)
+            say(f"PostgreSQL role {name}: " + ("created" if not exists else "exists, grants renewed"))
+    return made
+
+
+def _grant(conn: psycopg.Connection, role: str, database: str, grants: dict[str, tuple[str, ...]]) -> None:
+    who = sql.Identifier(role)
+    conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(who))
+    conn.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {}").format(who))
+    conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(who))
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), who))
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(who))
+    for privileges, objects in grants.items():
+        kind = "SEQUENCE" if privileges == "USAGE" else "TABLE"
+        names = sql.SQL(", ").join(sql.Identifier(o) for o in objects)
+        conn.execute(sql.SQL(f"GRANT {privileges} ON {kind} {{}} TO {{}}").format(names, who))
+
+
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+# -- RabbitMQ -----------------------------------------------------------------------------------
+def provision_rabbitmq(settings: Settings, prefix: str, producers: Sequence[str], say: Say) -> dict[str, str]:
+    vhost = unquote(urlsplit(settings.broker_url).path[1:] or "/") or "/"
+    permissions = rabbitmq_permissions(settings)
+    users = {f"{prefix}-{role}": p for role, p in permissions.items()}
+    users |= {name: permissions["gateway"] for name in producers}  # a producer: publish commands, nothing else
+    ctl = shutil.which("rabbitmqctl")
+    made: dict[str, str] = {}
+    existing = set(_ctl(ctl, "list_users", "--quiet", "--no-table-headers").split()) if ctl else set()
+    for user, p in users.items():
+        steps = []
+        if user not in existing:
+            made[user] = secrets.token_urlsafe(24)
+            steps.append(("add_user", user, made[user]))
+        steps.append(("set_permissions", "-p", vhost, user, p.configure, p.write, p.read))
+        for step in steps:
+            if ctl:
+                _ctl(ctl, *step)
+            else:
+                say("rabbitmqctl " + " ".join(_shell(a) for a in step))
+        say(f"RabbitMQ user {user}: " + ("created" if user in made else "exists, permissions renewed")
+            + ("" if ctl else " (run the commands above on the broker's host)"))
+    return made
+
+
+def _ctl(ctl: str | None, *args: str) -> str:
+    done = subprocess.run([ctl or "rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {args[0]} failed: {(done.stderr or done.stdout).strip()[:300]}")
+    return done.stdout
+
+
+def _shell(arg: str) -> str:
+    return arg if re.fullmatch(r"[\w./:-]+", arg) else "'" + arg.replace("'", "'\\''") + "'"
