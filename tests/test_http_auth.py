@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +22,6 @@ from cqrskit.app.security import Insecure, http_authentication
 from cqrskit.infra.api_keys import ApiKeys
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.grants import ProducerGrants
-from cqrskit.infra.outcomes import Status
 from cqrskit.infra.schema import api_keys, events
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.tokens import ConsistencyToken

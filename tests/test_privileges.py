@@ -24,7 +24,7 @@ from cqrskit.infra.store import EventStore
 from cqrskit.producers.gateway import create_app, read_only_engine
 from cqrskit.workers.execution import CommandExecutor
 from tests.access import rabbitmqctl
-from tests.conftest import PG_ADMIN, _admin_dsn
+from tests.conftest import _admin_dsn
 from tests.processes import Workers, WriteStore, commands_topology, envelope, workers, write_store  # noqa: F401
 from tests.test_gateway import serving
 

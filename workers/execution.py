@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from pydantic import BaseModel
 
 from cqrskit.domain.model import RuleViolation, stream_id
 from cqrskit.domain.ports import HandlerContext
