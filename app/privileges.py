@@ -108,7 +108,7 @@ def provision_postgres(url: str, prefix: str, say: Say) -> dict[str, str]:
             name = f"{prefix}_{role}"
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
             if not exists:
-                made[name] = secrets.token_urlsafe(24)
+                made[name] = secrets.token_hex(24)  # hex: never starts with "-" (rabbitmqctl would take it as an option)
                 conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}")
                              .format(sql.Identifier(name), sql.Literal(made[name])))
             _grant(conn, name, database, grants)
@@ -145,7 +145,7 @@ def provision_rabbitmq(settings: Settings, prefix: str, producers: Sequence[str]
     for user, p in users.items():
         steps = []
         if user not in existing:
-            made[user] = secrets.token_urlsafe(24)
+            made[user] = secrets.token_hex(24)
             steps.append(("add_user", user, made[user]))
         steps.append(("set_permissions", "-p", vhost, user, p.configure, p.write, p.read))
         for step in steps:
