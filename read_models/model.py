@@ -10,6 +10,7 @@ document, and the last event of every contributing stream triggers a computation
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -62,3 +63,14 @@ STREAMS: dict[str, Any] = {"type": "nested", "properties": {"id": {"type": "keyw
 def streams_of(*aggregates: Any) -> list[dict[str, Any]]:
     """The ``streams`` field of a document computed from ``aggregates`` (None ones left out)."""
     return [{"id": a.stream_id, "version": a.version} for a in aggregates if a is not None]
+
+
+def positions_by_stream(events: list[dict[str, Any]], stream_type: str) -> dict[str, list[int]]:
+    """The positions of a batch's events (wire-format dicts) per aggregate id, for the streams of
+    ``stream_type``: what a fan-out usually starts from. A ``defaultdict(list)``, so a fan-out can
+    add the positions that touch other documents with ``+=``."""
+    out: defaultdict[str, list[int]] = defaultdict(list)
+    for event in events:
+        if event["stream_type"] == stream_type:
+            out[event["aggregate_id"]].append(event["position"])
+    return out

@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import Field
 
 from cqrskit.examples.hotel.domain import Booking, Room
-from cqrskit.read_models.model import STREAMS, Document, iso, streams_of, text_keyword
+from cqrskit.read_models.model import STREAMS, Document, iso, positions_by_stream, streams_of, text_keyword
 from cqrskit.read_models.queryable import FRESH, HELD, Facet, Metric, Queries, Range, Term, View
 from cqrskit.read_models.source import WriteStoreSource
 
@@ -62,13 +61,6 @@ class RoomView(View):
 
 
 
-def _by_stream(events: list[dict[str, Any]], stream_type: str) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = defaultdict(list)
-    for event in events:
-        if event["stream_type"] == stream_type:
-            out[event["aggregate_id"]].append(event["position"])
-    return out
-
 
 class BookingsModel:
     name = "bookings"
@@ -106,8 +98,8 @@ class BookingsModel:
     )
 
     def affected(self, source: WriteStoreSource, events: list[dict[str, Any]]) -> dict[str, list[int]]:
-        touched = _by_stream(events, "booking")
-        rooms = _by_stream(events, "room")
+        touched = positions_by_stream(events, "booking")
+        rooms = positions_by_stream(events, "room")
         for room_id, booking_ids in source.ids_where("booking", "room_id", rooms).items():
             for booking_id in booking_ids:
                 touched[booking_id] += rooms[room_id]
@@ -159,8 +151,8 @@ class RoomsModel:
     )
 
     def affected(self, source: WriteStoreSource, events: list[dict[str, Any]]) -> dict[str, list[int]]:
-        touched = _by_stream(events, "room")
-        booked = _by_stream(events, "booking")
+        touched = positions_by_stream(events, "room")
+        booked = positions_by_stream(events, "booking")
         for booking_id, booking in source.aggregates(Booking, booked).items():
             if booking.state.room_id:
                 touched[booking.state.room_id] += booked[booking_id]

@@ -10,14 +10,13 @@ name or the email. Relevance weights are in each ``text`` parameter's descriptio
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import Field
 
 from cqrskit.examples.shop.domain import Customer, Order, Product
-from cqrskit.read_models.model import STREAMS, Document, iso, streams_of, text_keyword
+from cqrskit.read_models.model import STREAMS, Document, iso, positions_by_stream, streams_of, text_keyword
 from cqrskit.read_models.queryable import (
     FRESH, HELD, Cents, Facet, Flag, Queries, Range, Term, View, When, bounded_int)
 from cqrskit.read_models.source import WriteStoreSource
@@ -89,13 +88,6 @@ class CustomerView(View):
 # ---------------------------------------------------------------- documents
 
 
-def _by_stream(events: list[dict[str, Any]], stream_type: str) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = defaultdict(list)
-    for event in events:
-        if event["stream_type"] == stream_type:
-            out[event["aggregate_id"]].append(event["position"])
-    return out
-
 
 class OrdersModel:
     name = "orders"
@@ -140,8 +132,8 @@ class OrdersModel:
     }
 
     def affected(self, source: WriteStoreSource, events: list[dict[str, Any]]) -> dict[str, list[int]]:
-        touched = _by_stream(events, "order")
-        renamed = _by_stream(events, "customer")
+        touched = positions_by_stream(events, "order")
+        renamed = positions_by_stream(events, "customer")
         for customer_id, order_ids in source.ids_where("order", "customer_id", renamed).items():
             for order_id in order_ids:
                 touched[order_id] += renamed[customer_id]
@@ -200,7 +192,7 @@ class ProductsModel:
     }
 
     def affected(self, source: WriteStoreSource, events: list[dict[str, Any]]) -> dict[str, list[int]]:
-        return _by_stream(events, "product")
+        return positions_by_stream(events, "product")
 
     def build(self, source: WriteStoreSource, ids: list[str]) -> dict[str, Document]:
         products = {i: p for i, p in source.aggregates(Product, ids).items() if p.state.added}
@@ -241,8 +233,8 @@ class CustomersModel:
     }
 
     def affected(self, source: WriteStoreSource, events: list[dict[str, Any]]) -> dict[str, list[int]]:
-        touched = _by_stream(events, "customer")
-        ordered = _by_stream(events, "order")
+        touched = positions_by_stream(events, "customer")
+        ordered = positions_by_stream(events, "order")
         for order_id, order in source.aggregates(Order, ordered).items():
             if order.state.customer_id:
                 touched[order.state.customer_id] += ordered[order_id]
