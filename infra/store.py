@@ -179,16 +179,21 @@ class EventStore:
     def stream_versions(self, positions: list[int]) -> tuple[tuple[str, int], ...]:
         """The newest version of every stream among the events at ``positions`` (what a
         consistency token names), by stream id."""
-        if not positions:
-            return ()
-        query = (sa.select(events.c.stream_id, sa.func.max(events.c.version))
-                 .where(events.c.position.in_(positions)).group_by(events.c.stream_id).order_by(events.c.stream_id))
         with self.engine.connect() as conn:
-            return tuple((sid, version) for sid, version in conn.execute(query))
+            return stream_versions(conn, positions)
 
     def last_position(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.position), 0))).scalar_one()
+
+
+def stream_versions(conn: Connection, positions: list[int]) -> tuple[tuple[str, int], ...]:
+    """``EventStore.stream_versions`` on a connection the caller holds (one query on the events)."""
+    if not positions:
+        return ()
+    query = (sa.select(events.c.stream_id, sa.func.max(events.c.version))
+             .where(events.c.position.in_(positions)).group_by(events.c.stream_id).order_by(events.c.stream_id))
+    return tuple((sid, version) for sid, version in conn.execute(query))
 
 
 class UnitOfWork:

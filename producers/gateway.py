@@ -44,10 +44,9 @@ from cqrskit.infra.delivery import ISSUER_HEADER
 from cqrskit.infra.envelope import IDENTIFIER
 from cqrskit.infra.http_auth import Authenticate, Authentication, current_key, server_limits
 from cqrskit.infra.problems import Problem, ProblemError, add_problem_handlers, problem_response, problem_type
-from cqrskit.infra.schema import events
 from cqrskit.infra.http_observe import observe
 from cqrskit.infra.settings import Settings
-from cqrskit.infra.store import read_outcome
+from cqrskit.infra.store import read_outcome, stream_versions
 from cqrskit.infra.tokens import ConsistencyToken
 from cqrskit.infra.amqp import AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublisherClosed
 from cqrskit.infra.validation import CommandTooLarge
@@ -124,14 +123,8 @@ class Gateway:
         return view
 
     def _token(self, conn: sa.Connection, positions: list[int]) -> str:
-        """The newest version of every stream the command wrote (one query on the events), signed."""
-        query = (
-            sa.select(events.c.stream_id, sa.func.max(events.c.version))
-            .where(events.c.position.in_(positions))
-            .group_by(events.c.stream_id)
-            .order_by(events.c.stream_id)
-        )
-        streams = tuple((stream, version) for stream, version in conn.execute(query)) if positions else ()
+        """The newest version of every stream the command wrote, signed."""
+        streams = stream_versions(conn, positions)
         return ConsistencyToken(streams).encode(self.settings.token_secret)
 
 
