@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from cqrskit.domain.model import Command, Event
 from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.reads import Read, Reads
 
 C = TypeVar("C", bound=type[Command])
 E = TypeVar("E", bound=type[Event])
@@ -29,6 +30,7 @@ class Registry:
         self.commands: dict[str, type[Command]] = {}
         self.events: dict[str, type[Event]] = {}
         self.handlers: dict[str, Handler] = {}
+        self.reads: dict[str, Reads] = {}
         self.upcasters: dict[tuple[str, int], Upcaster] = {}
 
     def event(self, cls: E) -> E:
@@ -36,12 +38,15 @@ class Registry:
         _register(self.events, cls.type, cls)
         return cls
 
-    def command(self, handler: Handler) -> Callable[[C], C]:
-        """Class decorator: register a command type and the handler that decides it."""
+    def command(self, handler: Handler, *, reads: Reads | None = None) -> Callable[[C], C]:
+        """Class decorator: register a command type and the handler that decides it. ``reads``
+        (optional): what the handler will read, declared ahead (``cqrskit.domain.reads``)."""
 
         def register(cls: C) -> C:
             _register(self.commands, cls.type, cls)
             self.handlers[cls.type] = handler
+            if reads is not None:
+                self.reads[cls.type] = reads
             return cls
 
         return register
@@ -65,6 +70,17 @@ class Registry:
         self.command_type(name)
         return self.handlers[name]
 
+    def declared_reads(self, name: str, command: Any, aggregate_id: str) -> list[Read]:
+        """What the handler of ``command`` declared it will read ([] when it declared nothing, or
+        when its hint raised: a hint never decides anything)."""
+        hint = self.reads.get(name)
+        if hint is None:
+            return []
+        try:
+            return list(hint(command, aggregate_id))
+        except Exception:  # noqa: BLE001 - the handler will read what it reads, and decide
+            return []
+
     def decode_event(self, name: str, schema_version: int, data: dict[str, Any]) -> Event:
         """An event from its stored form, upcast to the current schema version."""
         try:
@@ -85,7 +101,7 @@ def merged(*parts: Registry) -> Registry:
         for cls in part.events.values():
             registry.event(cls)
         for name, cls in part.commands.items():
-            registry.command(part.handlers[name])(cls)
+            registry.command(part.handlers[name], reads=part.reads.get(name))(cls)
         registry.upcasters.update(part.upcasters)
     return registry
 

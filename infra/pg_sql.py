@@ -12,6 +12,8 @@ document (``doc``), so that the client adapts one parameter, not dozens of array
 LOAD = "SELECT version, state::text, state_version FROM streams WHERE stream_id = %s"
 LOAD_MANY = "SELECT stream_id, version, state::text, state_version FROM streams WHERE stream_id = ANY(%s)"
 OWNER = "SELECT owner FROM unique_claims WHERE scope = %s AND key = %s"
+OWNERS = ("SELECT c.scope, c.key, c.owner FROM unnest(%s::text[], %s::text[]) AS w(scope, key) "
+          "JOIN unique_claims AS c ON c.scope = w.scope AND c.key = w.key")
 LOCK = "SELECT pg_advisory_xact_lock(%s)"
 TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
 TRY_LOCKS = "SELECT k, pg_try_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"

@@ -42,7 +42,7 @@ from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.outcomes import Outcome
 from cqrskit.infra.pg_sql import (
-    INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, OUTCOME_COLUMNS, OWNER, READ_EVENTS, SELECT_OUTCOME, TRY_LOCK,
+    INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, OUTCOME_COLUMNS, OWNER, OWNERS, READ_EVENTS, SELECT_OUTCOME, TRY_LOCK,
     TRY_LOCKS, WITH_OUTCOME, WITHOUT_OUTCOME, WRITE,
 )
 
@@ -114,23 +114,47 @@ class PgTransaction:
         a command put off), so that none overtakes it."""
         self.refused.update(keys)
 
-    def prefetch(self, streams: list[tuple[int, str]]) -> None:
-        """Lock (try) and read the streams ``(key, stream id)`` that a batch's commands address,
-        in one round trip: the locks first, then the read in a statement of its own (its
-        snapshot is taken once the locks are held, so it sees every commit before them)."""
-        wanted = [(k, sid) for k, sid in streams if k not in self.held and k not in self.refused]
-        if not wanted or not self.locking:
+    def prefetch(self, streams: list[tuple[int, str]],
+                 claims: list[tuple[int, str, str, str | None]] = ()) -> None:  # type: ignore[assignment]
+        """Lock (try) and read, in one round trip, the streams ``(key, stream id)`` and the claims
+        ``(key, scope, claim key, owner stream type)`` that a batch's commands address or
+        declared (``cqrskit.domain.reads``): the locks first, then the reads in statements of
+        their own (their snapshots are taken once the locks are held, so they see every commit
+        before them). A claim with an owner stream type costs a second round trip for the
+        streams of its holders. Only what was locked is kept: the rest is read when used."""
+        if not self.locking:
             return
-        got = self.send(TRY_LOCKS, ([k for k, _ in wanted],))
-        rows = self.send(LOAD_MANY, ([sid for _, sid in wanted],))
-        acquired = {key for key, ok in self.rows(got) if ok}
-        found = {row[0]: row[1:] for row in self.rows(rows)}
-        for key, sid in wanted:
-            if key in acquired:
-                self.held.add(key)
+        claims = [c for c in dict.fromkeys(claims) if c[0] not in self.refused and (c[1], c[2]) not in self.claims]
+        owners = self._prefetch(streams, claims)
+        if owners:
+            self._prefetch(owners, [])
+
+    def _prefetch(self, streams: list[tuple[int, str]], claims: list[tuple[int, str, str, str | None]]
+                  ) -> list[tuple[int, str]]:
+        streams = [(k, sid) for k, sid in dict.fromkeys(streams) if k not in self.refused and sid not in self.cache]
+        keys = [k for k in dict.fromkeys([k for k, _ in streams] + [c[0] for c in claims]) if k not in self.held]
+        if not streams and not claims:
+            return []
+        got = self.send(TRY_LOCKS, (keys,)) if keys else None
+        rows = self.send(LOAD_MANY, ([sid for _, sid in streams],)) if streams else None
+        held = self.send(OWNERS, ([c[1] for c in claims], [c[2] for c in claims])) if claims else None
+        acquired = {key for key, ok in self.rows(got) if ok} if got is not None else set()
+        self.busy.update(k for k in keys if k not in acquired)
+        self.held.update(acquired)
+        found = {row[0]: row[1:] for row in self.rows(rows)} if rows is not None else {}
+        for key, sid in streams:
+            if key in self.held:
                 self.cache[sid] = found.get(sid)
-            else:
-                self.busy.add(key)
+        holders = {(scope, k): owner for scope, k, owner in self.rows(held)} if held is not None else {}
+        owners = []
+        for key, scope, claim_key, owner_type in claims:
+            if key not in self.held:
+                continue
+            self.claims[(scope, claim_key)] = holder = holders.get((scope, claim_key))
+            if holder is not None and owner_type is not None:
+                sid = stream_id(owner_type, holder)
+                owners.append((lock_key("s", sid), sid))
+        return owners
 
     def fetch(self, sql: str, key: int, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """One row read by ``sql`` under the lock of ``key`` (locking mode), or plainly."""

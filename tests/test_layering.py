@@ -29,7 +29,8 @@ PACKAGES = {"app": 4, "workers": 3, "read_models": 2, "producers": 2, "infra": 1
 # What an app may import: the same list is the public API of docs/extending.md.
 PUBLIC = {
     "cqrskit.app", "cqrskit.app.declaration", "cqrskit.app.testing",
-    "cqrskit.domain.model", "cqrskit.domain.registry", "cqrskit.domain.ports", "cqrskit.domain.testing",
+    "cqrskit.domain.model", "cqrskit.domain.registry", "cqrskit.domain.ports", "cqrskit.domain.reads",
+    "cqrskit.domain.testing",
     "cqrskit.read_models.model", "cqrskit.read_models.source", "cqrskit.read_models.queryable",
     "cqrskit.infra.envelope", "cqrskit.infra.tokens", "cqrskit.producers.commands",
 }

@@ -28,6 +28,7 @@ import structlog
 
 from cqrskit.domain.model import RuleViolation, stream_id
 from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.reads import ClaimRead, StreamRead
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
@@ -163,7 +164,7 @@ class CommandExecutor:
         with self.store.transaction() as tx:
             if batch[0].wait_key is not None:
                 tx.lock(batch[0].wait_key)
-            tx.prefetch([self._target(item) for item in batch])
+            tx.prefetch(*self._reads(batch))
             for item in batch:
                 uow = tx.unit()
                 try:
@@ -177,6 +178,21 @@ class CommandExecutor:
         for item, outcome in settled:
             item.settle(outcome)
         return deferred
+
+    def _reads(self, batch: list[Pending]) -> tuple[list[tuple[int, str]], list[tuple[int, str, str, str | None]]]:
+        """What the batch's commands address and declared they will read (``cqrskit.domain.reads``),
+        as lock keys: the streams, and the claims with the stream type of their holders."""
+        streams, claims = [], []
+        for item in batch:
+            streams.append(self._target(item))
+            for read in self.registry.declared_reads(item.envelope.type, item.command, item.envelope.aggregate_id):
+                if isinstance(read, StreamRead) and isinstance(read.aggregate_id, str):
+                    sid = stream_id(read.aggregate.stream_type, read.aggregate_id)
+                    streams.append((lock_key("s", sid), sid))
+                elif isinstance(read, ClaimRead) and isinstance(read.scope, str) and isinstance(read.key, str):
+                    owner = read.owner.stream_type if read.owner is not None else None
+                    claims.append((lock_key("c", read.scope, read.key), read.scope, read.key, owner))
+        return streams, claims
 
     def _target(self, item: Pending) -> tuple[int, str]:
         """The lock key and stream id of the aggregate a command addresses."""

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
 from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.reads import ClaimRead, Read, StreamRead
 from cqrskit.domain.registry import Registry
 
 MAX_NIGHTS = 30
@@ -183,6 +184,14 @@ def book_room(command: BookRoom, booking_id: str, ctx: HandlerContext) -> None:
                f"room {room.state.number} is already booked on the night of {night.isoformat()}")
 
 
+def book_room_reads(command: BookRoom, booking_id: str) -> list[Read]:
+    """What ``book_room`` reads: the room, and the claim of each night (read in one round trip
+    for a whole batch of bookings)."""
+    nights = ((command.check_in + timedelta(days=n)) for n in range((command.check_out - command.check_in).days))
+    return [StreamRead(Room, command.room_id), *(ClaimRead(NIGHT_SCOPE, _night(command.room_id, night))
+                                                 for night in nights)]
+
+
 def cancel_booking(command: CancelBooking, booking_id: str, ctx: HandlerContext) -> None:
     booking = ctx.load(Booking, booking_id)
     booking.require_status("booked", "cancel")
@@ -207,7 +216,7 @@ def check_out(command: CheckOut, booking_id: str, ctx: HandlerContext) -> None:
     booking.record(GuestCheckedOut())
 
 
-@registry.command(book_room)
+@registry.command(book_room, reads=book_room_reads)
 class BookRoom(Command):
     type = "BookRoom"
     aggregate = Booking

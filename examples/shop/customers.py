@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
 from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.reads import ClaimRead
 from cqrskit.domain.registry import Registry
 
 _SINGLE_LINE = r"^[^\x00-\x1f\x7f]*$"
@@ -140,7 +141,7 @@ def change_customer_email(command: ChangeCustomerEmail, customer_id: str, ctx: H
     customer.change_email(command.email)
 
 
-@registry.command(register_customer)
+@registry.command(register_customer, reads=lambda command, _: [ClaimRead(EMAIL_SCOPE, command.email)])
 class RegisterCustomer(Command):
     type = "RegisterCustomer"
     aggregate = Customer
@@ -155,7 +156,7 @@ class RenameCustomer(Command):
     name: Name
 
 
-@registry.command(change_customer_email)
+@registry.command(change_customer_email, reads=lambda command, _: [ClaimRead(EMAIL_SCOPE, command.email)])
 class ChangeCustomerEmail(Command):
     type = "ChangeCustomerEmail"
     aggregate = Customer

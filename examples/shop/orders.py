@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cqrskit.domain.model import Aggregate, Command, Event
 from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.reads import ClaimRead, Read, StreamRead
 from cqrskit.domain.registry import Registry
 from cqrskit.examples.shop.customers import AggregateId, Customer, MultiLine
-from cqrskit.examples.shop.products import Product, Sku, product_for_sku
+from cqrskit.examples.shop.products import SKU_SCOPE, Product, Sku, product_for_sku
 
 Status = Literal["new", "placed", "paid", "shipped", "cancelled"]
 MAX_LINES = 100
@@ -138,6 +139,12 @@ def place_order(command: PlaceOrder, order_id: str, ctx: HandlerContext) -> None
     order.place(command.customer_id, lines)
 
 
+def place_order_reads(command: PlaceOrder, order_id: str) -> list[Read]:
+    """What ``place_order`` reads: the customer, and each line's sku and the product holding it."""
+    return [StreamRead(Customer, command.customer_id),
+            *(ClaimRead(SKU_SCOPE, line.sku, owner=Product) for line in command.lines)]
+
+
 def _captured(product: Product, quantity: int) -> OrderLine:
     state = product.state
     return OrderLine(
@@ -170,7 +177,7 @@ class RequestedLine(BaseModel):
     quantity: Annotated[int, Field(strict=True, ge=1, le=MAX_QUANTITY)]
 
 
-@registry.command(place_order)
+@registry.command(place_order, reads=place_order_reads)
 class PlaceOrder(Command):
     type = "PlaceOrder"
     aggregate = Order

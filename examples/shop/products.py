@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
 from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.reads import ClaimRead
 from cqrskit.domain.registry import Registry
 from cqrskit.examples.shop.customers import MultiLine, Name
 
@@ -161,7 +162,7 @@ def restock_product(command: RestockProduct, product_id: str, ctx: HandlerContex
     ctx.load(Product, product_id).restock(command.quantity)
 
 
-@registry.command(add_product)
+@registry.command(add_product, reads=lambda command, _: [ClaimRead(SKU_SCOPE, command.sku)])
 class AddProduct(Command):
     type = "AddProduct"
     aggregate = Product

@@ -1,0 +1,53 @@
+"""What a command's handler will read, declared ahead: an optional hint to the write store.
+
+A handler reads one round trip at a time while it decides (load this stream, then who holds
+that claim, then the aggregate holding it...). When a command type declares its reads
+(``registry.command(handler, reads=...)``), a worker that decides many commands in one
+transaction reads what every command of the batch declared in its opening round trip, and each
+handler then finds its reads already made. A hint never changes a decision:
+
+- the handler still loads what it loads; a read it did not declare is made when it is made;
+- a declared read the handler does not make costs a row read and a lock, nothing else;
+- a hint function that raises is ignored (the command is decided without hints).
+
+Example (a transfer reads the account it pays into, found by its IBAN claim)::
+
+    def transfer_reads(command: Transfer, account_id: str) -> list[Read]:
+        return [ClaimRead(IBAN_SCOPE, command.to_iban, owner=Account)]
+
+    @registry.command(transfer, reads=transfer_reads)
+    class Transfer(Command): ...
+
+The example apps of the repository declare theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cqrskit.domain.model import Aggregate
+
+
+@dataclass(frozen=True)
+class StreamRead:
+    """The handler loads ``aggregate`` ``aggregate_id`` (``ctx.load``)."""
+
+    aggregate: type[Aggregate[Any]]
+    aggregate_id: str
+
+
+@dataclass(frozen=True)
+class ClaimRead:
+    """The handler asks who holds ``key`` in ``scope`` (``ctx.owner_of``, ``claim``, ``release``);
+    ``owner``: it then loads the aggregate of that type whose id is the holder."""
+
+    scope: str
+    key: str
+    owner: type[Aggregate[Any]] | None = None
+
+
+Read = StreamRead | ClaimRead
+Reads = Callable[[Any, str], Iterable[Read]]
+"""``reads(command, aggregate_id)``: what the handler of ``command`` will read."""
