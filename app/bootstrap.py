@@ -69,11 +69,16 @@ def runtime(settings: Settings, *, pool_size: int = 8, search_url: str | None = 
     return Runtime(settings, app.registry, app.read_models, pool_size=pool_size, search_url=search_url)
 
 
-def command_worker(settings: Settings, threads: int = 8,
+COMMAND_POOL = 8  # connections of a command worker process beyond 2 (and as many again in overflow)
+
+
+def command_worker(settings: Settings, threads: int = 32,
                    metrics_server: Callable[[], int] | None = None) -> tuple[dramatiq.Broker, Runtime]:
     """A command worker process: its runtime and its broker (set as the process's broker).
-    ``metrics_server``: the Dramatiq fork that serves the group's metrics, when they are on."""
-    rt = runtime(settings, pool_size=threads + 2)
+    ``metrics_server``: the Dramatiq fork that serves the group's metrics, when they are on.
+    Its threads mostly wait for the batch that holds their command (group commit): a batch
+    takes one connection, so the pool is capped well below the thread count (``COMMAND_POOL``)."""
+    rt = runtime(settings, pool_size=min(threads, COMMAND_POOL) + 2)
     return build_command_worker(rt, metrics_server), rt
 
 

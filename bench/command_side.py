@@ -1,6 +1,6 @@
 """Command-side benchmark: every cqrskit figure beside the raw limit it should approach.
 
-    .venv/bin/python -m bench.command_side [--commands 20000] [--processes 2] [--threads 8] [--smoke]
+    .venv/bin/python -m bench.command_side [--commands 20000] [--processes 2] [--threads 32] [--smoke]
 
 Rows (docs/benchmarks.md says why each limit is the fair one):
 - command execution: the shop mix drained by ``dramatiq cqrskit.app.processes:command_worker`` processes, queue full first,
@@ -248,7 +248,7 @@ def measure_execution(sizes: Sizes, workers: Callable[..., Workers], console: Co
             drained, boot, cpu = drain_phases(pool, phases, console)
             expected = sum(len(envelopes) for _, envelopes in phases)
             hot, expected = measure_hot(pool, sizes, expected, console)
-            connections = pool.processes * pool.threads
+            connections = raw_connections(pool.processes, pool.threads)
             raw_pg_rate(url, connections, 0.3)  # warm-up
             raw = median_of(sizes.runs, lambda: raw_pg_rate(url, connections, sizes.raw_seconds))
             raw_hot = median_of(sizes.runs, lambda: raw_pg_rate(url, connections, sizes.raw_seconds, hot=True))
@@ -315,13 +315,22 @@ def measure_scaling(pool: Workers, workers: Callable[..., Workers], sizes: Sizes
             producer.send_many(batch)
             expected += len(batch)
             _, started, finished = drain_once(scaled, f"scaling-{processes}", expected, len(batch))
-            connections = processes * scaled.threads
+            connections = raw_connections(processes, scaled.threads)
             raw = median_of(sizes.runs, lambda: raw_pg_rate(dsn_url(pool), connections, sizes.raw_seconds))
             rate = len(batch) / (finished - started)
             console.log(f"scaling P={processes}: {count} commands in {finished - started:.2f} s ({rate:,.0f}/s)")
             rows.append(Row(SCALING.format(processes), rate, f"PostgreSQL one-row tx, {connections} connections",
                             raw, None, f"{count} RegisterCustomer, T={scaled.threads}"))
     return rows
+
+
+RAW_MAX_CONNECTIONS = 64  # PostgreSQL's default max_connections is 100
+
+
+def raw_connections(processes: int, threads: int) -> int:
+    """The raw limit's concurrency: one connection per worker thread, at most 64 (a command
+    worker's threads share a few connections: group commit; the raw loop needs one each)."""
+    return min(processes * threads, RAW_MAX_CONNECTIONS)
 
 
 def dsn_url(pool: Workers) -> str:
@@ -777,7 +786,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.command_side", description=__doc__.split("\n\n")[0])
     parser.add_argument("--commands", type=int, default=20_000, help="size of the shop mix (about)")
     parser.add_argument("--processes", type=int, help="worker processes (default 2; 1 with --smoke)")
-    parser.add_argument("--threads", type=int, help="threads per worker process (default 8; 2 with --smoke)")
+    parser.add_argument("--threads", type=int, help="threads per worker process (default 32; 2 with --smoke)")
     parser.add_argument("--publishes", type=int, default=20_000, help="messages per producer run")
     parser.add_argument("--appends", type=int, default=2_000, help="appends per event-store run")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is shown)")
@@ -788,7 +797,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--py-spy", metavar="DIR", help="record the worker processes with py-spy, a file per phase")
     args = parser.parse_args(argv)
     args.processes = args.processes or (1 if args.smoke else 2)
-    args.threads = args.threads or (2 if args.smoke else 8)
+    args.threads = args.threads or (2 if args.smoke else 32)
     return args
 
 

@@ -30,19 +30,20 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from functools import lru_cache
 from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from pydantic import BaseModel
 
 from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.pg_rows import outcome_params, q, restore, snapshot_json
 from cqrskit.infra.pg_sql import (
-    INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, OUTCOME_COLUMNS, OWNER, OWNERS, READ_EVENTS, SELECT_OUTCOME, TRY_LOCK,
+    INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, OUTCOME_COLUMNS, OWNER, OWNERS, SELECT_OUTCOME, TRY_LOCK,
     TRY_LOCKS, WITH_OUTCOME, WITHOUT_OUTCOME, WRITE,
 )
 
@@ -61,8 +62,10 @@ class LockBusy(Exception):
         self.key = key
 
 
+@lru_cache(maxsize=65536)
 def lock_key(kind: str, *parts: str) -> int:
-    """A stable signed 64-bit advisory-lock key (the same in every process)."""
+    """A stable signed 64-bit advisory-lock key (the same in every process; remembered, since a
+    batch asks for the keys of the same streams and claims several times)."""
     digest = hashlib.blake2b("\x00".join((kind, *parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
@@ -90,7 +93,7 @@ class PgTransaction:
                  now: datetime, *, locking: bool, deferred: bool) -> None:
         self.conn, self.registry, self.statements = conn, registry, statements
         self.clock, self.locking, self.deferred = now, locking, deferred
-        self.wrote = self.failed = False
+        self.wrote = self.failed = self.committed = False
         self.unsynced = False  # a write was sent whose result was not read yet
         self.held: set[int] = set()
         self.refused: set[int] = set()
@@ -204,8 +207,11 @@ class PgTransaction:
 
     def finish(self) -> None:
         """Wait until every queued statement has run, then queue COMMIT (sent as the pipeline
-        ends). COMMIT never travels with the writes: a worker that dies while its writes wait
-        (on a row lock, say) must leave a transaction that the server rolls back."""
+        ends). In group commit, COMMIT never travels with the writes: a worker that dies while
+        its writes wait (on a row lock, say) must leave a transaction that the server rolls back,
+        so that the batch's messages come back to a batch that decides them again."""
+        if self.committed:
+            return
         if self.unsynced and self.pipeline is not None:
             try:
                 self.pipeline.sync()
@@ -264,7 +270,7 @@ class PgUnitOfWork:
         if row is None:
             aggregate = cls(aggregate_id)
         else:
-            aggregate = _restore(cls, aggregate_id, row, self)
+            aggregate = restore(cls, aggregate_id, row, self.tx)
         self.loaded[sid] = aggregate
         return aggregate  # type: ignore[return-value]
 
@@ -318,7 +324,7 @@ class PgUnitOfWork:
         tx = self.tx
         params = self._params(metadata)
         if outcome is not None:
-            params.update(_outcome_params(outcome))
+            params.update(outcome_params(outcome))
         tx.wrote = tx.unsynced = True
         self.write = tx.send(tx.statements.write[outcome is not None], params)
         for sid, aggregate in self.loaded.items():
@@ -332,12 +338,20 @@ class PgUnitOfWork:
             tx.claims.update(dict.fromkeys(self.released))
             tx.writes.append(self)
             return []
+        if not tx.locking:  # one unit of work: COMMIT travels with its write (see _commit_with_write)
+            tx.send("COMMIT")
+            tx.committed = True
         positions = self.result()
         tx.unsynced = False
         if self.duplicate:
             raise DuplicateCommand("the command has an outcome already")
         return positions
 
+    # A unit of work alone (``EventStore.unit_of_work``) sends its write and COMMIT together: one
+    # round trip less. Sound because a write that does not apply fails with an error, which
+    # aborts the pipeline before its COMMIT: a duplicate writes nothing (its every write is gated
+    # on the outcome's insert), and a stream that moved fails the insert of its next event on
+    # the unique (stream_id, version), a stream created meanwhile its insert on the primary key.
     def result(self) -> list[int]:
         """The positions of the write once it ran (sets ``duplicate`` when it wrote nothing).
         Raises ConcurrencyConflict when a stream was not where the command found it (moved by
@@ -361,53 +375,22 @@ class PgUnitOfWork:
         for sid, agg in sorted(self.loaded.items()):
             if not agg.pending:
                 continue
-            version, quoted = agg.version, _q(sid)
-            self.snapshots[sid] = snapshot = _snapshot_json(agg)
+            version, quoted = agg.version, q(sid)
+            self.snapshots[sid] = snapshot = snapshot_json(agg)
             head = f'{{"sid":{quoted},"v":{version + len(agg.pending)},"sv":{agg.state_version},' \
                    f'"state":{snapshot}'
             if version == 0:
-                new.append(f'{head},"t":{_q(agg.stream_type)},"aid":{_q(agg.id)}}}')
+                new.append(f'{head},"t":{q(agg.stream_type)},"aid":{q(agg.id)}}}')
             else:
                 moved.append(f'{head},"f":{version}}}')
             for offset, event in enumerate(agg.pending, start=1):
-                events.append(f'{{"id":"{uuid.uuid4()}","sid":{quoted},"t":{_q(agg.stream_type)},'
-                              f'"v":{version + offset},"et":{_q(event.type)},"sv":{event.schema_version},'
+                events.append(f'{{"id":"{uuid.uuid4()}","sid":{quoted},"t":{q(agg.stream_type)},'
+                              f'"v":{version + offset},"et":{q(event.type)},"sv":{event.schema_version},'
                               f'"data":{event.model_dump_json()}}}')
             n_events += len(agg.pending)
         claims = lambda held: ",".join(  # noqa: E731
-            f'{{"s":{_q(s)},"k":{_q(k)},"o":{_q(o)}}}' for (s, k), o in held.items())
+            f'{{"s":{q(s)},"k":{q(k)},"o":{q(o)}}}' for (s, k), o in held.items())
         doc = (f'{{"n":[{",".join(new)}],"m":[{",".join(moved)}],"e":[{",".join(events)}],'
                f'"r":[{claims(self.released)}],"c":[{claims(self.taken)}]}}')
         self.counts = (len(moved), len(new))
         return {"doc": doc, "n_events": n_events, "meta": json.dumps(metadata), "now": self.tx.clock}
-
-
-_q = json.dumps
-
-
-def _outcome_params(outcome: Outcome) -> dict[str, Any]:
-    return {"o_id": outcome.command_id, "o_status": outcome.status.value, "o_type": outcome.type,
-            "o_aid": outcome.aggregate_id, "o_reason": outcome.reason,
-            "o_errors": None if outcome.errors is None else json.dumps(outcome.errors),
-            "o_version": outcome.aggregate_version, "o_corr": outcome.correlation_id,
-            "o_cause": outcome.causation_id, "o_at": outcome.recorded_at}
-
-
-def _snapshot_json(aggregate: Aggregate[Any]) -> str:
-    if type(aggregate).snapshot is Aggregate.snapshot:
-        return aggregate.state.model_dump_json()
-    return json.dumps(aggregate.snapshot())
-
-
-def _restore(cls: type[A], aggregate_id: str, row: tuple[Any, ...], uow: PgUnitOfWork) -> A:
-    version, state, state_version = row
-    if state is not None and state_version == cls.state_version:
-        if cls.restore.__func__ is Aggregate.restore.__func__:  # type: ignore[attr-defined]
-            model: BaseModel = cls.State.model_validate_json(state)
-            return cls(aggregate_id, version, model)
-        return cls.restore(aggregate_id, version, json.loads(state))  # type: ignore[return-value]
-    aggregate = cls(aggregate_id)
-    sid = stream_id(cls.stream_type, aggregate_id)
-    stored = uow.tx.all(READ_EVENTS, (sid, 0))
-    aggregate.replay([uow.tx.registry.decode_event(t, v, d) for t, v, d in stored], version)
-    return aggregate

@@ -91,7 +91,8 @@ class Settings(BaseSettings):
         description="PostgreSQL: most commands a worker process decides and commits in one transaction (1: none).",
     )
     group_commit_leaders: int = Field(
-        default=2, ge=1, description="PostgreSQL: group-commit transactions a worker process runs at once.",
+        default=1, ge=1, description="PostgreSQL: group-commit transactions a worker process runs at once (1: its "
+        "batches never wait for each other's locks; 2 overlaps one batch's commit with the next when commands rarely share aggregates).",
     )
     group_commit_linger_ms: float = Field(
         default=0.0, ge=0, le=1000,

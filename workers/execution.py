@@ -81,7 +81,7 @@ class CommandExecutor:
     max_bytes: int = 64 * 1024
     conflict_retries: int = 30
     max_batch: int = 32
-    leaders: int = 2
+    leaders: int = 1
     linger: float = 0.0
     gate: Gate = field(default_factory=Gate)
 

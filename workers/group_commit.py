@@ -46,7 +46,7 @@ class Pending:
 
 class GroupCommit:
     def __init__(self, run: Callable[[list[Pending]], list[Pending]], *, max_batch: int = 32,
-                 leaders: int = 2, linger: float = 0.0) -> None:
+                 leaders: int = 1, linger: float = 0.0) -> None:
         self.run, self.max_batch, self.leaders, self.linger = run, max_batch, leaders, linger
         self.lock = threading.Condition()
         self.queue: deque[Pending] = deque()

@@ -1,0 +1,50 @@
+"""Rows in and out of the PostgreSQL hot path (``cqrskit.infra.pg_store``): an aggregate restored
+from its stream row, its snapshot as JSON text, ids as JSON strings, an outcome as parameters."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from cqrskit.domain.model import Aggregate, stream_id
+from cqrskit.infra.outcomes import Outcome
+from cqrskit.infra.pg_sql import READ_EVENTS
+
+A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
+
+
+def q(text: str) -> str:
+    """``text`` as a JSON string (ids and type names: most need no escaping at all)."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
+
+
+def outcome_params(outcome: Outcome) -> dict[str, Any]:
+    return {"o_id": outcome.command_id, "o_status": outcome.status.value, "o_type": outcome.type,
+            "o_aid": outcome.aggregate_id, "o_reason": outcome.reason,
+            "o_errors": None if outcome.errors is None else json.dumps(outcome.errors),
+            "o_version": outcome.aggregate_version, "o_corr": outcome.correlation_id,
+            "o_cause": outcome.causation_id, "o_at": outcome.recorded_at}
+
+
+def snapshot_json(aggregate: Aggregate[Any]) -> str:
+    if type(aggregate).snapshot is Aggregate.snapshot:
+        return aggregate.state.model_dump_json()
+    return json.dumps(aggregate.snapshot())
+
+
+def restore(cls: type[A], aggregate_id: str, row: tuple[Any, ...], tx: Any) -> A:
+    version, state, state_version = row
+    if state is not None and state_version == cls.state_version:
+        if cls.restore.__func__ is Aggregate.restore.__func__:  # type: ignore[attr-defined]
+            model: BaseModel = cls.State.model_validate_json(state)
+            return cls(aggregate_id, version, model)
+        return cls.restore(aggregate_id, version, json.loads(state))  # type: ignore[return-value]
+    aggregate = cls(aggregate_id)
+    sid = stream_id(cls.stream_type, aggregate_id)
+    stored = tx.all(READ_EVENTS, (sid, 0))
+    aggregate.replay([tx.registry.decode_event(t, v, d) for t, v, d in stored], version)
+    return aggregate
