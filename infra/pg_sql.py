@@ -16,6 +16,7 @@ OWNERS = ("SELECT c.scope, c.key, c.owner FROM unnest(%s::text[], %s::text[]) AS
           "JOIN unique_claims AS c ON c.scope = w.scope AND c.key = w.key")
 LOCK = "SELECT pg_advisory_xact_lock(%s)"
 TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
+LOCKS = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"  # waits for each, in the array's order
 TRY_LOCKS = "SELECT k, pg_try_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
 READ_EVENTS = ("SELECT type, schema_version, data FROM events WHERE stream_id = %s AND version > %s "
                "ORDER BY version")

@@ -7,18 +7,14 @@ read). It hands out one ``PgUnitOfWork`` per command (``unit()``); a unit implem
 in ONE statement (data-modifying CTEs, ``cqrskit.infra.pg_sql``).
 
 Two modes:
-- ``EventStore.unit_of_work`` (``locking=False, deferred=False``): optimistic, one command;
-  ``commit`` waits for its write's result. A stream moved by someone else since it was loaded
-  fails the commit as a ``ConcurrencyConflict``.
+- ``EventStore.unit_of_work`` (``locking=False, deferred=False``): optimistic, one command; its
+  write and COMMIT travel together. A stream moved since it was loaded fails as a conflict.
 - group commit (``locking=True, deferred=True``): many commands. Every stream a command reads,
-  and every claim it takes or gives up, is locked first with a transaction-level advisory lock
-  on its key, so commands on one aggregate queue instead of conflicting. To stay free of
-  deadlocks, only a transaction that holds no lock yet waits for one (``pg_advisory_xact_lock``);
-  any later lock is only tried (``pg_try_advisory_xact_lock``) and a busy one raises
-  ``LockBusy``: the command is put off to a later transaction, having written nothing. What a
-  batch has read or written is reused by its later commands without reading again. Writes are
-  checked once they ran, before COMMIT. The optimistic checks stay underneath (stream versions,
-  unique keys), so correctness never rests on the locks alone (G4).
+  and every claim it takes or gives up, is locked first (a transaction-level advisory lock on
+  its key; see ``prefetch`` for how waits stay free of deadlocks); a busy lock found later
+  raises ``LockBusy``: the command is put off, having written nothing. What a batch read or
+  wrote is reused by its later commands. Writes are checked before COMMIT; the optimistic
+  checks stay underneath (stream versions, unique keys): correctness never rests on locks (G4).
 
 Raised: ``DuplicateCommand`` (the outcome's primary key is taken: the command ran before;
 nothing was written), ``ConcurrencyConflict`` (a stream moved, a stream or claim was created
@@ -43,7 +39,7 @@ from cqrskit.domain.registry import Registry
 from cqrskit.infra.outcomes import Outcome
 from cqrskit.infra.pg_rows import outcome_params, q, restore, snapshot_json
 from cqrskit.infra.pg_sql import (
-    INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, OUTCOME_COLUMNS, OWNER, OWNERS, SELECT_OUTCOME, TRY_LOCK,
+    INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, LOCKS, OUTCOME_COLUMNS, OWNER, OWNERS, SELECT_OUTCOME, TRY_LOCK,
     TRY_LOCKS, WITH_OUTCOME, WITHOUT_OUTCOME, WRITE,
 )
 
@@ -90,8 +86,11 @@ class PgTransaction:
     ConcurrencyConflict, wherever they surface."""
 
     def __init__(self, conn: psycopg.Connection, registry: Registry, statements: PgStatements,
-                 now: datetime, *, locking: bool, deferred: bool) -> None:
+                 now: datetime, *, locking: bool, deferred: bool,
+                 holders: dict[tuple[str, str], str] | None = None) -> None:
         self.conn, self.registry, self.statements = conn, registry, statements
+        # Claims' holders as a batch last read them (the store's): a hint for locks, never a decision.
+        self.holders = {} if holders is None else holders
         self.clock, self.locking, self.deferred = now, locking, deferred
         self.wrote = self.failed = self.committed = False
         self.unsynced = False  # a write was sent whose result was not read yet
@@ -117,31 +116,51 @@ class PgTransaction:
         a command put off), so that none overtakes it."""
         self.refused.update(keys)
 
-    def prefetch(self, streams: list[tuple[int, str]],
-                 claims: list[tuple[int, str, str, str | None]] = ()) -> None:  # type: ignore[assignment]
-        """Lock (try) and read, in one round trip, the streams ``(key, stream id)`` and the claims
-        ``(key, scope, claim key, owner stream type)`` that a batch's commands address or
-        declared (``cqrskit.domain.reads``): the locks first, then the reads in statements of
-        their own (their snapshots are taken once the locks are held, so they see every commit
-        before them). A claim with an owner stream type costs a second round trip for the
-        streams of its holders. Only what was locked is kept: the rest is read when used."""
+    def prefetch(self, streams: list[tuple[int, str]], claims: list[tuple[int, str, str, str | None]] = (),  # type: ignore[assignment]
+                 first: tuple[int, ...] = ()) -> None:
+        """Lock and read, in one round trip, the streams ``(key, stream id)`` and the claims
+        ``(key, scope, claim key, holder's stream type)`` that a batch's commands address or
+        declared (``cqrskit.domain.reads``), and the lock keys ``first`` (one a command put off
+        found busy): the locks first, then the reads in statements of their own (their snapshots
+        are taken once the locks are held, so they see every commit before them).
+
+        A transaction that holds no lock yet WAITS for these, in ascending key order, in one
+        statement: every transaction that waits does so only there, only holding locks of lower
+        keys, so waits never form a cycle, and batches that share aggregates queue instead of
+        putting their commands off. Any lock after that is only tried (a busy one puts its
+        command off). The streams of claims' holders come in the same round trip when the
+        holder is known from an earlier batch (``holders``), else in a second one, tried."""
         if not self.locking:
             return
         claims = [c for c in dict.fromkeys(claims) if c[0] not in self.refused and (c[1], c[2]) not in self.claims]
-        owners = self._prefetch(streams, claims)
+        hinted = []
+        for _, scope, key, holder_type in claims:
+            holder = self.holders.get((scope, key))
+            if holder is not None and holder_type is not None:
+                sid = stream_id(holder_type, holder)
+                hinted.append((lock_key("s", sid), sid))
+        owners = self._prefetch([*streams, *hinted], claims, first)
         if owners:
-            self._prefetch(owners, [])
+            self._prefetch(owners, [], ())
 
-    def _prefetch(self, streams: list[tuple[int, str]], claims: list[tuple[int, str, str, str | None]]
-                  ) -> list[tuple[int, str]]:
+    def _prefetch(self, streams: list[tuple[int, str]], claims: list[tuple[int, str, str, str | None]],
+                  first: tuple[int, ...]) -> list[tuple[int, str]]:
         streams = [(k, sid) for k, sid in dict.fromkeys(streams) if k not in self.refused and sid not in self.cache]
-        keys = [k for k in dict.fromkeys([k for k, _ in streams] + [c[0] for c in claims]) if k not in self.held]
-        if not streams and not claims:
+        keys = [k for k in dict.fromkeys([*first, *(k for k, _ in streams), *(c[0] for c in claims)])
+                if k not in self.held]
+        if not streams and not claims and not keys:
             return []
-        got = self.send(TRY_LOCKS, (keys,)) if keys else None
+        wait = bool(keys) and not self.held and not self.wrote
+        got = self.send(LOCKS if wait else TRY_LOCKS, (sorted(keys) if wait else keys,)) if keys else None
         rows = self.send(LOAD_MANY, ([sid for _, sid in streams],)) if streams else None
         held = self.send(OWNERS, ([c[1] for c in claims], [c[2] for c in claims])) if claims else None
-        acquired = {key for key, ok in self.rows(got) if ok} if got is not None else set()
+        if got is None:
+            acquired: set[int] = set()
+        elif wait:
+            self.rows(got)
+            acquired = set(keys)
+        else:
+            acquired = {key for key, ok in self.rows(got) if ok}
         self.busy.update(k for k in keys if k not in acquired)
         self.held.update(acquired)
         found = {row[0]: row[1:] for row in self.rows(rows)} if rows is not None else {}
@@ -151,9 +170,14 @@ class PgTransaction:
         holders = {(scope, k): owner for scope, k, owner in self.rows(held)} if held is not None else {}
         owners = []
         for key, scope, claim_key, owner_type in claims:
+            holder = holders.get((scope, claim_key))
+            if holder is not None:
+                if len(self.holders) > 100_000:
+                    self.holders.clear()
+                self.holders[(scope, claim_key)] = holder
             if key not in self.held:
                 continue
-            self.claims[(scope, claim_key)] = holder = holders.get((scope, claim_key))
+            self.claims[(scope, claim_key)] = holder
             if holder is not None and owner_type is not None:
                 sid = stream_id(owner_type, holder)
                 owners.append((lock_key("s", sid), sid))

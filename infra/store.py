@@ -70,6 +70,7 @@ class EventStore:
         self.registry = registry
         self.postgres = is_postgres(engine)
         self._statements: PgStatements | None = None
+        self._holders: dict[tuple[str, str], str] = {}  # claims' holders as last read: a lock hint
 
     @contextmanager
     def unit_of_work(self, now: datetime | None = None, *, serialize: bool = False
@@ -94,7 +95,7 @@ class EventStore:
         when the block ends normally, rolled back when it raises. See ``cqrskit.infra.pg_store``."""
         with self.psycopg_connection() as conn:
             tx = PgTransaction(conn, self.registry, self.statements(conn), now or datetime.now(UTC),
-                               locking=locking, deferred=deferred)
+                               locking=locking, deferred=deferred, holders=self._holders)
             try:
                 with conn.pipeline() as pipeline:
                     tx.pipeline = pipeline

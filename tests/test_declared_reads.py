@@ -5,6 +5,8 @@ another transaction holds puts its command off, never its neighbours (G2)."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -155,3 +157,73 @@ def test_a_declared_stream_locked_elsewhere_puts_off_its_command_only(shop: tupl
         assert [batch[0].outcome.status, batch[2].outcome.status] == [Status.succeeded] * 2  # type: ignore[union-attr]
     assert executor._attempt(deferred) == []
     assert batch[1].outcome.status is Status.succeeded  # type: ignore[union-attr]
+
+
+def test_a_batch_waits_for_a_declared_aggregate_another_batch_holds(shop: tuple[CommandExecutor, str],
+                                                                    pg_url: str) -> None:
+    """G4: once a batch has read which product holds a sku, the next batch locks that product in
+    its opening statement, waiting for it: a batch that shares a product with another
+    transaction queues behind it instead of putting its orders off."""
+    executor, tag = shop
+    sku = lambda i: f"SKU-{i}-{tag}".upper()  # noqa: E731
+    first = [pending(executor, "PlaceOrder", f"w{i}-{tag}", customer_id=f"c{i % 2}-{tag}",
+                     lines=[{"sku": sku(i), "quantity": 1}]) for i in range(3)]
+    assert executor._attempt(first) == []  # learns the skus' holders
+    batch = [pending(executor, "PlaceOrder", f"v{i}-{tag}", customer_id=f"c{i % 2}-{tag}",
+                     lines=[{"sku": sku(i), "quantity": 1}]) for i in range(3)]
+    dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(False)
+    other = psycopg.connect(dsn)
+    other.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("s", f"product:p1-{tag}"),))
+    releaser = threading.Timer(0.5, other.commit)
+    releaser.start()
+    started = time.monotonic()
+    try:
+        assert executor._attempt(batch) == []
+    finally:
+        releaser.join()
+        other.close()
+    assert time.monotonic() - started >= 0.4
+    assert [item.outcome.status for item in batch] == [Status.succeeded] * 3  # type: ignore[union-attr]
+
+
+def test_two_processes_batches_on_shared_products_never_deadlock(pg_url: str) -> None:
+    """G2/G4: two stores (as two worker processes) decide batches of orders on the same three
+    products at once, 20 rounds each: every order succeeds exactly once, the stock adds up, and
+    PostgreSQL reports no deadlock (batches wait for each other's locks in one key order)."""
+    executors = [executor_for(pg_url), executor_for(pg_url)]
+    tag = uuid.uuid4().hex[:6]
+    run_alone(executors[0], "RegisterCustomer", f"c-{tag}", name="Ann", email=f"c.{tag}@example.com")
+    for i in range(3):
+        run_alone(executors[0], "AddProduct", f"p{i}-{tag}", sku=f"SKU-{i}-{tag}".upper(), name=f"Thing {i}",
+                  price_cents=100, stock=10_000)
+    dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(False)
+    deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        before = conn.execute(deadlocks).fetchone()[0]  # type: ignore[index]
+    outcomes: list[Status] = []
+
+    def decide_rounds(n: int, executor: CommandExecutor) -> None:
+        for r in range(20):
+            batch = [pending(executor, "PlaceOrder", f"o{n}-{r}-{i}-{tag}", customer_id=f"c-{tag}",
+                             lines=[{"sku": f"SKU-{(i + k) % 3}-{tag}".upper(), "quantity": 1} for k in range(2)])
+                     for i in range(6)]
+            left = batch
+            while left:
+                left = executor._attempt(left)
+            outcomes.extend(item.outcome.status for item in batch)  # type: ignore[union-attr]
+
+    threads = [threading.Thread(target=decide_rounds, args=(n, e)) for n, e in enumerate(executors)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        with executors[0].store.unit_of_work() as uow:
+            stock = sum(uow.load(Product, f"p{i}-{tag}").state.stock for i in range(3))
+    finally:
+        for e in executors:
+            e.store.engine.dispose()
+    assert outcomes == [Status.succeeded] * 240
+    assert stock == 3 * 10_000 - 2 * 240
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(deadlocks).fetchone()[0] == before  # type: ignore[index]

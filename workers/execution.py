@@ -162,9 +162,8 @@ class CommandExecutor:
         decided: list[tuple[Pending, Outcome, Any]] = []
         deferred: list[Pending] = []
         with self.store.transaction() as tx:
-            if batch[0].wait_key is not None:
-                tx.lock(batch[0].wait_key)
-            tx.prefetch(*self._reads(batch))
+            first = () if batch[0].wait_key is None else (batch[0].wait_key,)
+            tx.prefetch(*self._reads(batch), first=first)
             for item in batch:
                 uow = tx.unit()
                 try:
