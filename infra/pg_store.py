@@ -7,8 +7,9 @@ read). It hands out one ``PgUnitOfWork`` per command (``unit()``); a unit implem
 in ONE statement (data-modifying CTEs, ``cqrskit.infra.pg_sql``).
 
 Two modes:
-- ``EventStore.unit_of_work`` (``locking=False, deferred=False``): optimistic, one command; its
-  write and COMMIT travel together. A stream moved since it was loaded fails as a conflict.
+- ``EventStore.unit_of_work`` (``locking=False, deferred=False``): optimistic, one command;
+  ``commit`` waits for its write's result; COMMIT comes when the block ends (the caller may
+  still raise and roll back). A stream moved since it was loaded fails as a conflict.
 - group commit (``locking=True, deferred=True``): many commands. Every stream a command reads,
   and every claim it takes or gives up, is locked first (a transaction-level advisory lock on
   its key; see ``prefetch`` for how waits stay free of deadlocks); a busy lock found later
@@ -92,7 +93,7 @@ class PgTransaction:
         # Claims' holders as a batch last read them (the store's): a hint for locks, never a decision.
         self.holders = {} if holders is None else holders
         self.clock, self.locking, self.deferred = now, locking, deferred
-        self.wrote = self.failed = self.committed = False
+        self.wrote = self.failed = False
         self.unsynced = False  # a write was sent whose result was not read yet
         self.held: set[int] = set()
         self.refused: set[int] = set()
@@ -234,8 +235,6 @@ class PgTransaction:
         ends). In group commit, COMMIT never travels with the writes: a worker that dies while
         its writes wait (on a row lock, say) must leave a transaction that the server rolls back,
         so that the batch's messages come back to a batch that decides them again."""
-        if self.committed:
-            return
         if self.unsynced and self.pipeline is not None:
             try:
                 self.pipeline.sync()
@@ -362,20 +361,12 @@ class PgUnitOfWork:
             tx.claims.update(dict.fromkeys(self.released))
             tx.writes.append(self)
             return []
-        if not tx.locking:  # one unit of work: COMMIT travels with its write (see _commit_with_write)
-            tx.send("COMMIT")
-            tx.committed = True
         positions = self.result()
         tx.unsynced = False
         if self.duplicate:
             raise DuplicateCommand("the command has an outcome already")
         return positions
 
-    # A unit of work alone (``EventStore.unit_of_work``) sends its write and COMMIT together: one
-    # round trip less. Sound because a write that does not apply fails with an error, which
-    # aborts the pipeline before its COMMIT: a duplicate writes nothing (its every write is gated
-    # on the outcome's insert), and a stream that moved fails the insert of its next event on
-    # the unique (stream_id, version), a stream created meanwhile its insert on the primary key.
     def result(self) -> list[int]:
         """The positions of the write once it ran (sets ``duplicate`` when it wrote nothing).
         Raises ConcurrencyConflict when a stream was not where the command found it (moved by
