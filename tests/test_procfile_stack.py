@@ -144,7 +144,7 @@ def test_the_procfile_stack_scaled_per_process_type_takes_commands_over_http_and
         with httpx.Client(base_url=f"http://127.0.0.1:{ports['gateway.1']}", timeout=60) as gateway:
             wait_until(lambda: _answers(gateway), 60, f"the gateway; honcho says:\n{honcho.tail()}")
             settings = stack.settings
-            wait_until(lambda: ready_consumers(settings) == (2, 2), 60, f"2 command workers and 2 indexers "
+            wait_until(lambda: ready_consumers(settings) == (2, 2), 180, f"2 command workers and 2 indexers "
                        f"consuming; honcho says:\n{honcho.tail()}")
             load = ShopLoad(size=SIZE, seed=11)
             command_ids: list[str] = []
