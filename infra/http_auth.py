@@ -110,6 +110,30 @@ def read_model_scope(read_models: Collection[str]) -> Scope:
     return allowed
 
 
+SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "description": (
+    "An API key (`cqrskit keys create`): `Authorization: Bearer ck_...` (or `X-API-Key: ck_...`).")}}
+_REFUSALS = {401: "No live API key.", 403: "The API key's scope does not cover this.",
+             429: "Too many consistency waits held by this client at once."}
+
+
+def declare_security(spec: dict[str, Any], open_paths: Collection[str] = ("/health",)) -> dict[str, Any]:
+    """``spec`` (an OpenAPI document, changed in place and returned) saying what ``Authentication``
+    enforces: every operation outside ``open_paths`` needs a key and may answer 401
+    and 403, and 429 when it takes ``consistent_with``. Idempotent."""
+    spec.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for path, operations in spec.get("paths", {}).items():
+        if path in open_paths:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"bearer": []}]
+            waits = any(p.get("name") == "consistent_with" for p in operation.get("parameters", []))
+            for status in (401, 403, *((429,) if waits else ())):
+                operation.setdefault("responses", {}).setdefault(str(status), {
+                    "description": _REFUSALS[status],
+                    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+    return spec
+
+
 def server_limits(limit_concurrency: int) -> dict[str, Any]:
     """uvicorn's options that bound what one client can hold: connections and tasks at once
     (beyond: 503), idle keep-alive, header size."""

@@ -42,7 +42,7 @@ from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.delivery import ISSUER_HEADER
 from cqrskit.infra.envelope import IDENTIFIER
-from cqrskit.infra.http_auth import Authenticate, Authentication, current_key, server_limits
+from cqrskit.infra.http_auth import Authenticate, Authentication, current_key, declare_security, server_limits
 from cqrskit.infra.problems import Problem, ProblemError, add_problem_handlers, problem_response, problem_type
 from cqrskit.infra.http_observe import observe
 from cqrskit.infra.settings import Settings
@@ -179,7 +179,10 @@ def create_app(settings: Settings, *, registry: Registry, publisher: Publisher |
     app.include_router(router)
     app.add_middleware(Authentication, authenticate=authenticate, open_paths=("/health",))
     add_problem_handlers(app, log, {sa.exc.DBAPIError: _on_store_error})
-    app.openapi = lambda: document(app, commands)  # type: ignore[method-assign]
+    if authenticate is None:
+        app.openapi = lambda: document(app, commands)  # type: ignore[method-assign]
+    else:
+        app.openapi = lambda: declare_security(document(app, commands))  # type: ignore[method-assign]
     return observe(app, "gateway")  # access log and GET /metrics
 
 

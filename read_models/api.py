@@ -35,7 +35,8 @@ from cqrskit.infra.problems import (PROBLEM_JSON, Problem, ProblemError, add_pro
                                    problem_type)
 from cqrskit.infra.http_observe import observe
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
-from cqrskit.infra.http_auth import Authenticate, Authentication, read_model_scope, server_limits
+from cqrskit.infra.http_auth import (Authenticate, Authentication, declare_security, read_model_scope,
+                                    server_limits)
 from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
@@ -284,6 +285,9 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
     add_problem_handlers(app, log, {QueryError: _on_query_error, ApiError: _on_search_error,
                                     TransportError: _on_search_error})
     _routes(app, models, functions)
+    if authenticate is not None:
+        plain = app.openapi
+        app.openapi = lambda: declare_security(plain())  # type: ignore[method-assign]
     return observe(app, "query")  # access log and GET /metrics
 
 
