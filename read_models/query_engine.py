@@ -33,7 +33,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from elasticsearch import Elasticsearch, NotFoundError
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
-from cqrskit.infra.utc import as_utc
+from cqrskit.infra.utc import as_utc, written_as_a_date
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import iso
 
@@ -58,21 +58,13 @@ def _utc(value: datetime) -> datetime:
         raise ValueError("date out of range") from None
 
 
-def _a_date(value: Any) -> Any:
-    """A date is written as one (ISO 8601): a number is not read as seconds since 1970."""
-    if isinstance(value, (int, float)) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
-        raise ValueError("expected an ISO 8601 date or date-time, not a number")
-    return value
-
-
 PLAIN = r"^[^\x00-\x1f\x7f-\x9f]*$"  # the schema says what _plain refuses (lone surrogates aside)
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|infinity|nan)", re.IGNORECASE)
 _DOCUMENTED = Field(json_schema_extra={"pattern": PLAIN})
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(_plain),
                  _DOCUMENTED]
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_plain), _DOCUMENTED]
 Cents = Annotated[int, Field(ge=0, le=10**15)]
-When = Annotated[datetime, BeforeValidator(_a_date), AfterValidator(_utc)]
+When = Annotated[datetime, BeforeValidator(written_as_a_date), AfterValidator(_utc)]
 Direction = Literal["asc", "desc"]
 
 
