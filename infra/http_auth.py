@@ -8,7 +8,9 @@ whole app, whatever routes it has.
   model named by the path's first segment); ``403`` otherwise. Finer checks (the command types of
   a body) are the routes' own, through ``request.state.api_key``.
 - ``max_waits``: requests that ask to wait for consistency (``consistent_with``) hold a slot of
-  their key's (or, without authentication, their address's); over the cap, ``429``.
+  their key's (or, without authentication, their address's); over the cap, ``429``. ``max_total_waits``
+  caps them in the whole process, whoever holds them (``429`` too): many keys cannot together
+  take every task a process has.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from cqrskit.infra.api_keys import ApiKey
+from cqrskit.infra.http_server import GuardedH11Protocol
 from cqrskit.infra.problems import Problem, problem_response, problem_type
+from cqrskit.infra.settings import Settings
 
 Authenticate = Callable[[str], "ApiKey | None"]
 Scope = Callable[[ApiKey, str], bool]
@@ -34,9 +38,9 @@ class Authentication:
     the consistency-wait cap applies."""
 
     def __init__(self, app: Any, *, authenticate: Authenticate | None, scope: Scope | None = None,
-                 open_paths: Collection[str] = ("/health",), max_waits: int = 0) -> None:
+                 open_paths: Collection[str] = ("/health",), max_waits: int = 0, max_total_waits: int = 0) -> None:
         self.app, self.authenticate, self.scope = app, authenticate, scope
-        self.open_paths, self.max_waits = frozenset(open_paths), max_waits
+        self.open_paths, self.max_waits, self.max_total_waits = frozenset(open_paths), max_waits, max_total_waits
         self._waits: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -59,16 +63,12 @@ class Authentication:
                 return
             scope.setdefault("state", {})["api_key"] = key
         client = key.key_id if key else (request.client.host if request.client else "?")
-        if not self.max_waits or "consistent_with" not in request.query_params:
+        if not (self.max_waits or self.max_total_waits) or "consistent_with" not in request.query_params:
             await self.app(scope, receive, send)
             return
-        with self._lock:
-            full = self._waits[client] >= self.max_waits
-            if not full:
-                self._waits[client] += 1
-        if full:
-            await _deny(request, 429, "too-many-waits", "Too many consistency waits",
-                        f"at most {self.max_waits} requests with consistent_with at a time per client",
+        refused = self._take_wait(client)
+        if refused:
+            await _deny(request, 429, "too-many-waits", "Too many consistency waits", refused,
                         {"Retry-After": "1"})(scope, receive, send)
             return
         try:
@@ -78,6 +78,17 @@ class Authentication:
                 self._waits[client] -= 1
                 if self._waits[client] <= 0:
                     del self._waits[client]
+
+    def _take_wait(self, client: str) -> str | None:
+        """Take a wait slot for ``client``; or why not (None: taken)."""
+        with self._lock:
+            if self.max_waits and self._waits[client] >= self.max_waits:
+                return f"at most {self.max_waits} requests with consistent_with at a time per client"
+            if self.max_total_waits and sum(self._waits.values()) >= self.max_total_waits:
+                return (f"this server holds its {self.max_total_waits} requests with consistent_with at a time; "
+                        "retry shortly, or ask without consistent_with")
+            self._waits[client] += 1
+        return None
 
     async def _key(self, request: Request) -> ApiKey | None:
         header = request.headers.get("authorization", "")
@@ -134,8 +145,10 @@ def declare_security(spec: dict[str, Any], open_paths: Collection[str] = ("/heal
     return spec
 
 
-def server_limits(limit_concurrency: int) -> dict[str, Any]:
+def server_limits(settings: Settings) -> dict[str, Any]:
     """uvicorn's options that bound what one client can hold: connections and tasks at once
-    (beyond: 503), idle keep-alive, header size."""
-    return {"limit_concurrency": limit_concurrency, "timeout_keep_alive": 5,
-            "h11_max_incomplete_event_size": 16 * 1024}
+    (beyond: 503), idle keep-alive, header size, and the deadlines on a request's head and body
+    (``cqrskit.infra.http_server``)."""
+    protocol = GuardedH11Protocol.configure(settings.http_header_timeout, settings.http_body_timeout)
+    return {"limit_concurrency": settings.http_limit_concurrency, "timeout_keep_alive": 5,
+            "h11_max_incomplete_event_size": 16 * 1024, "http": protocol}

@@ -355,7 +355,7 @@ def run_gateway(settings: Settings, registry: Registry, host: str = "127.0.0.1",
     import uvicorn
 
     options: dict[str, Any] = dict(host=host, port=port, log_config=None, access_log=False,
-                                   server_header=False, timeout_graceful_shutdown=10, **server_limits(settings.http_limit_concurrency))
+                                   server_header=False, timeout_graceful_shutdown=10, **server_limits(settings))
     if workers == 1:
         uvicorn.run(app or create_app(settings, registry=registry), **options)
         return

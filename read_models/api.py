@@ -257,7 +257,7 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
     every ``consistent_with`` wait; a search slower than ``search_timeout`` seconds answers 503.
     ``authenticate``: API keys; every request but ``/health`` needs one, and a read model's paths
     need that model in its scope (None: nobody is authenticated). Each client may hold at most
-    ``settings.max_consistency_waits`` waits at once. ``docs``: serve ``/docs``."""
+    ``settings.max_consistency_waits`` waits at once, and the process ``max_consistency_waits_total``. ``docs``: serve ``/docs``."""
     url, prefix, secret = settings.elasticsearch_url, settings.index_prefix, settings.token_secret
     models = {m.name: s for m in read_models if (s := searchable(m)) is not None}
     app_name = title or settings.app.rpartition(":")[0]
@@ -281,7 +281,8 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
     app = FastAPI(title="cqrskit query API", version="1", description=description, openapi_tags=tags,
                   lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None)
     app.add_middleware(Authentication, authenticate=authenticate, scope=read_model_scope(list(models)),
-                       open_paths=("/health",), max_waits=settings.max_consistency_waits)
+                       open_paths=("/health",), max_waits=settings.max_consistency_waits,
+                       max_total_waits=settings.max_consistency_waits_total)
     add_problem_handlers(app, log, {QueryError: _on_query_error, ApiError: _on_search_error,
                                     TransportError: _on_search_error})
     _routes(app, models, functions)
@@ -301,4 +302,4 @@ def run_query_api(settings: Settings, read_models: Sequence[ReadModel], function
         raise ValueError("the query API needs a search server: set CQRSKIT_ELASTICSEARCH_URL=http://... "
                          "(the embedded one lives inside `cqrskit demo`)")
     uvicorn.run(app or create_app(settings, read_models, functions), host=host, port=port, log_config=None,
-                access_log=access_log, server_header=False, **server_limits(settings.http_limit_concurrency))
+                access_log=access_log, server_header=False, **server_limits(settings))
