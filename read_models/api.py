@@ -20,7 +20,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar, get_origin
+from datetime import date, datetime
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import structlog
 from elastic_transport import TransportError
@@ -38,6 +39,7 @@ from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.infra.http_auth import (Authenticate, Authentication, declare_security, read_model_scope,
                                     server_limits)
 from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
+from cqrskit.infra.utc import written_as_a_date
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
 from cqrskit.read_models.query_engine import Ident, QueryError
@@ -101,6 +103,7 @@ def query_params(model: type[P]) -> Any:
     """``Depends`` on ``model`` validated from the query string, documented in the OpenAPI from the
     model's JSON Schema. (FastAPI's own query-model parsing costs ~0.3 ms a request; this ~0.03.)"""
     lists = {name for name, f in model.model_fields.items() if get_origin(f.annotation) is list}
+    dates = {name for name, f in model.model_fields.items() if _is_a_date(f.annotation)}
 
     async def parse(request: Request) -> P:  # async: no thread hop for a few microseconds of work
         data: dict[str, Any] = {}
@@ -109,6 +112,12 @@ def query_params(model: type[P]) -> Any:
                 data.setdefault(key, []).append(value)
             else:
                 data[key] = value
+        for name in dates & data.keys():  # a date is not a number of seconds, whatever the model says
+            try:
+                written_as_a_date(data[name])
+            except ValueError as exc:
+                raise RequestValidationError([{"type": "value_error", "loc": ("query", name),
+                                               "msg": f"Value error, {exc}", "input": data[name]}]) from None
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -117,12 +126,17 @@ def query_params(model: type[P]) -> Any:
     return Depends(parse)
 
 
+def _is_a_date(annotation: Any) -> bool:
+    return annotation in (date, datetime) or any(_is_a_date(arg) for arg in get_args(annotation))
+
+
 def documented(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI ``parameters`` for the fields of ``model`` (every one optional, in the query)."""
+    """OpenAPI ``parameters`` for the fields of ``model`` (in the query; required as the model says)."""
     schema = model.model_json_schema()
     assert "$defs" not in schema, "query models hold plain fields only"
+    required = set(schema.get("required", []))
     return {"parameters": [
-        {"name": name, "in": "query", "required": False, "description": field.get("description", ""),
+        {"name": name, "in": "query", "required": name in required, "description": field.get("description", ""),
          "schema": {k: v for k, v in field.items() if k not in ("description", "title")}}
         for name, field in schema["properties"].items()]}
 

@@ -19,7 +19,7 @@ from cqrskit.examples.hotel import app as hotel
 from cqrskit.infra.settings import Settings
 from cqrskit.read_models.api import create_app
 from tests.test_gateway import serving
-from api_checks import CHECKS
+from api_checks import ALL_CHECKS as CHECKS
 
 
 @pytest.fixture(scope="module")
