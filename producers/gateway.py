@@ -153,7 +153,9 @@ def create_app(settings: Settings, *, registry: Registry, publisher: Publisher |
     ``max_wait`` caps the long poll of ``GET /commands/{id}?wait=``. ``authenticate``: API keys
     (``cqrskit.infra.api_keys``): every request but ``/health`` needs one, a command is sent only
     if its type is in the key's scope and records the key as its issuer (G11); None: nobody is
-    authenticated (the embedded default, ``--insecure``). ``docs``: serve ``/docs``."""
+    authenticated (the embedded default, ``--insecure``). Each client holds at most
+    ``settings.max_consistency_waits`` outcome long polls (``?wait=``) at once, the process
+    ``max_consistency_waits_total`` (429 beyond). ``docs``: serve ``/docs``."""
     if publisher is None and settings.embedded_broker:
         raise ValueError("the gateway publishes to RabbitMQ: set CQRSKIT_BROKER_URL to an amqp:// URL")
     commands = registry
@@ -177,12 +179,13 @@ def create_app(settings: Settings, *, registry: Registry, publisher: Publisher |
     app = FastAPI(title="cqrskit command gateway", version="1", description=__doc__, lifespan=lifespan,
                   docs_url="/docs" if docs else None, redoc_url=None)
     app.include_router(router)
-    app.add_middleware(Authentication, authenticate=authenticate, open_paths=("/health",))
+    app.add_middleware(Authentication, authenticate=authenticate, open_paths=("/health",), wait_parameter="wait",
+                       max_waits=settings.max_consistency_waits, max_total_waits=settings.max_consistency_waits_total)
     add_problem_handlers(app, log, {sa.exc.DBAPIError: _on_store_error})
     if authenticate is None:
         app.openapi = lambda: document(app, commands)  # type: ignore[method-assign]
     else:
-        app.openapi = lambda: declare_security(document(app, commands))  # type: ignore[method-assign]
+        app.openapi = lambda: declare_security(document(app, commands), wait_parameter="wait")  # type: ignore[method-assign]
     return observe(app, "gateway")  # access log and GET /metrics
 
 
@@ -241,7 +244,7 @@ def _batch_item(request: Request, command_id: str, failed: dict[str | None, str]
 
 @router.get("/commands/{command_id:path}", response_model=OutcomeView, response_model_exclude_none=True,
             summary="The outcome of a command", response_description="The outcome.",
-            responses=problem_responses(404, 422, 503))
+            responses=problem_responses(404, 422, 429, 503))
 async def command_outcome(request: Request, command_id: CommandIdPath, wait: WaitSeconds = 0) -> OutcomeView:
     """The command's terminal outcome (G3); a succeeded one carries ``consistency_token`` for
     read-your-writes queries (G8). 404 while there is none (pending or never received)."""

@@ -201,7 +201,7 @@ def _search_route(app: FastAPI, path: str, model: Searchable, params: type[Consi
         return await _answer(request, model, query, run, query)
 
     app.add_api_route(path, endpoint, methods=["GET"], tags=[model.name], name=name, summary=summary,
-                      response_model=response, responses=_responses(400, 422, 503, 504),
+                      response_model=response, responses=_responses(400, 422, 429, 503, 504),
                       openapi_extra=documented(params))
 
 
@@ -217,7 +217,7 @@ def _lookup_route(app: FastAPI, model: Searchable) -> None:
 
     app.add_api_route(f"/{model.name}/{{doc_id}}", endpoint, methods=["GET"], tags=[model.name],
                       name=f"get_{model.name}", summary=f"One {model.name} document by its id ({model.id_field})",
-                      response_model=model.queries.view, responses=_responses(404, 400, 422, 503, 504),
+                      response_model=model.queries.view, responses=_responses(404, 400, 422, 429, 503, 504),
                       openapi_extra=documented(Consistency))
 
 

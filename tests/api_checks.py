@@ -118,7 +118,6 @@ def _all_checks() -> list[Any]:
 
 
 ALL_CHECKS = _all_checks()
-CHECKS = [checks.not_a_server_error, checks.status_code_conformance, conforms_unless_refused_by_uvicorn]
 
 
 @contextmanager

@@ -332,6 +332,8 @@ def test_a_batch_with_bad_commands_names_each_by_index_and_publishes_nothing(
 
 
 def test_batch_limits_and_shapes(client: httpx.Client, commands_topology: Settings) -> None:
+    """G10: a batch that is not JSON, holds a lone surrogate, is empty or not an array, or holds
+    more than 1,000 commands (the schema's maxItems: 400) is refused and publishes nothing."""
     assert "not valid JSON" in assert_problem(client.post("/commands/batch", content=b"[{", headers=JSON), 400)["detail"]
     surrogate_body = json.dumps([customer("c-s")]).replace("Ann", "\\ud800").encode()
     surrogate = client.post("/commands/batch", content=surrogate_body, headers=JSON)

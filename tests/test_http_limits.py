@@ -192,3 +192,35 @@ def test_consistency_waits_are_capped_per_process(indices: Settings) -> None:
     refused = next(a for a in answers if a.status_code == 429)
     assert refused.headers["content-type"] == "application/problem+json" and refused.headers["retry-after"] == "1"
     assert "this server holds its 3 requests" in refused.json()["detail"]
+
+
+@pytest.mark.timeout(60)
+def test_outcome_long_polls_are_capped_on_the_gateway(commands_topology: Settings) -> None:  # noqa: F811
+    """G11, issue finding 6 (200 long polls slowed POST /commands fifty-fold): a client holds at most
+    CQRSKIT_MAX_CONSISTENCY_WAITS outcome long polls (``?wait=``) at once, beyond which it gets a 429
+    problem at once, and commands are still accepted meanwhile."""
+    from cqrskit.examples.shop.domain import registry
+    from cqrskit.producers.gateway import create_app
+    from tests.processes import envelope
+
+    settings = commands_topology.model_copy(update={"max_consistency_waits": 2})
+    answers: list[httpx.Response] = []
+    with serving(create_app(settings, registry=registry, max_wait=2)) as url:
+        def poll() -> None:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                answers.append(http.get("/commands/never-sent", params={"wait": 2}))
+        threads = [threading.Thread(target=poll) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        command = envelope("RegisterCustomer", "c-1", {"name": "Ann", "email": "ann@example.com"})
+        started = time.monotonic()
+        accepted = httpx.post(f"{url}/commands", json=command, timeout=10)
+        took = time.monotonic() - started
+        for thread in threads:
+            thread.join()
+    assert accepted.status_code == 202 and took < 1.0, (accepted.text, took)
+    assert sorted(a.status_code for a in answers) == [404, 404, 429, 429]
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert "at most 2 requests with wait" in refused.json()["detail"]

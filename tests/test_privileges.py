@@ -91,6 +91,8 @@ def refused_sql(url: str, statement: str) -> bool:
 
 
 def test_setup_privileges_is_idempotent_and_each_role_is_refused_what_it_must_not_do(provisioned) -> None:
+    """G11: a second run creates nothing; the worker runs a command and changes no schema; the
+    query role reads API keys only; the gateway, the relay and the indexer write nothing of others'."""
     settings, prefix, made = provisioned
     assert {f"{prefix}_{r}" for r in ("worker", "relay", "indexer", "gateway", "query", "operator")} <= set(made)
     assert provision(settings, MODELS, prefix=prefix, producers=[f"{prefix}-billing"], say=lambda _: None) == {}
@@ -119,6 +121,8 @@ def test_setup_privileges_is_idempotent_and_each_role_is_refused_what_it_must_no
 
 
 def test_rabbitmq_users_may_do_only_their_part(provisioned) -> None:
+    """G11: a producer publishes commands and reads or declares nothing; the indexer neither
+    reads the commands queue nor publishes commands."""
     settings, prefix, made = provisioned
     billing = amqp_as(settings, f"{prefix}-billing", made[f"{prefix}-billing"])
     connection = pika.BlockingConnection(pika.URLParameters(billing))
