@@ -123,6 +123,8 @@ def _grant(conn: psycopg.Connection, role: str, database: str, grants: dict[str,
     conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(who))
     conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), who))
     conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(who))
+    # every process checks the schema's revision before it starts (preflight): harmless to read
+    conn.execute(sql.SQL("GRANT SELECT ON TABLE alembic_version TO {}").format(who))
     for privileges, objects in grants.items():
         kind = "SEQUENCE" if privileges == "USAGE" else "TABLE"
         names = sql.SQL(", ").join(sql.Identifier(o) for o in objects)

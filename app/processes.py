@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from cqrskit.app import bootstrap
+from cqrskit.infra.http_auth import server_limits
 from cqrskit.infra.logs import configure_logging
 from cqrskit.infra.settings import Settings, load_settings
 
@@ -48,9 +49,17 @@ def worker_metrics_server() -> int:
 
 def gateway_app() -> Any:
     """uvicorn factory: the HTTP command gateway of one uvicorn worker process."""
-    return bootstrap.gateway_app(_settings())
+    return bootstrap.gateway_app(_http_settings())
 
 
 def query_app() -> Any:
     """uvicorn factory: the HTTP query API of one uvicorn worker process."""
-    return bootstrap.query_app(_settings())
+    return bootstrap.query_app(_http_settings())
+
+
+def _http_settings() -> Settings:
+    """The settings, with this process's request deadlines set from them (uvicorn's worker
+    processes import the protocol class by name, without its parent's deadlines)."""
+    settings = _settings()
+    server_limits(settings)
+    return settings

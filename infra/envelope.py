@@ -11,7 +11,9 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints
+
+from cqrskit.infra.utc import written_as_a_date
 
 IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]*$"
 Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER, min_length=1, max_length=128)]
@@ -25,7 +27,8 @@ class CommandMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid", title="CommandMetadata")
     correlation_id: Identifier | None = Field(None, description="Shared by every message of one business flow.")
     causation_id: Identifier | None = Field(None, description="The id of the message that caused this command.")
-    issued_at: datetime | None = Field(None, description="When the producer issued the command (RFC 3339).")
+    issued_at: Annotated[datetime, BeforeValidator(written_as_a_date)] | None = Field(
+        None, description="When the producer issued the command (RFC 3339).")
     issuer: Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00-\x1f]*$")] | None = Field(
         None, description="Who issued it: a system or user name, for audit."
     )
@@ -39,7 +42,7 @@ class CommandEnvelope(BaseModel):
     command_id: Identifier = Field(description="Unique per command, chosen by the producer (a UUID is ideal).")
     type: TypeName = Field(description="The command type, e.g. PlaceOrder.")
     aggregate_id: AggregateId = Field(description="The id of the aggregate the command is addressed to.")
-    expected_version: int | None = Field(
+    expected_version: Annotated[int, Strict()] | None = Field(  # strict: `false` is not version 0
         None, ge=0, description="Optimistic check: rejected unless the aggregate is at this version (0: new)."
     )
     payload: dict[str, Any] = Field(description="The command's fields; their schema depends on `type`.")

@@ -124,9 +124,14 @@ class Settings(BaseSettings):
     http_docs: bool = Field(default=False, description="Serve /docs (Swagger UI, loaded from a CDN) with authentication on.")
     http_limit_concurrency: int = Field(default=1000, gt=0, description="Connections and tasks an HTTP process "
                                                                         "serves at once; beyond, 503.")
+    http_header_timeout: float = Field(default=10.0, gt=0, description="Seconds a client has to send a request's "
+                                                                       "line and headers (else 408, closed).")
     http_body_timeout: float = Field(default=10.0, gt=0, description="Seconds a client has to send a request body.")
     max_consistency_waits: int = Field(default=8, ge=0, description="Concurrent consistent_with waits per client "
                                                                    "(API key, or address); beyond, 429. 0: no cap.")
+    max_consistency_waits_total: int = Field(default=100, ge=0, description="Concurrent consistent_with waits per "
+                                                                           "HTTP process, all clients; beyond, 429. "
+                                                                           "0: no cap.")
     preflight_wait: float = Field(
         default=0.0, ge=0,
         description="Seconds a process waits for its services and for setup before giving up (a development "

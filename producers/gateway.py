@@ -42,7 +42,7 @@ from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.delivery import ISSUER_HEADER
 from cqrskit.infra.envelope import IDENTIFIER
-from cqrskit.infra.http_auth import Authenticate, Authentication, current_key, server_limits
+from cqrskit.infra.http_auth import Authenticate, Authentication, current_key, declare_security, server_limits
 from cqrskit.infra.problems import Problem, ProblemError, add_problem_handlers, problem_response, problem_type
 from cqrskit.infra.http_observe import observe
 from cqrskit.infra.settings import Settings
@@ -153,7 +153,9 @@ def create_app(settings: Settings, *, registry: Registry, publisher: Publisher |
     ``max_wait`` caps the long poll of ``GET /commands/{id}?wait=``. ``authenticate``: API keys
     (``cqrskit.infra.api_keys``): every request but ``/health`` needs one, a command is sent only
     if its type is in the key's scope and records the key as its issuer (G11); None: nobody is
-    authenticated (the embedded default, ``--insecure``). ``docs``: serve ``/docs``."""
+    authenticated (the embedded default, ``--insecure``). Each client holds at most
+    ``settings.max_consistency_waits`` outcome long polls (``?wait=``) at once, the process
+    ``max_consistency_waits_total`` (429 beyond). ``docs``: serve ``/docs``."""
     if publisher is None and settings.embedded_broker:
         raise ValueError("the gateway publishes to RabbitMQ: set CQRSKIT_BROKER_URL to an amqp:// URL")
     commands = registry
@@ -177,9 +179,13 @@ def create_app(settings: Settings, *, registry: Registry, publisher: Publisher |
     app = FastAPI(title="cqrskit command gateway", version="1", description=__doc__, lifespan=lifespan,
                   docs_url="/docs" if docs else None, redoc_url=None)
     app.include_router(router)
-    app.add_middleware(Authentication, authenticate=authenticate, open_paths=("/health",))
+    app.add_middleware(Authentication, authenticate=authenticate, open_paths=("/health",), wait_parameter="wait",
+                       max_waits=settings.max_consistency_waits, max_total_waits=settings.max_consistency_waits_total)
     add_problem_handlers(app, log, {sa.exc.DBAPIError: _on_store_error})
-    app.openapi = lambda: document(app, commands)  # type: ignore[method-assign]
+    if authenticate is None:
+        app.openapi = lambda: document(app, commands)  # type: ignore[method-assign]
+    else:
+        app.openapi = lambda: declare_security(document(app, commands), wait_parameter="wait")  # type: ignore[method-assign]
     return observe(app, "gateway")  # access log and GET /metrics
 
 
@@ -238,7 +244,7 @@ def _batch_item(request: Request, command_id: str, failed: dict[str | None, str]
 
 @router.get("/commands/{command_id:path}", response_model=OutcomeView, response_model_exclude_none=True,
             summary="The outcome of a command", response_description="The outcome.",
-            responses=problem_responses(404, 422, 503))
+            responses=problem_responses(404, 422, 429, 503))
 async def command_outcome(request: Request, command_id: CommandIdPath, wait: WaitSeconds = 0) -> OutcomeView:
     """The command's terminal outcome (G3); a succeeded one carries ``consistency_token`` for
     read-your-writes queries (G8). 404 while there is none (pending or never received)."""
@@ -352,7 +358,7 @@ def run_gateway(settings: Settings, registry: Registry, host: str = "127.0.0.1",
     import uvicorn
 
     options: dict[str, Any] = dict(host=host, port=port, log_config=None, access_log=False,
-                                   server_header=False, timeout_graceful_shutdown=10, **server_limits(settings.http_limit_concurrency))
+                                   server_header=False, timeout_graceful_shutdown=10, **server_limits(settings))
     if workers == 1:
         uvicorn.run(app or create_app(settings, registry=registry), **options)
         return

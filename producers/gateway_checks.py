@@ -38,14 +38,14 @@ def check_command(body: bytes, registry: Registry, max_bytes: int) -> OutgoingMe
 
 def check_batch(body: bytes, registry: Registry, max_bytes: int, max_commands: int) -> list[OutgoingMessage]:
     """Every command of a JSON array checked as ``check_command`` checks one, on its own bytes.
-    Raises ProblemError: 400 listing each bad command's index and errors, 413 for too many."""
+    Raises ProblemError: 400 listing each bad command's index and errors, or saying there are too many."""
     try:
         count = len(_json_array(body))
         items = _array_items(body)
     except (ValueError, IndexError, RecursionError) as exc:
         raise invalid_batch(str(exc), errors=lone_surrogate_errors(body) or None) from None
     if count > max_commands:
-        raise invalid_batch(f"batch of {count} commands exceeds the limit of {max_commands}", 413)
+        raise invalid_batch(f"batch of {count} commands exceeds the limit of {max_commands}")  # the schema's maxItems
     messages, bad, seen = [], [], {}
     for index, item in enumerate(items):
         try:

@@ -79,6 +79,7 @@ _PROBLEM_WHEN = {
     413: "Over CQRSKIT_MAX_COMMAND_BYTES (or the batch limits); nothing was published.",
     415: "The body is not application/json.",
     422: "Invalid path or query parameters.",
+    429: "Too many long polls (?wait=) held by this client, or by this server, at once.",
     503: "The broker did not confirm (nothing is promised: send again, same command id), "
          "or the write store did not answer.",
 }

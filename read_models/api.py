@@ -20,7 +20,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar, get_origin
+from datetime import date, datetime
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import structlog
 from elastic_transport import TransportError
@@ -35,8 +36,10 @@ from cqrskit.infra.problems import (PROBLEM_JSON, Problem, ProblemError, add_pro
                                    problem_type)
 from cqrskit.infra.http_observe import observe
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
-from cqrskit.infra.http_auth import Authenticate, Authentication, read_model_scope, server_limits
+from cqrskit.infra.http_auth import (Authenticate, Authentication, declare_security, read_model_scope,
+                                    server_limits)
 from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
+from cqrskit.infra.utc import written_as_a_date
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
 from cqrskit.read_models.query_engine import Ident, QueryError
@@ -100,6 +103,7 @@ def query_params(model: type[P]) -> Any:
     """``Depends`` on ``model`` validated from the query string, documented in the OpenAPI from the
     model's JSON Schema. (FastAPI's own query-model parsing costs ~0.3 ms a request; this ~0.03.)"""
     lists = {name for name, f in model.model_fields.items() if get_origin(f.annotation) is list}
+    dates = {name for name, f in model.model_fields.items() if _is_a_date(f.annotation)}
 
     async def parse(request: Request) -> P:  # async: no thread hop for a few microseconds of work
         data: dict[str, Any] = {}
@@ -108,6 +112,12 @@ def query_params(model: type[P]) -> Any:
                 data.setdefault(key, []).append(value)
             else:
                 data[key] = value
+        for name in dates & data.keys():  # a date is not a number of seconds, whatever the model says
+            try:
+                written_as_a_date(data[name])
+            except ValueError as exc:
+                raise RequestValidationError([{"type": "value_error", "loc": ("query", name),
+                                               "msg": f"Value error, {exc}", "input": data[name]}]) from None
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -116,12 +126,17 @@ def query_params(model: type[P]) -> Any:
     return Depends(parse)
 
 
+def _is_a_date(annotation: Any) -> bool:
+    return annotation in (date, datetime) or any(_is_a_date(arg) for arg in get_args(annotation))
+
+
 def documented(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI ``parameters`` for the fields of ``model`` (every one optional, in the query)."""
+    """OpenAPI ``parameters`` for the fields of ``model`` (in the query; required as the model says)."""
     schema = model.model_json_schema()
     assert "$defs" not in schema, "query models hold plain fields only"
+    required = set(schema.get("required", []))
     return {"parameters": [
-        {"name": name, "in": "query", "required": False, "description": field.get("description", ""),
+        {"name": name, "in": "query", "required": name in required, "description": field.get("description", ""),
          "schema": {k: v for k, v in field.items() if k not in ("description", "title")}}
         for name, field in schema["properties"].items()]}
 
@@ -186,7 +201,7 @@ def _search_route(app: FastAPI, path: str, model: Searchable, params: type[Consi
         return await _answer(request, model, query, run, query)
 
     app.add_api_route(path, endpoint, methods=["GET"], tags=[model.name], name=name, summary=summary,
-                      response_model=response, responses=_responses(400, 422, 503, 504),
+                      response_model=response, responses=_responses(400, 422, 429, 503, 504),
                       openapi_extra=documented(params))
 
 
@@ -202,7 +217,7 @@ def _lookup_route(app: FastAPI, model: Searchable) -> None:
 
     app.add_api_route(f"/{model.name}/{{doc_id}}", endpoint, methods=["GET"], tags=[model.name],
                       name=f"get_{model.name}", summary=f"One {model.name} document by its id ({model.id_field})",
-                      response_model=model.queries.view, responses=_responses(404, 400, 422, 503, 504),
+                      response_model=model.queries.view, responses=_responses(404, 400, 422, 429, 503, 504),
                       openapi_extra=documented(Consistency))
 
 
@@ -256,7 +271,7 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
     every ``consistent_with`` wait; a search slower than ``search_timeout`` seconds answers 503.
     ``authenticate``: API keys; every request but ``/health`` needs one, and a read model's paths
     need that model in its scope (None: nobody is authenticated). Each client may hold at most
-    ``settings.max_consistency_waits`` waits at once. ``docs``: serve ``/docs``."""
+    ``settings.max_consistency_waits`` waits at once, and the process ``max_consistency_waits_total``. ``docs``: serve ``/docs``."""
     url, prefix, secret = settings.elasticsearch_url, settings.index_prefix, settings.token_secret
     models = {m.name: s for m in read_models if (s := searchable(m)) is not None}
     app_name = title or settings.app.rpartition(":")[0]
@@ -280,10 +295,14 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
     app = FastAPI(title="cqrskit query API", version="1", description=description, openapi_tags=tags,
                   lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None)
     app.add_middleware(Authentication, authenticate=authenticate, scope=read_model_scope(list(models)),
-                       open_paths=("/health",), max_waits=settings.max_consistency_waits)
+                       open_paths=("/health",), max_waits=settings.max_consistency_waits,
+                       max_total_waits=settings.max_consistency_waits_total)
     add_problem_handlers(app, log, {QueryError: _on_query_error, ApiError: _on_search_error,
                                     TransportError: _on_search_error})
     _routes(app, models, functions)
+    if authenticate is not None:
+        plain = app.openapi
+        app.openapi = lambda: declare_security(plain())  # type: ignore[method-assign]
     return observe(app, "query")  # access log and GET /metrics
 
 
@@ -297,4 +316,4 @@ def run_query_api(settings: Settings, read_models: Sequence[ReadModel], function
         raise ValueError("the query API needs a search server: set CQRSKIT_ELASTICSEARCH_URL=http://... "
                          "(the embedded one lives inside `cqrskit demo`)")
     uvicorn.run(app or create_app(settings, read_models, functions), host=host, port=port, log_config=None,
-                access_log=access_log, server_header=False, **server_limits(settings.http_limit_concurrency))
+                access_log=access_log, server_header=False, **server_limits(settings))

@@ -31,9 +31,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from elasticsearch import Elasticsearch, NotFoundError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
-from cqrskit.infra.utc import as_utc
+from cqrskit.infra.utc import as_utc, written_as_a_date
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import iso
 
@@ -58,11 +58,13 @@ def _utc(value: datetime) -> datetime:
         raise ValueError("date out of range") from None
 
 
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
-                 AfterValidator(_plain)]
-Ident = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_plain)]
+PLAIN = r"^[^\x00-\x1f\x7f-\x9f]*$"  # the schema says what _plain refuses (lone surrogates aside)
+_DOCUMENTED = Field(json_schema_extra={"pattern": PLAIN})
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(_plain),
+                 _DOCUMENTED]
+Ident = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_plain), _DOCUMENTED]
 Cents = Annotated[int, Field(ge=0, le=10**15)]
-When = Annotated[datetime, AfterValidator(_utc)]
+When = Annotated[datetime, BeforeValidator(written_as_a_date), AfterValidator(_utc)]
 Direction = Literal["asc", "desc"]
 
 
@@ -73,7 +75,8 @@ class QueryModel(BaseModel):
 
 
 class PageQuery(QueryModel):
-    order: Direction | None = Field(None, description="Sort direction; the default depends on the sort.")
+    order: Direction | None = Field(None, description="Sort direction; the default depends on the sort. "
+                                                       "sort=relevance needs text and is always descending.")
     size: int = Field(20, ge=1, le=100, description="Items per page (at most 100).")
     cursor: str | None = Field(None, min_length=1, max_length=2000, pattern=r"^[A-Za-z0-9_-]+$",
                                description="`next_cursor` of the previous page (same parameters).")

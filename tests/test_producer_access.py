@@ -244,3 +244,32 @@ def envelope_of(type: str, aggregate_id: str, payload: dict):
     from cqrskit.producers.commands import new_command
 
     return new_command(type, aggregate_id, payload)
+
+
+@pytest.mark.xfail(strict=True, reason="known limit (docs/operations.md, 'command-id squatting'): the outcome's "
+                                       "key is the command id alone; the fix scopes it by the validated issuer")
+def test_another_producer_cannot_burn_a_command_id(pg_url: str) -> None:
+    """G2, G3, G11: a producer that sends a command it may not send, under the id another producer
+    will use, gets its own `invalid` outcome; the rightful producer's command under that id still
+    takes effect (today it is a duplicate of the squatter's outcome: this test fails until the fix)."""
+    from cqrskit.examples.shop.domain import registry
+    from cqrskit.infra.delivery import Delivery
+    from cqrskit.infra.store import EventStore
+    from cqrskit.workers.admission import Gate
+    from cqrskit.workers.execution import CommandExecutor
+
+    engine = make_engine(pg_url)
+    grants = ProducerGrants(engine, ttl=0)
+    grants.grant("crm", ["RegisterCustomer"])
+    grants.grant("billing", ["PayOrder"])
+    executor = CommandExecutor(EventStore(engine, registry), registry, gate=Gate(grants, enforce=True))
+    command_id = str(uuid.uuid4())
+    body = json.dumps(envelope("RegisterCustomer", "c-1", {"name": "Ann", "email": "ann@example.com"},
+                               command_id=command_id)).encode()
+    try:
+        squatted = executor.execute(body, Delivery(routing_key="RegisterCustomer", producer="billing"))
+        assert squatted.status is Status.invalid and "not allowed" in (squatted.reason or "")
+        rightful = executor.execute(body, Delivery(routing_key="RegisterCustomer", producer="crm"))
+        assert rightful.status is Status.succeeded and not rightful.duplicate, rightful
+    finally:
+        engine.dispose()

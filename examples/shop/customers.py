@@ -47,7 +47,9 @@ def _email(value: str) -> str:
     return lowered
 
 
-Email = Annotated[str, Field(max_length=254), AfterValidator(_email)]
+_SCHEMA_PATTERN = "^" + _EMAIL.pattern.replace("a-z", "A-Za-z") + "$"  # the JSON Schema says what _email takes
+Email = Annotated[str, Field(max_length=254, json_schema_extra={"pattern": _SCHEMA_PATTERN, "format": "email"}),
+                  AfterValidator(_email)]
 registry = Registry()
 
 
