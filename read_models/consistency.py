@@ -45,7 +45,7 @@ def awaited(rules: dict[str, str], token: ConsistencyToken) -> list[Awaited]:
 def _holders(es: Elasticsearch, index: str, id_field: str, streams: list[str],
              page: int) -> Iterator[dict[str, Any]]:
     """The ``streams`` entries of every document holding any of ``streams``, paged on the id."""
-    query = {"nested": {"path": "streams", "query": {"terms": {"streams.id": streams}}}}
+    query = {"terms": {"streams.id": streams}}
     after = None
     while True:
         response = es.search(index=index, query=query, size=page, sort=[{id_field: "asc"}],

@@ -226,9 +226,10 @@ def _derive(model: ReadModel, declared: Queries) -> Searchable:
                  *(m.field for m in declared.metrics.values())]:
         if name not in fields:
             raise ValueError(f"read model {model.name!r}: {name!r} is not a field of its mapping")
-    if fields.get("streams") != "nested" or fields.get("streams.version") != "long":
-        raise ValueError(f"read model {model.name!r}: its mapping needs the nested `streams` field "
-                         f"(cqrskit.read_models.model.STREAMS): read-your-writes reads it")
+    if fields.get("streams") != "object" or fields.get("streams.id") != "keyword" \
+            or fields.get("streams.version") != "long":
+        raise ValueError(f"read model {model.name!r}: its mapping needs the `streams` field as "
+                         f"cqrskit.read_models.model.STREAMS declares it: read-your-writes reads it")
     sorts = {public: (path, KEYWORD if fields[path] == "keyword" else NUMBER, direction)
              for public, (path, direction) in declared.sorts.items()}
     if declared.text:
