@@ -23,7 +23,7 @@ from cqrskit.read_models.indices import ensure
 from cqrskit.read_models.search import EmbeddedSearch
 from cqrskit.app import bootstrap
 from cqrskit.read_models.verify import VerifyReport, verify
-from cqrskit.workers.actors import declare_command_actor, declare_indexer_actor
+from cqrskit.workers.actors import declare_command_actor, declare_indexer_actors
 from cqrskit.infra.broker import index_message, make_broker
 from cqrskit.workers.middleware import DeadOutcomes, LogContext
 from cqrskit.workers.relay import EventRelay, default_holder
@@ -46,7 +46,7 @@ class LocalPipeline:
         self.runtime = bootstrap.runtime(self.settings, pool_size=self.threads + 4, search_url=self.search.url)
         self.broker = make_broker(self.settings, extra_middleware=[LogContext(), DeadOutcomes(self.runtime)])
         declare_command_actor(self.broker, self.runtime)
-        declare_indexer_actor(self.broker, self.runtime)
+        declare_indexer_actors(self.broker, self.runtime)
         upgrade(self.runtime.engine)
         declare_command_topology(self.broker, self.settings)
         for model in self.runtime.read_models:

@@ -99,9 +99,10 @@ def _is_body(args: Any) -> bool:
     return True
 
 
-def index_message(events: list[dict[str, Any]], queue_name: str) -> dramatiq.Message:
-    """The Dramatiq message asking an indexer to project a batch of events (relay -> indexer)."""
-    return dramatiq.Message(queue_name=queue_name, actor_name=INDEX_ACTOR, args=(events,), kwargs={}, options={})
+def index_message(events: list[dict[str, Any]], queue_name: str, actor_name: str = INDEX_ACTOR) -> dramatiq.Message:
+    """The Dramatiq message asking an indexer to project a batch of events (relay -> indexer);
+    ``actor_name``: the indexer actor of the queue's partition (``infra.topology``)."""
+    return dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=(events,), kwargs={}, options={})
 
 
 def wrap_command(body: bytes, queue_name: str, delivery: Delivery | None = None) -> MessageData:

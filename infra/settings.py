@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(default=500, gt=0, description="Events per relay read and indexer batch.")
     relay_lease_seconds: float = Field(default=5.0, gt=0, description="A dead relay's lease expires after this.")
     indexer_max_retries: int = Field(default=10_000, ge=0, description="Indexer batches retry this often (a search outage).")
+    indexer_partitions: int = Field(
+        default=1, ge=1, le=64,
+        description="Indexer queues; each document is computed only by the indexers of its home partition "
+                    "(a consistent hash of its stream id). The relay feeds every batch to every partition.",
+    )
     indexer_window_events: int = Field(
         default=5000, gt=0,
         description="Indexer batches held by one process's threads at once are projected together, up to this many events.",

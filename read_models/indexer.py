@@ -26,6 +26,7 @@ from cqrskit.read_models.coverage import Coverage, Touch
 from cqrskit.read_models.indices import next_alias, write_targets
 from cqrskit.read_models.model import Document, ReadModel
 from cqrskit.read_models.parking import park, parked_models, unpark
+from cqrskit.read_models.partitions import Partition
 from cqrskit.read_models.source import WriteStoreSource, snapshot
 from cqrskit.read_models.writer import TransientIndexError, Write, write_documents
 
@@ -52,7 +53,7 @@ class Indexer:
         self.models = {m.name: m for m in models}
         self.coverage = Coverage()
 
-    def index_batches(self, batches: list[list[dict[str, Any]]]) -> IndexReport:
+    def index_batches(self, batches: list[list[dict[str, Any]]], partition: Partition | None = None) -> IndexReport:
         """Project several batches as one (an event delivered twice is projected once; the report
         and the log count every event delivered); see index_events."""
         merged = {e["event_id"]: e for batch in batches for e in batch}
@@ -60,18 +61,21 @@ class Indexer:
         delivered = sum(len(b) for b in batches)
         if len(batches) > 1:
             log.info("indexer.coalesced", batches=len(batches), events=delivered, distinct=len(events))
-        return self.index_events(events, delivered=delivered)
+        return self.index_events(events, delivered=delivered, partition=partition)
 
-    def index_events(self, events: list[dict[str, Any]], delivered: int | None = None) -> IndexReport:
-        """Project a batch of events (wire-format dicts). Raises TransientIndexError (and
-        database or connection errors) when the batch must be retried as a whole."""
+    def index_events(self, events: list[dict[str, Any]], delivered: int | None = None,
+                     partition: Partition | None = None) -> IndexReport:
+        """Project a batch of events (wire-format dicts): of the documents they touch, those whose
+        home is ``partition`` (all when None). Raises TransientIndexError (and database or
+        connection errors) when the batch must be retried as a whole."""
         delivered = len(events) if delivered is None else delivered
         started = time.perf_counter()
         targets = write_targets(self.engine, self.prefix, list(self.models))
         touches = {e["position"]: (e["stream_id"], e["version"]) for e in events}
         with snapshot(self.engine) as conn:
             source = WriteStoreSource(conn, self.registry)
-            affected = {name: model.affected(source, events) for name, model in self.models.items()}
+            affected = {name: self._homed(model, model.affected(source, events), partition)
+                        for name, model in self.models.items()}
             plan = {name: self._uncovered(name, touched, targets[name], touches) for name, touched in affected.items()}
             built = {name: self._build(source, self.models[name], touched) for name, touched in plan.items()}
         computed = time.perf_counter()
@@ -96,6 +100,12 @@ class Indexer:
         with snapshot(self.engine) as conn:
             built = {model_name: self._build(WriteStoreSource(conn, self.registry), self.models[model_name], touched)}
         return self._write(built, {model_name: touched}, targets)
+
+    @staticmethod
+    def _homed(model: ReadModel, touched: dict[str, list[int]], partition: Partition | None) -> dict[str, list[int]]:
+        if partition is None or partition.count == 1:
+            return touched
+        return {i: p for i, p in touched.items() if partition.owns(f"{model.stream_type}:{i}")}
 
     def _uncovered(self, name: str, touched: dict[str, list[int]], targets: list[str],
                    touches: dict[int, Touch]) -> dict[str, list[int]]:

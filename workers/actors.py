@@ -11,9 +11,11 @@ import structlog
 from elastic_transport import TransportError
 from sqlalchemy.exc import OperationalError
 
-from cqrskit.infra.broker import COMMAND_ACTOR, INDEX_ACTOR
+from cqrskit.infra.broker import COMMAND_ACTOR
 from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.event_wire import EventMessage
+from cqrskit.infra.topology import indexer_partitions
+from cqrskit.read_models.partitions import Partition
 from cqrskit.read_models.writer import TransientIndexError
 from cqrskit.workers.coalescing import Coalescer
 from cqrskit.workers.execution import BadCommand
@@ -43,13 +45,23 @@ def declare_command_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
     )
 
 
-def declare_indexer_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq.Actor:
-    """Declare ``index_events`` on the indexer queue: a batch of events (wire-format dicts) in,
-    documents written. The batches the process's threads hold at once are projected as one
-    window (``Coalescer``). Any failure retries the whole batch, for as long as a search outage
-    lasts (``CQRSKIT_INDEXER_MAX_RETRIES``); the batch is acknowledged only once written."""
+def declare_indexer_actors(broker: dramatiq.Broker, runtime: Runtime) -> list[dramatiq.Actor]:
+    """Declare ``index_events`` on the indexer queue of every partition (``infra.topology``): a
+    batch of events (wire-format dicts) in, the documents of that partition written. Which
+    partitions a process consumes is its choice of queues (``cqrskit indexer --partition``). The
+    batches a partition's threads hold at once are projected as one window (``Coalescer``). Any
+    failure retries the whole batch, for as long as a search outage lasts
+    (``CQRSKIT_INDEXER_MAX_RETRIES``); the batch is acknowledged only once written."""
+    count = runtime.settings.indexer_partitions
+    return [_indexer_actor(broker, runtime, p.queue, p.actor, Partition(p.index, count))
+            for p in indexer_partitions(runtime.settings)]
+
+
+def _indexer_actor(broker: dramatiq.Broker, runtime: Runtime, queue: str, name: str,
+                   partition: Partition) -> dramatiq.Actor:
     settings = runtime.settings
-    coalescer = Coalescer(lambda batches: runtime.indexer.index_batches(batches), settings.indexer_window_events,
+    coalescer = Coalescer(lambda batches: runtime.indexer.index_batches(batches, partition),
+                          settings.indexer_window_events,
                           transient=(TransientIndexError, TransportError, OperationalError))
 
     def index_events(events: list[dict]) -> None:  # type: ignore[type-arg]
@@ -63,8 +75,8 @@ def declare_indexer_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
     return dramatiq.actor(
         index_events,
         broker=broker,
-        actor_name=INDEX_ACTOR,
-        queue_name=settings.indexer_queue,
+        actor_name=name,
+        queue_name=queue,
         max_retries=settings.indexer_max_retries,
         min_backoff=settings.min_backoff_ms,
         max_backoff=settings.max_backoff_ms,

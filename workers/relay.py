@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -59,23 +59,19 @@ from cqrskit.infra.schema import events, leases, relay_checkpoints
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import StoredEvent
 from cqrskit.infra.utc import as_utc
-from cqrskit.infra.amqp import AmqpPublisher, OutgoingMessage
-from cqrskit.infra.broker import index_message, make_broker
+from cqrskit.workers.relay_outlet import EventsNotConfirmed, RabbitmqOutlet
 
 log = structlog.get_logger("cqrskit.relay")
 NAME = "relay"  # the relay's checkpoint row and lease row
 SQLITE_POLL = 0.05
 POSTGRES_POLL = 0.025
 HELD_BACK_POLL = 0.02
+BUSY_POLL = 0.01  # after a batch: more events are likely on their way
 SLOW_POLL = 1.0
 
 
 class LeaseLost(Exception):
     """Another relay took the lease: the batch in hand was published but not checkpointed."""
-
-
-class EventsNotConfirmed(Exception):
-    """The broker did not confirm every event of a batch; the batch will be published again."""
 
 
 class Lag(NamedTuple):
@@ -102,7 +98,10 @@ class EventRelay:
         self.linger = settings.relay_linger_ms / 1000
         self.closers: list[Callable[[], None]] = []
         self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-outlet")
-        self.closers.append(self._beside.shutdown)
+        self._confirming = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-confirm")
+        self.closers += [self._beside.shutdown, self._confirming.shutdown]
+        self._in_flight: Future[None] | None = None  # the batch being published and checkpointed
+        self._cursor: tuple[int, int] | None = None  # past the batch in flight; None: the checkpoint
 
     @classmethod
     def for_rabbitmq(cls, settings: Settings, engine: Engine, holder: str | None = None) -> EventRelay:
@@ -117,6 +116,7 @@ class EventRelay:
         """Relay one batch; returns how many events were relayed and checkpointed (0 when another
         relay holds the lease). Raises LeaseLost, EventsNotConfirmed and infrastructure errors; the
         checkpoint then stays where it was, so the events are published again later."""
+        self._settle()
         if not self.lease.hold():
             return 0
         return self._relay_batch()[0]
@@ -141,6 +141,10 @@ class EventRelay:
                 if timeout > 0:
                     stop.wait(timeout)
         finally:
+            try:
+                self._settle()
+            except Exception as exc:  # its events are published again by whoever relays next
+                log.warning("relay.error", error=repr(exc)[:500], retry_in=None, failures=failures + 1)
             self.lease.release()
             log.info("relay.stopped", holder=self.holder)
 
@@ -154,22 +158,51 @@ class EventRelay:
     def _cycle(self) -> float:
         """One step of ``run``: returns how long to wait for new events (0: go on at once)."""
         if not self.lease.hold():
+            self._settle(reraise=False)
             return min(SLOW_POLL, self.lease.seconds / 3)
         try:
-            count, held_back = self._relay_batch()
+            count, held_back = self._overlapped()
         except LeaseLost:
             return 0.0
         if count >= self.batch_size:
             return 0.0
-        poll = SQLITE_POLL if not self.postgres else HELD_BACK_POLL if held_back else POSTGRES_POLL
+        poll = SQLITE_POLL if not self.postgres else HELD_BACK_POLL if held_back else BUSY_POLL if count else POSTGRES_POLL
         return max(0.0, min(poll, self.lease.until_renewal()))
 
+    def _overlapped(self) -> tuple[int, bool]:
+        """Read the next batch while the one before is being published and checkpointed, then hand
+        it over once that one is done. Only one batch is in flight, so the checkpoint moves in
+        order; when it fails, the batch read meanwhile is dropped and reading starts again at the
+        checkpoint (its events are published again: consumers deduplicate)."""
+        batch, held_back = self._read(self._cursor)
+        self._settle()
+        if batch:
+            self._cursor = (batch[-1].tx_id or 0, batch[-1].position)
+            self._in_flight = self._confirming.submit(self._publish, batch)
+        return len(batch), held_back
+
+    def _settle(self, reraise: bool = True) -> None:
+        """Wait for the batch in flight; on its failure forget the cursor, and raise unless told not to."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return
+        try:
+            in_flight.result()
+        except BaseException:
+            self._cursor = None
+            if reraise:
+                raise
+
     def _relay_batch(self) -> tuple[int, bool]:
-        """Read, publish, feed, checkpoint. Returns (events relayed, whether committed events are
-        held back behind a running transaction)."""
-        batch, held_back = self._read()
-        if not batch:
-            return 0, held_back
+        """Read, publish, feed, checkpoint, one after the other. Returns (events relayed, whether
+        committed events are held back behind a running transaction)."""
+        self._cursor = None
+        batch, held_back = self._read(None)
+        if batch:
+            self._publish(batch)
+        return len(batch), held_back
+
+    def _publish(self, batch: list[StoredEvent]) -> None:
         started = time.monotonic()
         messages = [EventMessage.from_stored(event) for event in batch]
         self._send(messages)
@@ -178,12 +211,12 @@ class EventRelay:
         log.info("relay.published", count=len(batch), first_position=batch[0].position,
                  last_position=batch[-1].position, command_ids=command_ids,
                  ms=round((time.monotonic() - started) * 1000, 1))
-        return len(batch), held_back
 
-    def _read(self) -> tuple[list[StoredEvent], bool]:
-        """The next batch (lingering once when it is not full) and whether events are held back."""
+    def _read(self, after: tuple[int, int] | None) -> tuple[list[StoredEvent], bool]:
+        """The batch after ``after`` (None: the checkpoint), lingering once when it is not full, and
+        whether events are held back."""
         with self.engine.connect() as conn:
-            checkpoint = read_checkpoint(conn)
+            checkpoint = read_checkpoint(conn) if after is None else after
             batch = read_batch(conn, checkpoint, self.batch_size)
             if batch and len(batch) < self.batch_size and self.linger > 0:
                 conn.commit()
@@ -223,12 +256,13 @@ class Lease:
         self.engine, self.holder, self.seconds = engine, holder, seconds
         self.held = False
         self.renew_at = 0.0
+        self.lock = threading.Lock()  # hold (the relay's loop) and fence (its confirming thread)
         self.other: str | None = None  # the holder we last saw while on standby
 
     def hold(self) -> bool:
         if self.held and time.monotonic() < self.renew_at:
             return True
-        with self.engine.begin() as conn:
+        with self.lock, self.engine.begin() as conn:
             now, expires = self._clock(conn)
             insert = upsert_insert(conn, leases).values(name=NAME, holder=self.holder, expires_at=expires)
             upsert = insert.on_conflict_do_update(
@@ -242,6 +276,10 @@ class Lease:
         return got
 
     def fence(self, conn: Connection) -> None:
+        with self.lock:
+            self._fence(conn)
+
+    def _fence(self, conn: Connection) -> None:
         now, expires = self._clock(conn)
         renewed = conn.execute(
             leases.update()
@@ -286,88 +324,6 @@ class Lease:
             return sa.func.now(), sa.func.now() + timedelta(seconds=self.seconds)
         now = datetime.now(UTC)
         return now, now + timedelta(seconds=self.seconds)
-
-
-class RabbitmqOutlet:
-    """The relay's outlets on RabbitMQ: the events exchange (topic, durable; persistent messages,
-    ``message_id`` = event id, publisher confirms) and the indexer queue (one Dramatiq message
-    per batch, published to it through the default exchange, confirmed, ``mandatory``: a missing
-    queue fails the batch). Each outlet has its own confirming publisher, so that the two may be
-    used from two threads at once. Declares both on first use and again after any failure."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.publisher: AmqpPublisher | None = None
-        self.indexer_publisher: AmqpPublisher | None = None
-        self.broker: Any = None
-        self.declared = False
-        self.lock = threading.Lock()  # the two outlets are used from two threads
-
-    def publish_events(self, messages: list[EventMessage]) -> None:
-        """Raises EventsNotConfirmed unless the broker confirmed every message. Published without
-        ``mandatory``: a message no queue is bound for is confirmed too (nobody subscribed to it,
-        which is no failure)."""
-        with self._reset_on_error():
-            report = self.publisher.publish_many(  # type: ignore[union-attr]
-                OutgoingMessage(body=m.model_dump_json().encode(), routing_key=m.routing_key(),
-                                message_id=m.event_id) for m in messages)
-            failed = report.failed
-            if failed:
-                raise EventsNotConfirmed(f"{len(failed)} of {len(messages)} events not confirmed, "
-                                         f"e.g. {failed[0][0]}: {failed[0][1]}")
-
-    def feed_indexer(self, batch: list[dict[str, Any]]) -> None:
-        """Raises EventsNotConfirmed unless the broker confirmed the batch's message."""
-        with self._reset_on_error():
-            message = index_message(batch, self.settings.indexer_queue)
-            report = self.indexer_publisher.publish_many([OutgoingMessage(  # type: ignore[union-attr]
-                body=message.encode(), routing_key=self.settings.indexer_queue, message_id=message.message_id)])
-            if report.failed:
-                raise EventsNotConfirmed(f"indexer batch of {len(batch)} events not confirmed: {report.failed[0][1]}")
-
-    @contextmanager
-    def _reset_on_error(self) -> Iterator[None]:
-        try:
-            self._declare()
-            yield
-        except Exception:
-            self.reset()
-            raise
-
-    def _declare(self) -> None:
-        with self.lock:
-            if not self.declared:
-                self._declare_locked()
-
-    def _declare_locked(self) -> None:
-        if self.broker is None:
-            self.broker = make_broker(self.settings)
-        try:
-            self.broker.declare_queue(self.settings.indexer_queue, ensure=True)
-            self.broker.channel.exchange_declare(self.settings.events_exchange, exchange_type="topic", durable=True)
-        finally:
-            del self.broker.connection  # this thread's, used only to declare
-        if self.publisher is None:
-            self.publisher = AmqpPublisher(self.settings.broker_url, self.settings.events_exchange,
-                                           confirm_timeout=15.0, reconnect_attempts=2, mandatory=False)
-        if self.indexer_publisher is None:
-            self.indexer_publisher = AmqpPublisher(self.settings.broker_url, "", confirm_timeout=15.0,
-                                                   reconnect_attempts=2, mandatory=True)
-        self.declared = True
-
-    def reset(self) -> None:
-        """Forget connections after a failure; the next call reconnects and declares again."""
-        with self.lock:
-            self.declared = False
-            publishers, self.publisher, self.indexer_publisher = (self.publisher, self.indexer_publisher), None, None
-        for publisher in publishers:
-            if publisher is not None:
-                publisher.close()
-
-    def close(self) -> None:
-        self.reset()
-        if self.broker is not None:
-            self.broker.close()
 
 
 # -- reading the write store -----------------------------------------------------------------

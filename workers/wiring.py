@@ -7,7 +7,7 @@ from collections.abc import Callable
 import dramatiq
 
 from cqrskit.infra.broker import make_broker
-from cqrskit.workers.actors import declare_command_actor, declare_indexer_actor
+from cqrskit.workers.actors import declare_command_actor, declare_indexer_actors
 from cqrskit.workers.metrics import COMMANDS, INDEXER, worker_metrics
 from cqrskit.workers.middleware import DeadOutcomes, LogContext
 from cqrskit.workers.runtime import Runtime
@@ -26,5 +26,5 @@ def build_indexer_worker(runtime: Runtime, metrics_server: Callable[[], int] | N
     """The broker of an indexer process, with its middleware and the indexer actor."""
     metrics = worker_metrics(runtime.settings, runtime, INDEXER, metrics_server)
     broker = make_broker(runtime.settings, extra_middleware=[*metrics, LogContext()])
-    declare_indexer_actor(broker, runtime)
+    declare_indexer_actors(broker, runtime)
     return broker
