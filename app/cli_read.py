@@ -73,23 +73,35 @@ def indexer(
     ctx: typer.Context,
     processes: Annotated[int, typer.Option("--processes", "-p", help="Indexer processes.")] = 1,
     threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process (they share coalesced windows).")] = 8,
+    partition: Annotated[Optional[list[int]], typer.Option(
+        "--partition", help="Consume only this partition's queue (repeatable; default: every partition, "
+                            "of CQRSKIT_INDEXER_PARTITIONS).")] = None,
 ) -> None:
-    """Run indexer workers on the indexer queue (Dramatiq), until interrupted.
+    """Run indexer workers on the indexer queues (Dramatiq), until interrupted.
 
-    Example: cqrskit indexer --processes 2 --threads 4
+    Example: cqrskit indexer --processes 1 --threads 8 --partition 0
     """
+    from cqrskit.infra.topology import indexer_queues
+
     settings: Settings = ctx.obj
     if settings.embedded_broker or settings.elasticsearch_url == EMBEDDED_SEARCH:
         err.print("[red]the indexer needs a real broker and search server:[/red] set CQRSKIT_BROKER_URL and "
                   "CQRSKIT_ELASTICSEARCH_URL")
         raise typer.Exit(2)
+    if partition and not all(0 <= p < settings.indexer_partitions for p in partition):
+        err.print(f"[red]--partition: there are {settings.indexer_partitions} partitions (0 to "
+                  f"{settings.indexer_partitions - 1}), set by CQRSKIT_INDEXER_PARTITIONS[/red]")
+        raise typer.Exit(2)
     preflight(settings, "indexer")
-    exec_dramatiq(settings, "cqrskit.app.processes:indexer_worker", settings.indexer_queue, processes, threads)
+    queues = indexer_queues(settings, partition or None)
+    exec_dramatiq(settings, "cqrskit.app.processes:indexer_worker", queues[0], processes, threads, queues[2:])
 
 
-def exec_dramatiq(settings: Settings, factory: str, queue: str, processes: int, threads: int) -> None:
+def exec_dramatiq(settings: Settings, factory: str, queue: str, processes: int, threads: int,
+                  more_queues: list[str] | None = None) -> None:
     """Become Dramatiq's CLI on ``factory`` (``module:callable``), consuming ``queue`` and its delay
-    queue, with every effective setting (flags included) handed over through the environment."""
+    queue (and ``more_queues``), with every effective setting (flags included) handed over through
+    the environment."""
     from cqrskit.app.processes import THREADS
 
     os.environ.update(settings.environment())
@@ -97,7 +109,7 @@ def exec_dramatiq(settings: Settings, factory: str, queue: str, processes: int, 
     if settings.log_format == LogFormat.auto:  # the children log through a pipe: decide for them
         os.environ["CQRSKIT_LOG_FORMAT"] = (LogFormat.console if sys.stderr.isatty() else LogFormat.json).value
     args = ["cqrskit.app.dramatiq_main", factory, "--processes", str(processes), "--threads", str(threads),
-            "--queues", queue, f"{queue}.DQ", "--skip-logging"]
+            "--queues", queue, f"{queue}.DQ", *(more_queues or []), "--skip-logging"]
     os.execvp(sys.executable, [sys.executable, "-m", *args])
 
 

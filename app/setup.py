@@ -20,6 +20,7 @@ def setup_all(settings: Settings, say: Callable[[str], None] = print) -> None:
     try:
         upgrade(engine)
         say(f"write store at revision {current_revision(engine)}")
+        _ensure_lookups(settings, engine, say)
         broker = make_broker(settings)
         declare_command_topology(broker, settings)
         declare_read_side_topology(broker, settings)
@@ -47,3 +48,11 @@ def _ensure_indices(settings: Settings, engine, say: Callable[[str], None]) -> N
             say(f"read model {alias(settings.index_prefix, model.name)}: " + (f"created {created}" if created else "exists"))
     finally:
         es.close()
+
+
+def _ensure_lookups(settings: Settings, engine, say: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
+    from cqrskit.app import bootstrap
+    from cqrskit.read_models.lookups import ensure_lookup_indexes
+
+    for name in ensure_lookup_indexes(engine, bootstrap.app_of(settings).read_models):
+        say(f"write store: made index {name} (a read model's fan-out lookup)")

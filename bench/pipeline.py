@@ -108,11 +108,12 @@ def where_the_time_goes(stack: Any, sent: list[Sent]) -> str:
                      for name, v in breakdown.items() if "->" in name and v)
 
 
-def written_documents(stack: Any, start: float, end: float) -> int:
-    """Documents the indexers wrote between ``start`` and ``end`` (their ``indexer.indexed`` logs)."""
-    return sum(line.get("written", 0) for p in stack.started if p.log_path.name.startswith("indexer")
-               for line in json_lines(p.log_path)
-               if line.get("event") == "indexer.indexed" and start <= log_time(line) <= end)
+def indexer_counts(stack: Any, start: float, end: float) -> dict[str, int]:
+    """Documents the indexers computed, wrote and had refused as stale between ``start`` and
+    ``end`` (their ``indexer.indexed`` logs), summed over every indexer process."""
+    lines = [line for p in stack.started if p.log_path.name.startswith("indexer") for line in json_lines(p.log_path)
+             if line.get("event") == "indexer.indexed" and start <= log_time(line) <= end]
+    return {key: sum(line.get(key, 0) for line in lines) for key in ("documents", "written", "stale", "skipped")}
 
 
 def run_documents(url: str, order_ids: list[str]) -> dict[str, list[Any]]:
@@ -182,17 +183,24 @@ class Shape:
     worker_threads: int
     indexers: int  # indexer processes
     indexer_threads: int
+    partitions: int  # indexer partitions, dealt round-robin to the indexer processes
 
     def describe(self) -> str:
         return (f"{self.workers} worker process(es) x {self.worker_threads} threads, 1 relay, {self.indexers} "
-                f"indexer process(es) x {self.indexer_threads} threads, osmem")
+                f"indexer process(es) x {self.indexer_threads} threads on {self.partitions} partition(s), osmem")
+
+    def partitions_of(self, indexer: int) -> list[int]:
+        return [p for p in range(self.partitions) if p % self.indexers == indexer]
 
 
 def start(stack: Any, shape: Shape) -> None:
+    from cqrskit.infra.topology import indexer_partitions
+
     settings = stack.settings
-    for _ in range(shape.indexers):
-        indexer = stack.start_indexer(threads=shape.indexer_threads)
-        wait_for_consumer(settings.indexer_queue, indexer.popen, 60)
+    queues = [p.queue for p in indexer_partitions(settings)]
+    for i in range(shape.indexers):
+        indexer = stack.start_indexer(threads=shape.indexer_threads, partitions=shape.partitions_of(i))
+        wait_for_consumer(queues[shape.partitions_of(i)[0]], indexer.popen, 60)
     stack.start_relay()
     for _ in range(shape.workers):
         worker = stack.start_worker(threads=shape.worker_threads)
@@ -204,13 +212,15 @@ def measure(args: argparse.Namespace, console: Console) -> tuple[list[Row], Run]
     from cqrskit.read_models.indices import alias
     from tests.stack import Stack
 
-    shape = Shape(args.workers, args.worker_threads, args.indexers, args.indexer_threads)
+    shape = Shape(args.workers, args.worker_threads, args.indexers, args.indexer_threads,
+                  args.partitions or args.indexers)
     tag = uuid.uuid4().hex[:8]
     run = Run()
     with bench_database(f"pipe_{tag}") as url, osmem() as server, \
             tempfile.TemporaryDirectory(prefix="cqrskit-bench-") as tmp:
         load, stored = preload(url, args.sizes, console)
-        settings = bench_settings(url, server.url, tag, relay_linger_ms=args.linger_ms)
+        settings = bench_settings(url, server.url, tag, relay_linger_ms=args.linger_ms,
+                                  indexer_partitions=shape.partitions)
         stack = Stack.create(settings, server.url, Path(tmp))
         # one search every 20 ms at most: the watcher is a client, not a load on the search server
         watcher = Watcher(stack.es, alias(settings.index_prefix, "orders"), pause=args.watch_pause)
@@ -232,7 +242,8 @@ def measure(args: argparse.Namespace, console: Console) -> tuple[list[Row], Run]
                 run.sent += half_sent
                 wait_visible(watcher, 120)
             run.ended = time.time() + 1.0
-            written = written_documents(stack, run.started, run.ended)
+            counts = indexer_counts(stack, run.started, run.ended)
+            written = counts["written"]
             watcher.stop.set()
             watcher.join(timeout=10)
             failed = sum(1 for p in stack.started for line in json_lines(p.log_path)
@@ -250,12 +261,12 @@ def measure(args: argparse.Namespace, console: Console) -> tuple[list[Row], Run]
         docs_per_command = written / max(1, len(run.sent))
         raw_docs = raw_bulk_rate(documents, args.raw_chunk)
         raw_pg = raw_pg_rate(url, shape.workers * shape.worker_threads, 3.0)
-    rows = rows_of(run, shape, sustained, raw_docs, docs_per_command, raw_pg, stored, failed, documents)
+    rows = rows_of(run, shape, sustained, raw_docs, docs_per_command, raw_pg, stored, failed, documents, counts)
     return rows, run
 
 
 def rows_of(run: Run, shape: Shape, sustained: float, raw_docs: float, docs_per_command: float, raw_pg: float,
-            stored: int, failed: int, documents: dict[str, list[Any]]) -> list[Row]:
+            stored: int, failed: int, documents: dict[str, list[Any]], counts: dict[str, int]) -> list[Row]:
     allowed = raw_docs / docs_per_command if docs_per_command else float("nan")
     ladder_text = "; ".join(f"{s.offered:,.0f}/s: p50 {s.p50 * 1000:,.0f} / p99 {s.p99 * 1000:,.0f} ms"
                             + (f", {s.unseen} unseen" if s.unseen else "") for s in run.steps)
@@ -269,7 +280,9 @@ def rows_of(run: Run, shape: Shape, sustained: float, raw_docs: float, docs_per_
                 f"{sum(len(d) for d in documents.values()):,} final documents of the run's orders, customers and "
                 f"products, over {docs_per_command:.2f} documents written per command = {allowed:,.0f} commands/s; "
                 f"PostgreSQL one-row tx {raw_pg:,.0f}/s at {shape.workers * shape.worker_threads} connections "
-                f"({sustained / raw_pg:.2f}x of it). {common}")]
+                f"({sustained / raw_pg:.2f}x of it). Indexers: {counts['documents']:,} documents computed, "
+                f"{counts['written']:,} written, {counts['stale']:,} refused as stale, {counts['skipped']:,} "
+                f"skipped as covered, for {sum(len(d) for d in documents.values()):,} distinct documents. {common}")]
     half = run.half
     if half is None:
         return rows + [Row(HALF_P50, "n/a"), Row(HALF_P99, "n/a")]
@@ -292,6 +305,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-threads", type=int, default=8)
     parser.add_argument("--indexers", type=int, default=1, help="indexer processes")
     parser.add_argument("--indexer-threads", type=int, default=8)
+    parser.add_argument("--partitions", type=int, default=0, help="indexer partitions (default: one per indexer)")
     parser.add_argument("--linger-ms", type=float, default=5.0, help="the relay's linger")
     parser.add_argument("--raw-chunk", type=int, default=500, help="documents per raw bulk request")
     parser.add_argument("--plot", type=Path, default=PLOT, help="PNG of lag against offered rate ('' for none)")

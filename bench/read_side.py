@@ -360,8 +360,10 @@ def bench_settings(url: str, search_url: str, tag: str, **extra: Any) -> Any:
 
 
 def delete_topology(settings: Any) -> None:
+    from cqrskit.infra.topology import indexer_partitions
+
     with amqp_channel() as channel:
-        for base in (settings.commands_queue, settings.indexer_queue):
+        for base in (settings.commands_queue, *(p.queue for p in indexer_partitions(settings))):
             for queue in (base, f"{base}.DQ", f"{base}.XQ"):
                 channel.queue_delete(queue)
         channel.exchange_delete(settings.commands_exchange)

@@ -59,7 +59,7 @@ def iso(value: Any) -> str | None:
 # contract (its external version is their sum; read-your-writes reads them, G8). A plain object
 # array, not ``nested``: the search server indexes it as two flat fields (``streams.id`` and
 # ``streams.version``) instead of one hidden document per entry, so an entry costs about a third
-# as much to index (a customer with many orders is rewritten on each of them). Nothing searches
+# as much to index (a document computed from many streams is rewritten on each of their events). Nothing searches
 # an (id, version) pair: read-your-writes looks documents up by ``streams.id`` and compares the
 # versions of their ``_source``.
 STREAMS: dict[str, Any] = {"type": "object", "properties": {"id": {"type": "keyword"}, "version": {"type": "long"}}}

@@ -20,6 +20,7 @@ from cqrskit.domain.model import Aggregate, stream_id
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.schema import events, streams
 from cqrskit.infra.utc import as_utc
+from cqrskit.read_models.lookups import checked
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 CHUNK = 500
@@ -65,11 +66,18 @@ class WriteStoreSource:
         return aggregate
 
     def ids_where(self, stream_type: str, json_field: str, values: Iterable[str]) -> dict[str, list[str]]:
-        """Aggregate ids of ``stream_type`` whose state's ``json_field`` is one of ``values``."""
+        """Aggregate ids of ``stream_type`` whose state's ``json_field`` is one of ``values``. On
+        PostgreSQL the type and the field are written as literals, so that the index of a declared
+        lookup (``cqrskit.read_models.lookups``) serves the query; both must be plain identifiers."""
         out: dict[str, list[str]] = defaultdict(list)
-        field = streams.c.state[json_field].as_string()
+        if self.conn.dialect.name == "postgresql":
+            checked(stream_type, json_field)
+            field: Any = streams.c.state.op("->>")(sa.literal_column(f"'{json_field}'")).label("value")
+            of_type: Any = streams.c.stream_type == sa.literal_column(f"'{stream_type}'")
+        else:
+            field, of_type = streams.c.state[json_field].as_string(), streams.c.stream_type == stream_type
         for chunk in _chunks(sorted(set(values))):
-            query = sa.select(field, streams.c.aggregate_id).where(streams.c.stream_type == stream_type, field.in_(chunk))
+            query = sa.select(field, streams.c.aggregate_id).where(of_type, field.in_(chunk))
             for value, aggregate_id in self.conn.execute(query):
                 out[value].append(aggregate_id)
         return out

@@ -109,9 +109,11 @@ def amqp_settings(pg_url: str, amqp_url: str) -> Iterator[Settings]:
 
 
 def delete_topology(settings: Settings) -> None:
+    from cqrskit.infra.topology import indexer_partitions
+
     connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
     channel = connection.channel()
-    for base in (settings.commands_queue, settings.indexer_queue):
+    for base in (settings.commands_queue, *(p.queue for p in indexer_partitions(settings))):
         for queue in (base, f"{base}.DQ", f"{base}.XQ"):
             channel.queue_delete(queue)
     channel.exchange_delete(settings.commands_exchange)

@@ -47,6 +47,7 @@ from cqrskit.read_models.parking import list_parked
 from cqrskit.read_models.search import make_client
 from cqrskit.read_models.verify import VerifyReport, verify
 from tests.processes import PROJECT, WorkerProcess, WriteStore, worker_env
+from cqrskit.infra.topology import indexer_partitions, indexer_queues
 from cqrskit.workers.relay import relay_lag
 
 POLL = 0.05
@@ -149,7 +150,8 @@ class Stack:
         s = self.settings
         return worker_env(s, CQRSKIT_APP=s.app, CQRSKIT_ELASTICSEARCH_URL=s.elasticsearch_url,
                           CQRSKIT_EVENTS_EXCHANGE=s.events_exchange, CQRSKIT_INDEXER_QUEUE=s.indexer_queue,
-                          CQRSKIT_INDEX_PREFIX=s.index_prefix, COLUMNS="240", **extra)
+                          CQRSKIT_INDEX_PREFIX=s.index_prefix, CQRSKIT_INDEXER_PARTITIONS=str(s.indexer_partitions),
+                          COLUMNS="240", **extra)
 
     def start_worker(self, threads: int = 4) -> WorkerProcess:
         queue = self.settings.commands_queue
@@ -159,10 +161,10 @@ class Stack:
     def start_relay(self) -> WorkerProcess:
         return self._spawn("relay", ["-m", "cqrskit.app", "relay"])
 
-    def start_indexer(self, threads: int = 2) -> WorkerProcess:
-        queue = self.settings.indexer_queue
+    def start_indexer(self, threads: int = 2, partitions: list[int] | None = None) -> WorkerProcess:
+        """An indexer process consuming ``partitions`` (default: every one)."""
         return self._spawn("indexer", ["-m", "dramatiq", "cqrskit.app.processes:indexer_worker", "-p", "1", "-t", str(threads),
-                                       "--queues", queue, f"{queue}.DQ"])
+                                       "--queues", *indexer_queues(self.settings, partitions)])
 
     def _spawn(self, kind: str, args: list[str]) -> WorkerProcess:
         same_kind = sum(p.log_path.name.startswith(kind) for p in self.started)
@@ -237,15 +239,15 @@ class Stack:
     # -- the read side -----------------------------------------------------------------------
     @property
     def indexer_queues(self) -> list[str]:
-        return [self.settings.indexer_queue, f"{self.settings.indexer_queue}.DQ"]
+        return indexer_queues(self.settings)
 
     def indexer_backlog(self) -> int:
         return sum(queue_depths(self.indexer_queues).values())
 
     def dead_indexer_batches(self) -> int:
         """Indexer messages Dramatiq gave up on (its dead-letter queue)."""
-        name = f"{self.settings.indexer_queue}.XQ"
-        return queue_depths([name])[name]
+        names = [f"{p.queue}.XQ" for p in indexer_partitions(self.settings)]
+        return sum(queue_depths(names).values())
 
     def wait_drained(self, timeout: float = 120.0, relay: bool = True) -> None:
         """Wait until the relay has relayed everything (unless ``relay`` is False: batches were

@@ -604,3 +604,96 @@ def test_event_message_schema_file_equals_the_model() -> None:
     assert (DOCS / "event-message.schema.json").read_text() == event_message_schema_text(), (
         "docs/event-message.schema.json is stale: regenerate it from cqrskit.infra.event_wire.event_message_schema_text()"
     )
+
+
+# -- G5: batch N+1 is read while batch N is confirmed --------------------------------------------
+class Overlapping(EventRelay):
+    """A relay that counts the reads made while a batch was out for confirms, and checks
+    at every checkpoint that every event up to it was published (G5)."""
+
+    def __init__(self, settings: Settings, engine: Engine, publish: Callable[[list[EventMessage]], None]) -> None:
+        super().__init__(settings, engine, publish, None, holder="test")
+        self.reads_during_publish = 0
+        self.published: set[int] = set()
+        self.checkpoints: list[int] = []
+
+    def _read(self, after: tuple[int, int] | None) -> Any:
+        in_flight = self._in_flight
+        self.reads_during_publish += in_flight is not None and not in_flight.done()
+        return super()._read(after)
+
+    def _advance(self, last: Any) -> None:
+        with self.engine.connect() as conn:
+            upto = set(conn.execute(sa.select(events.c.position).where(events.c.position <= last.position)).scalars())
+        assert upto <= self.published, f"checkpoint to {last.position} passes unpublished {sorted(upto - self.published)}"
+        self.checkpoints.append(last.position)
+        super()._advance(last)
+
+
+def run_in_thread(relay: EventRelay) -> tuple[threading.Event, threading.Thread]:
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    thread.start()
+    return stop, thread
+
+
+@pytest.mark.timeout(60)
+def test_the_next_batch_is_read_while_one_is_being_confirmed(relay_settings: Settings, engine: Engine) -> None:
+    """G5 with overlapped batches: reads happen while a batch is out for confirms, every event is
+    published once, in relay order, and the checkpoint never passes an event not yet confirmed."""
+    settings = relay_settings.model_copy(update={"relay_batch_size": 4, "relay_linger_ms": 0})
+    got: list[int] = []
+
+    def slow_confirms(messages: list[EventMessage]) -> None:
+        time.sleep(0.1)  # a confirm round that takes its time
+        got.extend(m.position for m in messages)
+        relay.published.update(m.position for m in messages)
+
+    relay = Overlapping(settings, engine, slow_confirms)
+    register(EventStore(engine, registry), 20)
+    stop, thread = run_in_thread(relay)
+    try:
+        wait_for(lambda: checkpoint(engine) is not None and checkpoint(engine)[1] == 20, 30)  # type: ignore[index]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        relay.close()
+    assert got == list(range(1, 21))
+    assert relay.reads_during_publish >= 3
+    assert relay.checkpoints == sorted(relay.checkpoints)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_batch_drops_the_batch_read_meanwhile_and_publishes_both_again(
+        relay_settings: Settings, engine: Engine) -> None:
+    """G5: batch 2 is not confirmed while batch 3 was already read; batch 3 is not published
+    before batch 2, both go out again from the checkpoint, and nothing is skipped."""
+    settings = relay_settings.model_copy(update={"relay_batch_size": 4, "relay_linger_ms": 0})
+    got: list[list[int]] = []
+
+    def second_fails(messages: list[EventMessage]) -> None:
+        time.sleep(0.05)
+        got.append([m.position for m in messages])
+        if len(got) == 2:
+            raise ConnectionError("not confirmed")
+        relay.published.update(m.position for m in messages)
+
+    relay = Overlapping(settings, engine, second_fails)
+    register(EventStore(engine, registry), 12)
+    stop, thread = run_in_thread(relay)
+    try:
+        wait_for(lambda: checkpoint(engine) is not None and checkpoint(engine)[1] == 12, 30)  # type: ignore[index]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        relay.close()
+    assert got[:3] == [[1, 2, 3, 4], [5, 6, 7, 8], [5, 6, 7, 8]]
+    assert got[3:] == [[9, 10, 11, 12]]
+    assert relay.published == set(range(1, 13))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

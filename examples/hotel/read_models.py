@@ -67,6 +67,7 @@ class BookingsModel:
     stream_type = "booking"
     id_field = "booking_id"
     reflects = {"booking": HELD, "room": FRESH}
+    lookups = (("booking", "room_id"),)  # a room's bookings (indexed by `cqrskit setup`)
     mappings: dict[str, Any] = {
         "dynamic": "strict",
         "properties": {
@@ -133,6 +134,7 @@ class RoomsModel:
     stream_type = "room"
     id_field = "room_id"
     reflects = {"room": HELD, "booking": HELD}
+    lookups = (("booking", "room_id"),)  # a room's bookings (indexed by `cqrskit setup`)
     mappings: dict[str, Any] = {
         "dynamic": "strict",
         "properties": {

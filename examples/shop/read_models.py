@@ -95,6 +95,7 @@ class OrdersModel:
     id_field = "order_id"
     # an order's document holds its order; a customer's rename must reach every one of their orders
     reflects = {"order": HELD, "customer": FRESH}
+    lookups = (("order", "customer_id"),)  # a customer's orders (indexed by `cqrskit setup`)
     queries = Queries(
         view=OrderView, description="Orders with their customer and lines (denormalised).",
         text={"customer.name": 4, "customer.email": 2, "lines.name": 1},
@@ -209,6 +210,7 @@ class CustomersModel:
     stream_type = "customer"
     id_field = "customer_id"
     reflects = {"customer": HELD, "order": HELD}
+    lookups = (("order", "customer_id"),)
     queries = Queries(
         view=CustomerView, description="Customers with their order count and lifetime value.",
         text={"name": 2, "email": 1},
