@@ -70,10 +70,10 @@ class Indexer:
         connection errors) when the batch must be retried as a whole."""
         delivered = len(events) if delivered is None else delivered
         started = time.perf_counter()
-        targets = write_targets(self.engine, self.prefix, list(self.models))
         touches = {e["position"]: (e["stream_id"], e["version"]) for e in events}
         with snapshot(self.engine) as conn:
-            source = WriteStoreSource(conn, self.registry)
+            targets = write_targets(conn, self.prefix, list(self.models))  # a rebuild that began is seen
+            source = WriteStoreSource(conn, self.registry, remember=True)
             affected = {name: self._homed(model, model.affected(source, events), partition)
                         for name, model in self.models.items()}
             plan = {name: self._uncovered(name, touched, targets[name], touches) for name, touched in affected.items()}

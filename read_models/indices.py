@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from elasticsearch import Elasticsearch
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from cqrskit.infra.schema import read_model_indices
 from cqrskit.read_models.model import SETTINGS, ReadModel
@@ -42,11 +42,15 @@ def roles(engine: Engine, model: str) -> dict[str, str]:
         return dict(conn.execute(query).all())
 
 
-def write_targets(engine: Engine, prefix: str, models: list[str]) -> dict[str, list[str]]:
-    """Aliases each model's documents must be written to now: live, plus next while rebuilding."""
+def write_targets(engine: Engine | Connection, prefix: str, models: list[str]) -> dict[str, list[str]]:
+    """Aliases each model's documents must be written to now: live, plus next while rebuilding.
+    Given a connection, read in its transaction (an indexer's snapshot, before it reads anything else)."""
     query = sa.select(read_model_indices.c.read_model, read_model_indices.c.role)
-    with engine.connect() as conn:
-        rows = conn.execute(query).all()
+    if isinstance(engine, Connection):
+        rows = engine.execute(query).all()
+    else:
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
     building = {m for m, role in rows if role == BUILDING}
     return {m: [alias(prefix, m)] + ([next_alias(prefix, m)] if m in building else []) for m in models}
 

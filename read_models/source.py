@@ -30,27 +30,36 @@ CHUNK = 500
 def snapshot(engine: Engine) -> Iterator[Connection]:
     """A read-only connection on one consistent snapshot of the write store."""
     with engine.connect() as conn:
-        if conn.dialect.name == "postgresql":
-            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        if conn.dialect.name == "postgresql":  # one BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY
+            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
         with conn.begin():
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
             yield conn
 
 
 class WriteStoreSource:
-    def __init__(self, conn: Connection, registry: Registry) -> None:
+    """Reads of one snapshot. ``remember``: keep every aggregate read (or found missing), so that
+    the fan-out and the projections of one indexer window read each aggregate once; the snapshot
+    does not change, so neither do they. Not for a source that reads a whole store (memory)."""
+
+    def __init__(self, conn: Connection, registry: Registry, remember: bool = False) -> None:
         self.conn = conn
         self.registry = registry
+        self.remembered: dict[tuple[str, str], Any] | None = {} if remember else None
 
     def aggregates(self, cls: type[A], ids: Iterable[str]) -> dict[str, A]:
         """The aggregates that exist among ``ids`` (with their versions), by id."""
-        found: dict[str, A] = {}
-        for chunk in _chunks(sorted(set(ids))):
+        wanted = sorted(set(ids))
+        known = self.remembered if self.remembered is not None else {}
+        found: dict[str, A] = {i: known[(cls.stream_type, i)] for i in wanted
+                               if known.get((cls.stream_type, i)) is not None}
+        missing = [i for i in wanted if (cls.stream_type, i) not in known]
+        for chunk in _chunks(missing):
             sids = [stream_id(cls.stream_type, i) for i in chunk]
             query = sa.select(streams.c.aggregate_id, streams.c.version, streams.c.state, streams.c.state_version)
             for row in self.conn.execute(query.where(streams.c.stream_id.in_(sids))):
                 found[row.aggregate_id] = self._restore(cls, row)
+        if self.remembered is not None:
+            self.remembered.update({(cls.stream_type, i): found.get(i) for i in missing})
         return found
 
     def _restore(self, cls: type[A], row: Any) -> A:

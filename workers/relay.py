@@ -66,7 +66,6 @@ NAME = "relay"  # the relay's checkpoint row and lease row
 SQLITE_POLL = 0.05
 POSTGRES_POLL = 0.025
 HELD_BACK_POLL = 0.02
-BUSY_POLL = 0.01  # after a batch: more events are likely on their way
 SLOW_POLL = 1.0
 
 
@@ -166,7 +165,7 @@ class EventRelay:
             return 0.0
         if count >= self.batch_size:
             return 0.0
-        poll = SQLITE_POLL if not self.postgres else HELD_BACK_POLL if held_back else BUSY_POLL if count else POSTGRES_POLL
+        poll = SQLITE_POLL if not self.postgres else HELD_BACK_POLL if held_back else POSTGRES_POLL
         return max(0.0, min(poll, self.lease.until_renewal()))
 
     def _overlapped(self) -> tuple[int, bool]:
@@ -223,7 +222,7 @@ class EventRelay:
                 time.sleep(self.linger)
                 last = batch[-1]
                 batch += read_batch(conn, (last.tx_id or 0, last.position), self.batch_size - len(batch))
-            held_back = len(batch) < self.batch_size and self.postgres and _held_back(conn, checkpoint)
+            held_back = not batch and self.postgres and _held_back(conn, checkpoint)
         return batch, held_back
 
     def _send(self, messages: list[EventMessage]) -> None:
