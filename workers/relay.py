@@ -24,7 +24,9 @@ much latency), publish them to the exchange and feed them to the indexer at the 
 outlet streams its messages with windowed confirms, and the two confirm rounds overlap), then
 advance the checkpoint in a transaction that first renews our lease row (fencing: a relay that
 lost its lease cannot move the checkpoint). A crash anywhere before that commit publishes the
-batch again: consumers deduplicate by ``event_id``.
+batch again: consumers deduplicate by ``event_id``. While one batch is out for its confirms and
+its checkpoint (a thread of its own), the next one is read; it is handed over only once the one
+before is checkpointed, and dropped when that one fails (reading starts again at the checkpoint).
 
 One active relay: the ``leases`` row ``relay`` names a holder until ``expires_at`` (the database's
 clock on PostgreSQL, so the clocks of the relays' hosts do not matter). The holder renews it every
