@@ -155,3 +155,21 @@ def test_rebuild_swaps_the_alias_to_an_equal_new_index(shop: Shop) -> None:
     assert report.documents == 1 and report.replaced == sorted(before) and after == {report.index} != before
     assert not shop.es.indices.exists(index=list(before))
     shop.verify_all()
+
+
+def test_a_mapping_with_nested_streams_is_refused_when_the_app_loads() -> None:
+    """G8: read-your-writes finds documents by ``streams.id``, a plain object array
+    (``STREAMS``); a read model whose mapping still declares ``streams`` as ``nested`` (which that
+    lookup would not find) is refused with one line naming ``STREAMS``, not left to time out."""
+    import copy
+
+    from cqrskit.examples.shop.read_models import OrdersModel
+    from cqrskit.read_models.queryable import searchable
+
+    class NestedOrders(OrdersModel):
+        mappings = copy.deepcopy(OrdersModel.mappings)
+
+    NestedOrders.mappings["properties"]["streams"]["type"] = "nested"
+    with pytest.raises(ValueError, match="STREAMS"):
+        searchable(NestedOrders())
+    assert searchable(OrdersModel()) is not None
