@@ -1000,17 +1000,16 @@ def stages(stack: Any, measured: list[Sent]) -> dict[str, list[float]]:
 
 
 def osmem_stalls(stack: Any, over: float = 1.0) -> list[tuple[float, float]]:
-    """(start, end) of the bulk requests the indexer waited ``over`` seconds or more for, from the
-    search client's own request log lines (``... _bulk ... [status:200 duration:2.034s]``)."""
-    import re
-
+    """(start, end) of the windows whose writes the indexer waited ``over`` seconds or more for,
+    from its own ``indexer.indexed`` lines (``write_ms``: the bulk requests and their results; the
+    search client's request lines are at WARNING)."""
     stalls = []
     for process in stack.started:
         for line in json_lines(process.log_path):
-            found = re.search(r"_bulk.*duration:([\d.]+)s", str(line.get("event", "")))
-            if found and float(found[1]) >= over:
+            seconds = float(line.get("write_ms") or 0) / 1000 if line.get("event") == "indexer.indexed" else 0.0
+            if seconds >= over:
                 end = log_time(line)
-                stalls.append((end - float(found[1]), end))
+                stalls.append((end - seconds, end))
     return stalls
 
 
