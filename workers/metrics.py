@@ -147,12 +147,12 @@ class MeasuredIndexer:
     def __init__(self, indexer: Any, events: Any, documents: Any) -> None:
         self.indexer, self.events, self.documents = indexer, events, documents
 
-    def index_events(self, events: list[dict[str, Any]]) -> Any:
-        return self._counted(self.indexer.index_events(events))
+    def index_events(self, events: list[dict[str, Any]], *args: Any, **kwargs: Any) -> Any:
+        return self._counted(self.indexer.index_events(events, *args, **kwargs))
 
-    def index_batches(self, batches: list[list[dict[str, Any]]]) -> Any:
-        """A coalesced window: every event delivered counts, as in ``index_events``."""
-        return self._counted(self.indexer.index_batches(batches))
+    def index_batches(self, batches: list[list[dict[str, Any]]], *args: Any, **kwargs: Any) -> Any:
+        """A coalesced window (of a partition): every event delivered counts, as in ``index_events``."""
+        return self._counted(self.indexer.index_batches(batches, *args, **kwargs))
 
     def _counted(self, report: Any) -> Any:
         self.events.inc(report.events)
