@@ -59,7 +59,8 @@ class Permission:
 
 def rabbitmq_permissions(settings: Settings) -> dict[str, Permission]:
     """The permissions of each process type on this deployment's exchanges and queues."""
-    c, i = re.escape(settings.commands_queue), re.escape(settings.indexer_queue)
+    c = re.escape(settings.commands_queue)
+    i = re.escape(settings.indexer_queue) + "(\\.p[0-9]+)?"  # its partitions: indexer, indexer.p1, ...
     ce, ee = re.escape(settings.commands_exchange), re.escape(settings.events_exchange)
     return {
         "gateway": Permission("^$", f"^{ce}$", "^$"),

@@ -338,3 +338,18 @@ class ReadOnlySearch:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_the_indexer_and_relay_permissions_cover_every_partition_and_nothing_else() -> None:
+    """G11: with CQRSKIT_INDEXER_PARTITIONS > 1 the indexer reads, and the relay writes, the
+    partitions' queues (indexer, indexer.p1, ...) and their delay queues, and no other queue."""
+    from cqrskit.app.privileges import rabbitmq_permissions
+    from cqrskit.infra.settings import Settings
+
+    permissions = rabbitmq_permissions(Settings(indexer_queue="idx", commands_queue="cmds"))
+    indexer, relay = permissions["indexer"], permissions["relay"]
+    for queue in ("idx", "idx.p1", "idx.p12", "idx.p3.DQ"):
+        assert re.match(indexer.read, queue) and re.match(relay.write, queue), queue
+    for queue in ("idx.XQ", "idx.p", "idx.px", "idxx", "cmds", "cmds.DQ"):
+        assert not re.match(indexer.read, queue), queue
+    assert not re.match(relay.write, "cmds")
