@@ -99,6 +99,8 @@ def test_a_batch_killed_after_its_commit_comes_back_as_duplicates_that_change_no
     second = workers.start(threads=8, **BATCHES)
     outcomes = write_store.wait_for_outcomes(confirmed, timeout=90)
     assert_each_command_took_effect_once(write_store, outcomes, lambda cid: ["CustomerRegistered"])
-    duplicates = second.wait_for_log(lambda r: r["event"] == "command.duplicate", count=2, timeout=20)
+    # The group is killed as soon as one thread blocks on its log line: that thread's batch may
+    # hold a single command (a batch of one logs its own line), so one duplicate at least.
+    duplicates = second.wait_for_log(lambda r: r["event"] == "command.duplicate", count=1, timeout=20)
     assert {r["command_id"] for r in duplicates} <= committed, "a duplicate of a command never committed"
     assert all(o.status is Status.succeeded for o in outcomes.values())
