@@ -36,14 +36,19 @@ def executor_for(url: str, reg=registry) -> CommandExecutor:  # type: ignore[no-
 def shop(pg_url: str) -> Iterator[tuple[CommandExecutor, str]]:
     """An executor on a fresh PostgreSQL write store with two customers and three products."""
     executor = executor_for(pg_url)
+    yield executor, seed(executor)
+    executor.store.engine.dispose()
+
+
+def seed(executor: CommandExecutor) -> str:
+    """Two customers and three products (stock 5, 50, 50) under a new tag; returns the tag."""
     tag = uuid.uuid4().hex[:6]
     for i in range(2):
         run_alone(executor, "RegisterCustomer", f"c{i}-{tag}", name="Ann", email=f"c{i}.{tag}@example.com")
     for i, stock in enumerate((5, 50, 50)):
         run_alone(executor, "AddProduct", f"p{i}-{tag}", sku=f"SKU-{i}-{tag}".upper(), name=f"Thing {i}",
                   price_cents=100 + i, stock=stock)
-    yield executor, tag
-    executor.store.engine.dispose()
+    return tag
 
 
 def run_alone(executor: CommandExecutor, type: str, aggregate_id: str, **payload):  # type: ignore[no-untyped-def]
@@ -122,12 +127,7 @@ def test_a_hint_never_changes_a_decision(pg_url: str, hint: str) -> None:
     try:
         results = []
         for executor in (right, other):
-            tag = uuid.uuid4().hex[:6]
-            for i in range(2):
-                run_alone(executor, "RegisterCustomer", f"c{i}-{tag}", name="Ann", email=f"c{i}.{tag}@example.com")
-            for i, stock in enumerate((5, 50, 50)):
-                run_alone(executor, "AddProduct", f"p{i}-{tag}", sku=f"SKU-{i}-{tag}".upper(), name=f"Thing {i}",
-                          price_cents=100 + i, stock=stock)
+            tag = seed(executor)
             outcomes = decide(executor, order_batch(executor, tag))
             expected(tag, outcomes)
             with executor.store.unit_of_work() as uow:
