@@ -637,6 +637,17 @@ def run_in_thread(relay: EventRelay) -> tuple[threading.Event, threading.Thread]
     return stop, thread
 
 
+def run_until_checkpoint(relay: EventRelay, engine: Engine, position: int) -> None:
+    """Run ``relay`` in a thread until its checkpoint reaches ``position``; then stop and close it."""
+    stop, thread = run_in_thread(relay)
+    try:
+        wait_for(lambda: checkpoint(engine) is not None and checkpoint(engine)[1] == position, 30)  # type: ignore[index]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        relay.close()
+
+
 @pytest.mark.timeout(60)
 def test_the_next_batch_is_read_while_one_is_being_confirmed(relay_settings: Settings, engine: Engine) -> None:
     """G5 with overlapped batches: reads happen while a batch is out for confirms, every event is
@@ -651,13 +662,7 @@ def test_the_next_batch_is_read_while_one_is_being_confirmed(relay_settings: Set
 
     relay = Overlapping(settings, engine, slow_confirms)
     register(EventStore(engine, registry), 20)
-    stop, thread = run_in_thread(relay)
-    try:
-        wait_for(lambda: checkpoint(engine) is not None and checkpoint(engine)[1] == 20, 30)  # type: ignore[index]
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        relay.close()
+    run_until_checkpoint(relay, engine, 20)
     assert got == list(range(1, 21))
     assert relay.reads_during_publish >= 3
     assert relay.checkpoints == sorted(relay.checkpoints)
@@ -680,13 +685,7 @@ def test_a_failed_batch_drops_the_batch_read_meanwhile_and_publishes_both_again(
 
     relay = Overlapping(settings, engine, second_fails)
     register(EventStore(engine, registry), 12)
-    stop, thread = run_in_thread(relay)
-    try:
-        wait_for(lambda: checkpoint(engine) is not None and checkpoint(engine)[1] == 12, 30)  # type: ignore[index]
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        relay.close()
+    run_until_checkpoint(relay, engine, 12)
     assert got[:3] == [[1, 2, 3, 4], [5, 6, 7, 8], [5, 6, 7, 8]]
     assert got[3:] == [[9, 10, 11, 12]]
     assert relay.published == set(range(1, 13))
