@@ -16,10 +16,15 @@ Two modes:
   raises ``LockBusy``: the command is put off, having written nothing. What a batch read or
   wrote is reused by its later commands. Writes are checked before COMMIT; the optimistic
   checks stay underneath (stream versions, unique keys): correctness never rests on locks (G4).
+  A wait is bounded when the store has ``Waits`` (the command worker's): a lock still held
+  after ``lock_timeout`` fails the transaction as a conflict (retried), and the server ends a
+  transaction left idle (a frozen worker's) after ``idle_in_transaction_session_timeout``, so
+  that its locks never hold the others up for longer.
 
 Raised: ``DuplicateCommand`` (the outcome's primary key is taken: the command ran before;
 nothing was written), ``ConcurrencyConflict`` (a stream moved, a stream or claim was created
-concurrently: the transaction must be rolled back). psycopg's errors otherwise.
+concurrently, a lock wait ran out: the transaction must be rolled back). psycopg's errors
+otherwise.
 """
 
 from __future__ import annotations
@@ -83,8 +88,8 @@ class PgTransaction:
     next one whose result is, so a batch costs one round trip per read it makes, plus two to
     end: its writes' results, then COMMIT. A deferred write is checked after the commit
     (``PgUnitOfWork.result``): a stream that moved under it fails its event insert (the unique
-    stream version), which aborts the transaction before COMMIT. Unique violations, deadlocks and serialization failures raise
-    ConcurrencyConflict, wherever they surface."""
+    stream version), which aborts the transaction before COMMIT. Unique violations, deadlocks,
+    serialization failures and lock waits that ran out raise ConcurrencyConflict, wherever they surface."""
 
     def __init__(self, conn: psycopg.Connection, registry: Registry, statements: PgStatements,
                  now: datetime, *, locking: bool, deferred: bool,
@@ -226,7 +231,7 @@ class PgTransaction:
     def _failed(self, exc: psycopg.Error) -> Exception:
         """The transaction is lost (it can only be rolled back); what to raise for ``exc``."""
         self.failed = True
-        if isinstance(exc, (pg_errors.UniqueViolation, pg_errors.TransactionRollback)):
+        if isinstance(exc, (pg_errors.UniqueViolation, pg_errors.TransactionRollback, pg_errors.LockNotAvailable)):
             return ConcurrencyConflict(f"postgresql: {exc}")
         return exc
 

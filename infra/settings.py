@@ -103,6 +103,16 @@ class Settings(BaseSettings):
         default=0.0, ge=0, le=1000,
         description="PostgreSQL: how long a batch may wait to fill up before it starts (0: it never waits).",
     )
+    lock_timeout: float = Field(
+        default=5.0, ge=0, le=3600,
+        description="PostgreSQL: seconds a command worker's transaction waits for an aggregate another transaction "
+                    "holds before it gives up; its commands are retried (0: it waits as long as it takes).",
+    )
+    idle_transaction_timeout: float = Field(
+        default=15.0, ge=0, le=3600,
+        description="PostgreSQL: seconds a command worker's transaction may sit idle (a frozen or stalled worker) "
+                    "before the server ends it, releasing its locks; its commands are decided again (0: never).",
+    )
     producer_grants: bool = Field(
         default=False,
         description="Command workers run only the types each producer was granted (cqrskit producers grant); "

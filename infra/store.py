@@ -38,7 +38,7 @@ from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.pg_store import DuplicateCommand, PgStatements, PgTransaction, PgUnitOfWork
 from cqrskit.infra.schema import command_outcomes, events, streams, unique_claims
 
-__all__ = ["ConcurrencyConflict", "DuplicateCommand", "EventStore", "StoredEvent", "UnitOfWork", "read_outcome"]
+__all__ = ["ConcurrencyConflict", "DuplicateCommand", "EventStore", "StoredEvent", "UnitOfWork", "Waits", "read_outcome"]
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
 
@@ -64,11 +64,27 @@ class _Claims:
     released: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Waits:
+    """PostgreSQL: how long a transaction of this store may wait and stay idle, in seconds (0:
+    no limit). ``lock``: a transaction waiting this long for a lock (an aggregate another
+    transaction holds) gives up with ConcurrencyConflict and is retried. ``idle``: the server
+    ends a session that sat idle this long inside a transaction (a frozen or stalled worker),
+    rolling it back and releasing its locks; its commands are decided again."""
+
+    lock: float = 0.0
+    idle: float = 0.0
+
+    def settings(self) -> tuple[str, str]:
+        return f"{round(self.lock * 1000)}ms", f"{round(self.idle * 1000)}ms"
+
+
 class EventStore:
-    def __init__(self, engine: Engine, registry: Registry) -> None:
+    def __init__(self, engine: Engine, registry: Registry, *, waits: Waits | None = None) -> None:
         self.engine = engine
         self.registry = registry
         self.postgres = is_postgres(engine)
+        self.waits = waits
         self._statements: PgStatements | None = None
         self._holders: dict[tuple[str, str], str] = {}  # claims' holders as last read: a lock hint
 
@@ -119,6 +135,10 @@ class EventStore:
         conn = fairy.driver_connection
         try:
             conn.autocommit = True
+            if self.waits is not None and fairy.info.get("cqrskit.waits") != self.waits:
+                conn.execute("SELECT set_config('lock_timeout', %s, false), "
+                             "set_config('idle_in_transaction_session_timeout', %s, false)", self.waits.settings())
+                fairy.info["cqrskit.waits"] = self.waits  # once per connection: session settings
             yield conn
         except psycopg_errors.OperationalError:
             fairy.invalidate()

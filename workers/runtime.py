@@ -13,7 +13,7 @@ from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.grants import ProducerGrants
 from cqrskit.infra.settings import Settings
-from cqrskit.infra.store import EventStore
+from cqrskit.infra.store import EventStore, Waits
 from cqrskit.read_models.indexer import Indexer
 from cqrskit.read_models.model import ReadModel
 from cqrskit.read_models.search import make_client
@@ -39,7 +39,8 @@ class Runtime:
 
     @cached_property
     def store(self) -> EventStore:
-        return EventStore(self.engine, self.registry)
+        waits = Waits(lock=self.settings.lock_timeout, idle=self.settings.idle_transaction_timeout)
+        return EventStore(self.engine, self.registry, waits=waits)
 
     @cached_property
     def executor(self) -> CommandExecutor:
