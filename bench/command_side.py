@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import functools
 import os
 import platform
@@ -45,6 +46,8 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import make_url
 
+from bench.floor import ServiceCpu, wait_until_empty
+
 if TYPE_CHECKING:
     from cqrskit.infra.settings import Settings
 
@@ -53,6 +56,8 @@ AMQP_URL = os.environ.get("CQRSKIT_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:56
 
 EXECUTION = "command execution (shop mix, worker processes)"
 WORKER_CPU = "worker CPU per command (shop mix)"
+FLOOR = "command execution vs Dramatiq alone (no-op actor)"
+FLOOR_CPU = "worker CPU per command vs Dramatiq alone"
 HOT = "hot aggregate: orders and restocks of one product"
 SCALING = "scaling: registrations, {} worker process(es)"
 SCALES = (1, 2, 4)
@@ -63,7 +68,7 @@ PUBLISH_EACH = "producer: raw pika, one confirm each (reference)"
 APPEND_NEW = "event store: append to new streams"
 APPEND_EXISTING = "event store: append to existing streams"
 APPEND_RAW = "event store: new streams vs raw (reference)"
-ROWS = (EXECUTION, WORKER_CPU, HOT, *(SCALING.format(p) for p in SCALES), PUBLISH_QUORUM, PUBLISH_CLASSIC, SEND_MANY, PUBLISH_EACH,
+ROWS = (EXECUTION, WORKER_CPU, FLOOR, FLOOR_CPU, HOT, *(SCALING.format(p) for p in SCALES), PUBLISH_QUORUM, PUBLISH_CLASSIC, SEND_MANY, PUBLISH_EACH,
         APPEND_NEW, APPEND_EXISTING, APPEND_RAW)
 
 
@@ -195,10 +200,11 @@ class Workers:
     processes: int
     threads: int
     py_spy_dir: str | None = None
+    target: str = "cqrskit.app.processes:command_worker"  # bench.floor:noop_worker for Dramatiq's floor
 
     def command(self, phase: str) -> list[str]:
         queue = self.settings.commands_queue
-        args = [sys.executable, "-m", "dramatiq", "cqrskit.app.processes:command_worker", "--processes", str(self.processes),
+        args = [sys.executable, "-m", "dramatiq", self.target, "--processes", str(self.processes),
                 "--threads", str(self.threads), "--queues", queue, f"{queue}.DQ"]
         if self.py_spy_dir is None:
             return args
@@ -243,10 +249,12 @@ def measure_execution(sizes: Sizes, workers: Callable[..., Workers], console: Co
         settings = Settings(database_url=url, broker_url=AMQP_URL, log_level="WARNING",
                             commands_exchange=f"bench.{tag}.commands", commands_queue=f"bench.{tag}.commands")
         pool = workers(settings)
+        services = ServiceCpu(make_url(url).database or "")
         try:
             declare_commands(settings)
-            drained, boot, cpu = drain_phases(pool, phases, console)
+            drained, boot, cpu = drain_phases(pool, phases, console, services)
             expected = sum(len(envelopes) for _, envelopes in phases)
+            floor_rate, floor_cpu = measure_floor(pool, phases, console)
             hot, expected = measure_hot(pool, sizes, expected, console)
             connections = raw_connections(pool.processes, pool.threads)
             raw_pg_rate(url, connections, 0.3)  # warm-up
@@ -262,10 +270,21 @@ def measure_execution(sizes: Sizes, workers: Callable[..., Workers], console: Co
             f"worker boot {boot:.1f} s/phase excluded")
     limit = f"PostgreSQL one-row tx, {connections} connections"
     budget = 1 / 0.0006
-    return [Row(EXECUTION, total / drained, limit, raw, 0.6, note),
+    pg, mq = (services.seconds[k] / total for k in ("postgres", "rabbitmq"))
+    cores = os.cpu_count() or 1
+    spent = cpu + pg + mq
+    return [Row(EXECUTION, total / drained, limit, raw, 0.6,
+                f"{note}. CPU per command in the drains: workers {cpu * 1000:.2f} ms, PostgreSQL {pg * 1000:.2f} ms "
+                f"(this database's backends and the WAL/checkpoint writers), RabbitMQ {mq * 1000:.2f} ms (the "
+                f"whole broker) = {spent * 1000:.2f} ms: {cores} cores allow {cores / spent:,.0f}/s at that cost"),
             Row(WORKER_CPU, 1 / cpu, "budget: 0.6 ms of worker CPU per command", budget, 1.0,
                 f"{cpu * 1000:.2f} ms per command (getrusage of the reaped workers, start-up excluded); "
                 "as commands per worker CPU-second"),
+            Row(FLOOR, total / drained, "the same workers, actor replaced by a no-op", floor_rate, None,
+                f"the same {total} messages; Dramatiq with pika on cqrskit's broker and middleware, nothing decided"),
+            Row(FLOOR_CPU, 1 / cpu, "the same workers, actor replaced by a no-op: messages per worker CPU-s",
+                1 / floor_cpu, None, f"{cpu * 1000:.2f} ms vs {floor_cpu * 1000:.2f} ms of worker CPU per message: "
+                f"cqrskit's own part is {(cpu - floor_cpu) * 1000:.2f} ms"),
             Row(HOT, hot[0], f"PostgreSQL one-row UPDATE of ONE row + COMMIT, {connections} connections", raw_hot,
                 None, hot[1]),
             *scaling]
@@ -355,7 +374,7 @@ def delete_commands(settings: Settings) -> None:
 
 
 def drain_phases(pool: Workers, phases: list,  # type: ignore[type-arg]
-                 console: Console) -> tuple[float, float, float]:
+                 console: Console, services: ServiceCpu | None = None) -> tuple[float, float, float]:
     """Publish each phase, then drain it with fresh worker processes. Returns the summed drain
     time (first consumer up to the last outcome recorded), the mean boot time and the workers'
     CPU seconds per command (start-up and shutdown excluded)."""
@@ -370,12 +389,33 @@ def drain_phases(pool: Workers, phases: list,  # type: ignore[type-arg]
             if report.failed:
                 raise RuntimeError(f"{len(report.failed)} commands not confirmed: {report.failed[0]}")
             expected += len(envelopes)
-            spawned, started, finished = drain_once(pool, name, expected, len(envelopes))
+            spawned, started, finished = drain_once(pool, name, expected, len(envelopes), services)
             drained += finished - started
             boots.append(started - spawned)
             console.log(f"{name}: {len(envelopes)} commands drained in {finished - started:.2f} s "
                         f"({len(envelopes) / (finished - started):,.0f}/s)")
     return drained, statistics.mean(boots), (children_cpu() - cpu_before - idle * len(phases)) / expected
+
+
+def measure_floor(pool: Workers, phases: list, console: Console) -> tuple[float, float]:  # type: ignore[type-arg]
+    """Dramatiq's floor: the mix's messages again, drained by the same P x T workers whose actor
+    does nothing (``bench.floor:noop_worker``). Returns messages/s and worker CPU s per message."""
+    from cqrskit.producers.commands import CommandProducer
+
+    noop = dataclasses.replace(pool, target="bench.floor:noop_worker", py_spy_dir=None)
+    envelopes = [envelope for _, batch in phases for envelope in batch]
+    idle = boot_cpu(noop)
+    before = children_cpu()
+    with CommandProducer.from_settings(pool.settings) as producer:
+        report = producer.send_many(envelopes)
+        if report.failed:
+            raise RuntimeError(f"{len(report.failed)} messages not confirmed: {report.failed[0]}")
+    _, started, finished = drain_once(noop, "floor", -1, len(envelopes))
+    cpu = (children_cpu() - before - idle) / len(envelopes)
+    rate = len(envelopes) / (finished - started)
+    console.log(f"Dramatiq alone (no-op actor): {len(envelopes)} messages in {finished - started:.2f} s ({rate:,.0f}/s), "
+                f"{cpu * 1000:.2f} ms of worker CPU each")
+    return rate, cpu
 
 
 def boot_cpu(pool: Workers) -> float:
@@ -397,15 +437,25 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def drain_once(pool: Workers, phase: str, expected: int, size: int) -> tuple[float, float, float]:
-    """Start workers on a full queue; wall-clock times of spawn, first consumer, last outcome."""
+def drain_once(pool: Workers, phase: str, expected: int, size: int,
+               services: ServiceCpu | None = None) -> tuple[float, float, float]:
+    """Start workers on a full queue; wall-clock times of spawn, first consumer, last outcome
+    (``expected`` outcomes; -1: the queue seen empty, for workers that record none). ``services``:
+    what PostgreSQL and RabbitMQ spend in between is added to it."""
     with tempfile.TemporaryFile() as log:
         spawned = time.time()
         process = subprocess.Popen(pool.command(phase), env=pool.env(), stdout=log, stderr=log,
                                    start_new_session=True)
         try:
             started = first_consumer(pool.settings.commands_queue, process)
-            finished = last_outcome(dsn(pool.settings.database_url), expected, timeout=max(120.0, size / 20))
+            if services is not None:
+                services.start()
+            if expected < 0:
+                finished = wait_until_empty(pool.settings.commands_queue, amqp_channel, process, max(120.0, size / 20))
+            else:
+                finished = last_outcome(dsn(pool.settings.database_url), expected, timeout=max(120.0, size / 20))
+            if services is not None:
+                services.stop()
         except Exception:
             log.seek(0)
             sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
