@@ -154,11 +154,11 @@ def outcome(
 def worker(
     ctx: typer.Context,
     processes: Annotated[int, typer.Option("--processes", "-p", help="Worker processes.")] = 1,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process: the commands they hold at once are decided and committed together.")] = 32,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process: the commands they hold at once are decided and committed together.")] = 64,
 ) -> None:
     """Run command workers on the commands queue (Dramatiq), until interrupted.
 
-    Example: cqrskit worker --processes 2 --threads 32
+    Example: cqrskit worker --processes 2 --threads 64
     """
     from cqrskit.app.cli_read import exec_dramatiq
 

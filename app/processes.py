@@ -32,7 +32,7 @@ def _threads(default: int) -> int:
 
 def command_worker() -> None:
     """Dramatiq factory: a command worker process (sets the process's broker)."""
-    bootstrap.command_worker(_settings(), threads=_threads(32), metrics_server=worker_metrics_server)
+    bootstrap.command_worker(_settings(), threads=_threads(64), metrics_server=worker_metrics_server)
 
 
 def indexer_worker() -> None:

@@ -192,7 +192,7 @@ def test_a_completed_task_is_found_once_reflected(tmp_path: Path) -> None:
         assert all(report.ok for report in pipeline.verify())
 '''
 
-PROCFILE = '''commands: cqrskit worker --processes 1 --threads 32
+PROCFILE = '''commands: cqrskit worker --processes 1 --threads 64
 relay: cqrskit relay
 indexer: cqrskit indexer --processes 1 --threads 4
 query: cqrskit query --insecure --host 127.0.0.1 --port ${PORT:-8001}

@@ -1,6 +1,6 @@
 """Command-side benchmark: every cqrskit figure beside the raw limit it should approach.
 
-    .venv/bin/python -m bench.command_side [--commands 20000] [--processes 2] [--threads 32] [--smoke]
+    .venv/bin/python -m bench.command_side [--commands 20000] [--processes 2] [--threads 64] [--smoke]
 
 Rows (docs/benchmarks.md says why each limit is the fair one):
 - command execution: the shop mix drained by ``dramatiq cqrskit.app.processes:command_worker`` processes, queue full first,
@@ -836,7 +836,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.command_side", description=__doc__.split("\n\n")[0])
     parser.add_argument("--commands", type=int, default=20_000, help="size of the shop mix (about)")
     parser.add_argument("--processes", type=int, help="worker processes (default 2; 1 with --smoke)")
-    parser.add_argument("--threads", type=int, help="threads per worker process (default 32; 2 with --smoke)")
+    parser.add_argument("--threads", type=int, help="threads per worker process (default 64; 2 with --smoke)")
     parser.add_argument("--publishes", type=int, default=20_000, help="messages per producer run")
     parser.add_argument("--appends", type=int, default=2_000, help="appends per event-store run")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is shown)")
@@ -847,7 +847,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--py-spy", metavar="DIR", help="record the worker processes with py-spy, a file per phase")
     args = parser.parse_args(argv)
     args.processes = args.processes or (1 if args.smoke else 2)
-    args.threads = args.threads or (2 if args.smoke else 32)
+    args.threads = args.threads or (2 if args.smoke else 64)
     return args
 
 

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     max_backoff_ms: int = Field(default=30_000, ge=0)
     conflict_retries: int = Field(default=30, ge=0, description="In-worker retries on version conflicts.")
     group_commit_max: int = Field(
-        default=32, ge=1, le=60,
+        default=64, ge=1, le=256,
         description="PostgreSQL: most commands a worker process decides and commits in one transaction (1: none).",
     )
     group_commit_leaders: int = Field(
