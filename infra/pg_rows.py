@@ -22,12 +22,12 @@ def q(text: str) -> str:
     return json.dumps(text)
 
 
-def outcome_params(outcome: Outcome) -> dict[str, Any]:
-    return {"o_id": outcome.command_id, "o_status": outcome.status.value, "o_type": outcome.type,
-            "o_aid": outcome.aggregate_id, "o_reason": outcome.reason,
-            "o_errors": None if outcome.errors is None else json.dumps(outcome.errors),
-            "o_version": outcome.aggregate_version, "o_corr": outcome.correlation_id,
-            "o_cause": outcome.causation_id, "o_at": outcome.recorded_at}
+def outcome_json(outcome: Outcome) -> str:
+    """``outcome`` as the JSON object the write statement inserts (``cqrskit.infra.pg_sql``)."""
+    return json.dumps({"id": outcome.command_id, "status": outcome.status.value, "type": outcome.type,
+                       "aid": outcome.aggregate_id, "reason": outcome.reason, "errors": outcome.errors,
+                       "version": outcome.aggregate_version, "corr": outcome.correlation_id,
+                       "cause": outcome.causation_id, "at": outcome.recorded_at.isoformat()})
 
 
 def snapshot_json(aggregate: Aggregate[Any]) -> str:

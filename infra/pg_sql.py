@@ -5,8 +5,9 @@ command.
 ``WRITE`` is one command's whole write, in data-modifying CTEs: the outcome (its primary key is
 the dedup guard; every other write is gated on its insert, so a duplicate writes nothing), the
 new and the moved streams, the events (positions drawn in the statement, so that the outcome can
-carry them), and the unique claims given up and taken. Everything to write travels as ONE JSON
-document (``doc``), so that the client adapts one parameter, not dozens of arrays.
+carry them), and the unique claims given up and taken. Everything to write, the outcome, the
+events' metadata and the time included, travels as ONE JSON document, the statement's only
+parameter: the client adapts one string, not dozens of values.
 """
 
 LOAD = "SELECT version, state::text, state_version FROM streams WHERE stream_id = %s"
@@ -34,25 +35,26 @@ SELECT_OUTCOME = "SELECT * FROM command_outcomes WHERE command_id = %s"
 # always true), so a duplicate writes nothing. Positions are drawn first, so that the outcome
 # can carry them.
 WRITE = """
-WITH d AS MATERIALIZED (SELECT %(doc)s::jsonb AS doc),
+WITH d AS MATERIALIZED (SELECT %s::jsonb AS doc),
+t AS MATERIALIZED (SELECT (d.doc ->> 'now')::timestamptz AS now, d.doc -> 'meta' AS meta FROM d),
 p AS MATERIALIZED ({positions}),
 {outcome},
 sn AS (
     INSERT INTO streams (stream_id, stream_type, aggregate_id, version, state, state_version, updated_at)
-    SELECT u.sid, u.t, u.aid, u.v, u.state, u.sv, %(now)s
-    FROM d, jsonb_to_recordset(d.doc -> 'n') AS u(sid text, t text, aid text, v int, state jsonb, sv int)
+    SELECT u.sid, u.t, u.aid, u.v, u.state, u.sv, t.now
+    FROM d, t, jsonb_to_recordset(d.doc -> 'n') AS u(sid text, t text, aid text, v int, state jsonb, sv int)
     WHERE (SELECT ok FROM go)
     RETURNING 1),
 sm AS (
-    UPDATE streams AS s SET version = u.v, state = u.state, state_version = u.sv, updated_at = %(now)s
+    UPDATE streams AS s SET version = u.v, state = u.state, state_version = u.sv, updated_at = (SELECT now FROM t)
     FROM d, jsonb_to_recordset(d.doc -> 'm') AS u(sid text, f int, v int, state jsonb, sv int)
     WHERE s.stream_id = u.sid AND s.version = u.f AND (SELECT ok FROM go)
     RETURNING 1),
 ev AS (
     INSERT INTO events (position, event_id, stream_id, stream_type, version, type, schema_version, data,
                         metadata, recorded_at)
-    SELECT p.pos, e.id, e.sid, e.t, e.v, e.et, e.sv, e.data, %(meta)s::jsonb, %(now)s
-    FROM d, jsonb_array_elements(d.doc -> 'e') WITH ORDINALITY AS a(value, n)
+    SELECT p.pos, e.id, e.sid, e.t, e.v, e.et, e.sv, e.data, t.meta, t.now
+    FROM d, t, jsonb_array_elements(d.doc -> 'e') WITH ORDINALITY AS a(value, n)
     CROSS JOIN LATERAL jsonb_to_record(a.value) AS e(id text, sid text, t text, v int, et text, sv int, data jsonb)
     JOIN p ON p.n = a.n
     WHERE (SELECT ok FROM go)
@@ -73,8 +75,10 @@ SELECT (SELECT ok FROM go), (SELECT count(*) FROM sm), (SELECT count(*) FROM sn)
 WITH_OUTCOME = """o AS (
     INSERT INTO command_outcomes (command_id, status, type, aggregate_id, reason, errors, aggregate_version,
                                   correlation_id, causation_id, recorded_at, positions)
-    VALUES (%(o_id)s, %(o_status)s, %(o_type)s, %(o_aid)s, %(o_reason)s, %(o_errors)s::jsonb, %(o_version)s,
-            %(o_corr)s, %(o_cause)s, %(o_at)s, (SELECT coalesce(jsonb_agg(pos ORDER BY n), '[]'::jsonb) FROM p))
+    SELECT r.id, r.status, r.type, r.aid, r.reason, r.errors, r.version, r.corr, r.cause, r.at,
+           (SELECT coalesce(jsonb_agg(pos ORDER BY n), '[]'::jsonb) FROM p)
+    FROM d, jsonb_to_record(d.doc -> 'o') AS r(id text, status text, type text, aid text, reason text, errors jsonb,
+                                               version int, corr text, cause text, at timestamptz)
     ON CONFLICT (command_id) DO NOTHING
     RETURNING 1),
 go AS (SELECT EXISTS (SELECT FROM o) AS ok)"""

@@ -43,7 +43,7 @@ from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.outcomes import Outcome
-from cqrskit.infra.pg_rows import outcome_params, q, restore, snapshot_json
+from cqrskit.infra.pg_rows import outcome_json, q, restore, snapshot_json
 from cqrskit.infra.pg_sql import (
     INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, LOCKS, OUTCOME_COLUMNS, OWNER, OWNERS, SELECT_OUTCOME, TRY_LOCK,
     TRY_LOCKS, WITH_OUTCOME, WITHOUT_OUTCOME, WRITE,
@@ -76,7 +76,8 @@ class PgStatements:
     """The write statements, with the events' sequence resolved once per store."""
 
     def __init__(self, sequence: str) -> None:
-        positions = f"SELECT n, nextval('{sequence}') AS pos FROM generate_series(1, %(n_events)s::int) AS n"
+        positions = (f"SELECT n, nextval('{sequence}') AS pos "
+                     "FROM generate_series(1, (SELECT jsonb_array_length(doc -> 'e') FROM d)) AS n")
         self.write = {outcome: WRITE.format(positions=positions,
                                              outcome=WITH_OUTCOME if outcome else WITHOUT_OUTCOME)
                       for outcome in (True, False)}
@@ -350,11 +351,8 @@ class PgUnitOfWork:
         deferred transaction the write is only queued and [] returned: ``result`` tells, after
         the commit, the positions and whether it was a duplicate."""
         tx = self.tx
-        params = self._params(metadata)
-        if outcome is not None:
-            params.update(outcome_params(outcome))
         tx.wrote = tx.unsynced = True
-        self.write = tx.send(tx.statements.write[outcome is not None], params)
+        self.write = tx.send(tx.statements.write[outcome is not None], (self._doc(metadata, outcome),))
         for sid, aggregate in self.loaded.items():
             aggregate.version += len(aggregate.pending)
             if aggregate.pending:  # what a later command of the batch loads, without a read
@@ -384,12 +382,12 @@ class PgUnitOfWork:
             self.positions = list(positions or [])
         return self.positions
 
-    def _params(self, metadata: dict[str, Any]) -> dict[str, Any]:
-        """The statement's parameters: everything to write as ONE JSON document (``doc``: new
-        streams ``n``, moved streams ``m``, events ``e``, released ``r`` and taken ``c`` claims),
-        built as text around the JSON that pydantic already produced."""
+    def _doc(self, metadata: dict[str, Any], outcome: Outcome | None) -> str:
+        """The statement's one parameter: everything to write as ONE JSON document (new streams
+        ``n``, moved streams ``m``, events ``e``, released ``r`` and taken ``c`` claims, the
+        events' metadata ``meta``, the time ``now`` and the outcome ``o``), built as text around
+        the JSON that pydantic already produced."""
         new, moved, events = [], [], []
-        n_events = 0
         # Streams in one global order (by id): two transactions touching the same rows lock them
         # in the same order.
         for sid, agg in sorted(self.loaded.items()):
@@ -407,10 +405,9 @@ class PgUnitOfWork:
                 events.append(f'{{"id":"{uuid.uuid4()}","sid":{quoted},"t":{q(agg.stream_type)},'
                               f'"v":{version + offset},"et":{q(event.type)},"sv":{event.schema_version},'
                               f'"data":{event.model_dump_json()}}}')
-            n_events += len(agg.pending)
         claims = lambda held: ",".join(  # noqa: E731
             f'{{"s":{q(s)},"k":{q(k)},"o":{q(o)}}}' for (s, k), o in held.items())
-        doc = (f'{{"n":[{",".join(new)}],"m":[{",".join(moved)}],"e":[{",".join(events)}],'
-               f'"r":[{claims(self.released)}],"c":[{claims(self.taken)}]}}')
         self.counts = (len(moved), len(new))
-        return {"doc": doc, "n_events": n_events, "meta": json.dumps(metadata), "now": self.tx.clock}
+        return (f'{{"n":[{",".join(new)}],"m":[{",".join(moved)}],"e":[{",".join(events)}],'
+                f'"r":[{claims(self.released)}],"c":[{claims(self.taken)}],"meta":{json.dumps(metadata)},'
+                f'"now":"{self.tx.clock.isoformat()}","o":{"null" if outcome is None else outcome_json(outcome)}}}')
