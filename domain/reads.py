@@ -18,6 +18,15 @@ Example (a transfer reads the account it pays into, found by its IBAN claim)::
     @registry.command(transfer, reads=transfer_reads)
     class Transfer(Command): ...
 
+What a handler reads may follow from the state of the aggregate the command addresses (closing
+an account blocks each card the account holds). ``FromTarget`` declares those: the batch asks
+for them once it has read its commands' aggregates, in its second round trip, instead of one
+round trip per card while the handler decides::
+
+    @registry.command(close_account, reads=lambda command, account_id: [
+        FromTarget(lambda account: [StreamRead(Card, card_id) for card_id in account.state.cards])])
+    class CloseAccount(Command): ...
+
 The example apps of the repository declare theirs.
 """
 
@@ -48,6 +57,14 @@ class ClaimRead:
     owner: type[Aggregate[Any]] | None = None
 
 
-Read = StreamRead | ClaimRead
+@dataclass(frozen=True)
+class FromTarget:
+    """Reads that follow from the command's own aggregate as loaded: ``reads(aggregate)`` returns
+    ``StreamRead`` and ``ClaimRead`` hints (anything else it returns, or raises, is ignored)."""
+
+    reads: Callable[[Any], Iterable[StreamRead | ClaimRead]]
+
+
+Read = StreamRead | ClaimRead | FromTarget
 Reads = Callable[[Any, str], Iterable[Read]]
 """``reads(command, aggregate_id)``: what the handler of ``command`` will read."""

@@ -1,9 +1,12 @@
 """Rows in and out of the PostgreSQL hot path (``cqrskit.infra.pg_store``): an aggregate restored
-from its stream row, its snapshot as JSON text, ids as JSON strings, an outcome as parameters."""
+from its stream row, its snapshot as JSON text, ids as JSON strings, an outcome as JSON, and the
+advisory-lock key of a stream or claim."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -48,3 +51,11 @@ def restore(cls: type[A], aggregate_id: str, row: tuple[Any, ...], tx: Any) -> A
     stored = tx.all(READ_EVENTS, (sid, 0))
     aggregate.replay([tx.registry.decode_event(t, v, d) for t, v, d in stored], version)
     return aggregate
+
+
+@lru_cache(maxsize=65536)
+def lock_key(kind: str, *parts: str) -> int:
+    """A stable signed 64-bit advisory-lock key (the same in every process; remembered, since a
+    batch asks for the keys of the same streams and claims several times)."""
+    digest = hashlib.blake2b("\x00".join((kind, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)

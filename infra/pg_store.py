@@ -29,11 +29,10 @@ otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
-from functools import lru_cache
 from datetime import datetime
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -43,7 +42,7 @@ from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.outcomes import Outcome
-from cqrskit.infra.pg_rows import outcome_json, q, restore, snapshot_json
+from cqrskit.infra.pg_rows import lock_key, outcome_json, q, restore, snapshot_json
 from cqrskit.infra.pg_sql import (
     INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, LOCKS, OUTCOME_COLUMNS, OWNER, OWNERS, SELECT_OUTCOME, TRY_LOCK,
     TRY_LOCKS, WITH_OUTCOME, WITHOUT_OUTCOME, WRITE,
@@ -64,12 +63,8 @@ class LockBusy(Exception):
         self.key = key
 
 
-@lru_cache(maxsize=65536)
-def lock_key(kind: str, *parts: str) -> int:
-    """A stable signed 64-bit advisory-lock key (the same in every process; remembered, since a
-    batch asks for the keys of the same streams and claims several times)."""
-    digest = hashlib.blake2b("\x00".join((kind, *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+Follow = Callable[[], tuple[list[tuple[int, str]], list[tuple[int, str, str, str | None]]]]
+"""More (streams, claims) to read, once a batch's first round trip is read (``prefetch``)."""
 
 
 class PgStatements:
@@ -124,12 +119,14 @@ class PgTransaction:
         self.refused.update(keys)
 
     def prefetch(self, streams: list[tuple[int, str]], claims: list[tuple[int, str, str, str | None]] = (),  # type: ignore[assignment]
-                 first: tuple[int, ...] = ()) -> None:
+                 first: tuple[int, ...] = (), after: Follow | None = None) -> None:
         """Lock and read, in one round trip, the streams ``(key, stream id)`` and the claims
         ``(key, scope, claim key, holder's stream type)`` that a batch's commands address or
         declared (``cqrskit.domain.reads``), and the lock keys ``first`` (one a command put off
         found busy): the locks first, then the reads in statements of their own (their snapshots
-        are taken once the locks are held, so they see every commit before them).
+        are taken once the locks are held, so they see every commit before them). ``after``,
+        called once those are read (``self.cache``), returns more streams and claims: reads that
+        follow from what the first round trip read; they come in the second one.
 
         A transaction that holds no lock yet WAITS for these, in ascending key order, in one
         statement: every transaction that waits does so only there, only holding locks of lower
@@ -147,8 +144,11 @@ class PgTransaction:
                 sid = stream_id(holder_type, holder)
                 hinted.append((lock_key("s", sid), sid))
         owners = self._prefetch([*streams, *hinted], claims, first)
-        if owners:
-            self._prefetch(owners, [], ())
+        more, more_claims = after() if after is not None else ([], [])
+        more_claims = [c for c in dict.fromkeys(more_claims)
+                       if c[0] not in self.refused and (c[1], c[2]) not in self.claims]
+        if owners or more or more_claims:
+            self._prefetch([*owners, *more], more_claims, ())
 
     def _prefetch(self, streams: list[tuple[int, str]], claims: list[tuple[int, str, str, str | None]],
                   first: tuple[int, ...]) -> list[tuple[int, str]]:

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from sqlalchemy import make_url
 
-from cqrskit.domain.reads import ClaimRead, StreamRead
+from cqrskit.domain.reads import ClaimRead, FromTarget, StreamRead
 from cqrskit.domain.registry import merged
 from cqrskit.examples.shop.customers import EMAIL_SCOPE, Customer
 from cqrskit.examples.shop.domain import registry
@@ -108,6 +108,54 @@ def test_a_batch_makes_no_read_of_its_own_once_its_commands_declared_them(
     outcomes = decide(executor, order_batch(executor, tag))
     expected(tag, outcomes)
     assert reads == []
+
+
+def cancellations(executor: CommandExecutor, tag: str) -> list[Pending]:
+    """Three placed orders (products 1 and 2, two lines each), and a batch cancelling them."""
+    sku = lambda i: f"SKU-{i}-{tag}".upper()  # noqa: E731
+    placed = [pending(executor, "PlaceOrder", f"x{i}-{tag}", customer_id=f"c{i % 2}-{tag}",
+                      lines=[{"sku": sku(1), "quantity": 2}, {"sku": sku(2), "quantity": 1 + i}]) for i in range(3)]
+    assert [status for status, _ in decide(executor, placed)] == ["succeeded"] * 3
+    return [pending(executor, "CancelOrder", f"x{i}-{tag}", reason="changed my mind") for i in range(3)]
+
+
+def test_reads_that_follow_from_the_target_come_with_the_batch(
+    shop: tuple[CommandExecutor, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CancelOrder declares, with ``FromTarget``, the product of each of its order's lines: a
+    batch of cancellations reads them in its second round trip, and deciding them makes no read
+    of its own. Every reservation is released exactly once (G2)."""
+    executor, tag = shop
+    batch = cancellations(executor, tag)
+    reads: list[str] = []
+    one = PgTransaction.one
+    monkeypatch.setattr(PgTransaction, "one", lambda self, sql, params=None: reads.append(sql) or one(self, sql, params))
+    assert [status for status, _ in decide(executor, batch)] == ["succeeded"] * 3
+    assert reads == []
+    with executor.store.unit_of_work() as uow:
+        assert [uow.load(Product, f"p{i}-{tag}").state.stock for i in (1, 2)] == [50, 50]
+
+
+@pytest.mark.parametrize("hint", ["none", "raises", "wrong"])
+def test_a_hint_that_follows_from_the_target_never_changes_a_decision(pg_url: str, hint: str) -> None:
+    """G4: cancellations decided with no hint, a ``FromTarget`` hint that raises, and one that
+    names other streams and claims release the same stock as with the right hint."""
+    variant = merged(registry)
+    if hint == "none":
+        del variant.reads["CancelOrder"]
+    elif hint == "raises":
+        variant.reads["CancelOrder"] = lambda command, order_id: [FromTarget(lambda order: [1 / 0])]
+    else:
+        variant.reads["CancelOrder"] = lambda command, order_id: [FromTarget(lambda order: [
+            StreamRead(Customer, order_id), ClaimRead(SKU_SCOPE, "SKU-OTHER", owner=Product), "not a read"])]
+    executor = executor_for(pg_url, variant)
+    try:
+        tag = seed(executor)
+        assert [status for status, _ in decide(executor, cancellations(executor, tag))] == ["succeeded"] * 3
+        with executor.store.unit_of_work() as uow:
+            assert [uow.load(Product, f"p{i}-{tag}").state.stock for i in (1, 2)] == [50, 50]
+    finally:
+        executor.store.engine.dispose()
 
 
 @pytest.mark.parametrize("hint", ["none", "raises", "wrong"])

@@ -28,11 +28,12 @@ import structlog
 
 from cqrskit.domain.model import RuleViolation, stream_id
 from cqrskit.domain.ports import HandlerContext
-from cqrskit.domain.reads import ClaimRead, StreamRead
+from cqrskit.domain.reads import ClaimRead, FromTarget, StreamRead
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
+from cqrskit.infra.pg_rows import restore
 from cqrskit.infra.pg_store import LockBusy, PgTransaction, PgUnitOfWork, lock_key
 from cqrskit.infra.store import ConcurrencyConflict, DuplicateCommand, EventStore
 from cqrskit.infra.validation import CommandTooLarge, InvalidCommand, ValidCommand, safe_text, validate_command
@@ -163,7 +164,8 @@ class CommandExecutor:
         deferred: list[Pending] = []
         with self.store.transaction() as tx:
             first = () if batch[0].wait_key is None else (batch[0].wait_key,)
-            tx.prefetch(*self._reads(batch), first=first)
+            streams, claims, follows = self._reads(batch)
+            tx.prefetch(streams, claims, first=first, after=(lambda: _followed(tx, follows)) if follows else None)
             for item in batch:
                 uow = tx.unit()
                 try:
@@ -178,20 +180,23 @@ class CommandExecutor:
             item.settle(outcome)
         return deferred
 
-    def _reads(self, batch: list[Pending]) -> tuple[list[tuple[int, str]], list[tuple[int, str, str, str | None]]]:
+    def _reads(self, batch: list[Pending]) -> tuple[list[tuple[int, str]], list[tuple[int, str, str, str | None]],
+                                                    list[tuple[type, str, Any]]]:
         """What the batch's commands address and declared they will read (``cqrskit.domain.reads``),
-        as lock keys: the streams, and the claims with the stream type of their holders."""
-        streams, claims = [], []
+        as lock keys: the streams, the claims with the stream type of their holders, and the
+        reads that follow from each command's aggregate (its type, its id, the hint)."""
+        streams: list[tuple[int, str]] = []
+        claims: list[tuple[int, str, str, str | None]] = []
+        follows = []
         for item in batch:
             streams.append(self._target(item))
-            for read in self.registry.declared_reads(item.envelope.type, item.command, item.envelope.aggregate_id):
-                if isinstance(read, StreamRead) and isinstance(read.aggregate_id, str):
-                    sid = stream_id(read.aggregate.stream_type, read.aggregate_id)
-                    streams.append((lock_key("s", sid), sid))
-                elif isinstance(read, ClaimRead) and isinstance(read.scope, str) and isinstance(read.key, str):
-                    owner = read.owner.stream_type if read.owner is not None else None
-                    claims.append((lock_key("c", read.scope, read.key), read.scope, read.key, owner))
-        return streams, claims
+            aggregate_id = item.envelope.aggregate_id
+            for read in self.registry.declared_reads(item.envelope.type, item.command, aggregate_id):
+                if isinstance(read, FromTarget):
+                    follows.append((self.registry.command_type(item.envelope.type).aggregate, aggregate_id, read.reads))
+                else:
+                    _add_read(read, streams, claims)
+        return streams, claims, follows
 
     def _target(self, item: Pending) -> tuple[int, str]:
         """The lock key and stream id of the aggregate a command addresses."""
@@ -263,6 +268,36 @@ class CommandExecutor:
         stored = self.store.record_outcome(outcome)
         _log_outcome(stored)
         return stored
+
+
+def _add_read(read: Any, streams: list[tuple[int, str]], claims: list[tuple[int, str, str, str | None]]) -> None:
+    """``read`` (a declared hint) as the lock key and stream or claim it names; anything else is ignored."""
+    if isinstance(read, StreamRead) and isinstance(read.aggregate_id, str):
+        sid = stream_id(read.aggregate.stream_type, read.aggregate_id)
+        streams.append((lock_key("s", sid), sid))
+    elif isinstance(read, ClaimRead) and isinstance(read.scope, str) and isinstance(read.key, str):
+        owner = read.owner.stream_type if read.owner is not None else None
+        claims.append((lock_key("c", read.scope, read.key), read.scope, read.key, owner))
+
+
+def _followed(tx: PgTransaction, follows: list[tuple[type, str, Any]]
+              ) -> tuple[list[tuple[int, str]], list[tuple[int, str, str, str | None]]]:
+    """The reads that follow from each command's aggregate as the batch's first round trip
+    read it (``FromTarget``); a hint that raises, or an aggregate not read, adds nothing."""
+    streams: list[tuple[int, str]] = []
+    claims: list[tuple[int, str, str, str | None]] = []
+    for cls, aggregate_id, hint in follows:
+        sid = stream_id(cls.stream_type, aggregate_id)
+        if sid not in tx.cache:
+            continue
+        row = tx.cache[sid]
+        try:
+            aggregate = cls(aggregate_id) if row is None else restore(cls, aggregate_id, row, tx)
+            for read in hint(aggregate):
+                _add_read(read, streams, claims)
+        except Exception:  # noqa: BLE001 - a hint never decides: the handler reads what it reads
+            continue
+    return streams, claims
 
 
 def _outcome(envelope: CommandEnvelope, status: Status, **fields: Any) -> Outcome:

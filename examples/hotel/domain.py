@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
 from cqrskit.domain.ports import HandlerContext
-from cqrskit.domain.reads import ClaimRead, Read, StreamRead
+from cqrskit.domain.reads import ClaimRead, FromTarget, Read, StreamRead
 from cqrskit.domain.registry import Registry
 
 MAX_NIGHTS = 30
@@ -236,7 +236,13 @@ class BookRoom(Command):
         return self
 
 
-@registry.command(cancel_booking)
+def cancel_booking_reads(command: CancelBooking, booking_id: str) -> list[Read]:
+    """What ``cancel_booking`` reads beyond the booking: the claim of each night it holds."""
+    return [FromTarget(lambda booking: [ClaimRead(NIGHT_SCOPE, _night(booking.state.room_id, night))
+                                        for night in booking.state.nights])]
+
+
+@registry.command(cancel_booking, reads=cancel_booking_reads)
 class CancelBooking(Command):
     type = "CancelBooking"
     aggregate = Booking

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cqrskit.domain.model import Aggregate, Command, Event
 from cqrskit.domain.ports import HandlerContext
-from cqrskit.domain.reads import ClaimRead, Read, StreamRead
+from cqrskit.domain.reads import ClaimRead, FromTarget, Read, StreamRead
 from cqrskit.domain.registry import Registry
 from cqrskit.examples.shop.customers import AggregateId, Customer, MultiLine
 from cqrskit.examples.shop.products import SKU_SCOPE, Product, Sku, product_for_sku
@@ -207,7 +207,13 @@ class ShipOrder(Command):
     aggregate = Order
 
 
-@registry.command(cancel_order)
+def cancel_order_reads(command: CancelOrder, order_id: str) -> list[Read]:
+    """What ``cancel_order`` reads beyond the order: the product of each of its lines (known once
+    the order is loaded: the batch reads them all in its second round trip)."""
+    return [FromTarget(lambda order: [StreamRead(Product, line.product_id) for line in order.state.lines])]
+
+
+@registry.command(cancel_order, reads=cancel_order_reads)
 class CancelOrder(Command):
     type = "CancelOrder"
     aggregate = Order
