@@ -34,7 +34,7 @@ from rich.console import Console
 
 from bench.command_side import raw_pg_rate
 from bench.read_side import (Orders, Row, Sent, Watcher, bench_settings, delete_topology, json_lines, log_time,
-                             machine_facts, osmem, percentile, preload, quiet_gc, raw_bulk, send, stages, steady,
+                             machine_facts, osmem, osmem_stalls, percentile, preload, quiet_gc, raw_bulk, send, stages, steady,
                              table, wait_for_consumer, wait_visible)
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,7 @@ HALF_P50 = "pipeline: lag p50 at half the sustained rate"
 HALF_P99 = "pipeline: lag p99 at half the sustained rate"
 ROWS = (SUSTAINED, HALF_P50, HALF_P99)
 PLOT = PROJECT / "docs" / "pipeline-lag.png"
+STALL = 0.5  # seconds: a bulk request the indexer waited this long for is an osmem stall (a merge)
 
 
 @dataclass
@@ -54,6 +55,13 @@ class Step:
     p99: float
     unseen: int  # commands not searchable within the step's drain allowance
     load: float
+    stalls: list[float] = field(default_factory=list)  # the indexer's bulk waits >= STALL s in the step
+
+    def stalled(self) -> str:
+        """How many of the indexer's bulk requests waited >= STALL s in the step ("" when none did)."""
+        if not self.stalls:
+            return ""
+        return f", {len(self.stalls)} bulk request(s) waited >= {STALL} s on osmem (max {max(self.stalls):.1f} s)"
 
     @property
     def kept_up(self) -> bool:
@@ -73,13 +81,15 @@ class Run:
 def measure_step(stack: Any, watcher: Watcher, orders: Orders, rate: float, seconds: float) -> tuple[Step, list[Sent]]:
     """``rate`` commands/s for ``seconds``, then up to 5 s for the last of them to become visible."""
     load = os.getloadavg()[0]
-    started = time.monotonic()
+    started, wall = time.monotonic(), time.time()
     sent = steady(stack, watcher, orders, rate, seconds)
     took = time.monotonic() - started
     wait_visible(watcher, 5.0, fail=False)
     lags = [s.visible - s.published if s.visible is not None else float("inf") for s in sent]
     unseen = sum(1 for s in sent if s.visible is None)
-    return Step(rate, len(sent), len(sent) / took, percentile(lags, 0.5), percentile(lags, 0.99), unseen, load), sent
+    stalls = [end - start for start, end in osmem_stalls(stack, STALL) if wall <= end <= time.time()]
+    return Step(rate, len(sent), len(sent) / took, percentile(lags, 0.5), percentile(lags, 0.99), unseen, load,
+                stalls), sent
 
 
 def ladder(stack: Any, watcher: Watcher, orders: Orders, rates: Sequence[float], seconds: float,
@@ -92,8 +102,8 @@ def ladder(stack: Any, watcher: Watcher, orders: Orders, rates: Sequence[float],
         run.steps.append(step)
         run.sent += sent
         console.log(f"pipeline: {rate:,.0f}/s offered ({step.achieved:,.0f}/s published): p50 "
-                    f"{step.p50 * 1000:,.0f} ms, p99 {step.p99 * 1000:,.0f} ms, {step.unseen} not visible; "
-                    f"load {step.load:.1f}")
+                    f"{step.p50 * 1000:,.0f} ms, p99 {step.p99 * 1000:,.0f} ms, {step.unseen} not visible"
+                    f"{step.stalled()}; load {step.load:.1f}")
         wait_visible(watcher, 300)
         misses = 0 if step.kept_up else misses + 1
         if misses == 2:
@@ -149,6 +159,47 @@ def raw_bulk_rate(documents: dict[str, list[Any]], chunk: int) -> float:
         finally:
             es.close()
     return sum(len(d) for d in documents.values()) / seconds
+
+
+def merge_stall(documents: int = 15_000, runs: Sequence[int] = (1000, 5000)) -> list[str]:
+    """osmem's merge stall, reproduced: ``documents`` orders indexed in bulk requests of ``size``
+    (each request leaves osmem one run of that many documents), then eleven one-document updates,
+    each to a document of another run, timed. osmem merges ten runs of 100-999 live documents
+    into one inside the write that makes the tenth, under its cluster-wide lock: a run of 1,000
+    documents that loses one to an update joins that class. One line per run size."""
+    from cqrskit.examples.shop.read_models import OrdersModel
+    from cqrskit.read_models.indices import create_index
+    from cqrskit.read_models.search import make_client
+
+    def order(i: int, version: int) -> dict[str, Any]:
+        line = {"sku": f"SKU-{i % 200}", "product_id": f"p{i % 200}", "name": "Blue widget", "quantity": 2,
+                "unit_price_cents": 1234, "total_cents": 2468}
+        return {"order_id": f"o{i}", "status": "placed", "customer": {"id": f"c{i % 2000}", "name": "Ada Lovelace",
+                "email": f"ada{i}@example.com"}, "lines": [line], "line_count": 1, "units": 2, "total_cents": 2468,
+                "placed_at": "2026-12-03T10:00:00Z", "streams": [{"id": f"order-o{i}", "version": version}]}
+
+    def bulk(es: Any, index: str, ids: Sequence[int], version: int) -> float:
+        operations: list[dict[str, Any]] = []
+        for i in ids:
+            operations += [{"index": {"_index": index, "_id": f"o{i}", "version": version, "version_type": "external"}},
+                           order(i, version)]
+        started = time.perf_counter()
+        es.bulk(operations=operations)
+        return time.perf_counter() - started
+
+    lines = []
+    for size in runs:
+        with osmem() as server:
+            es = make_client(server.url, timeout=600)
+            create_index(es, "merges", OrdersModel, {})
+            for start in range(0, documents, size):
+                bulk(es, "merges", range(start, min(documents, start + size)), 1)
+            waits = [bulk(es, "merges", [(k * 1009 + 7) % documents], 2) * 1000 for k in range(11)]
+            es.close()
+        lines.append(f"osmem merges: {documents:,} orders in bulk requests of {size:,}, then one-document updates "
+                     f"to 11 of those runs: the first nine {statistics.median(waits[:9]):,.0f} ms (median), the "
+                     f"tenth {waits[9]:,.0f} ms, the eleventh {waits[10]:,.0f} ms; load {os.getloadavg()[0]:.1f}")
+    return lines
 
 
 def plot(run: Run, path: Path, title: str) -> None:
@@ -269,7 +320,7 @@ def rows_of(run: Run, shape: Shape, sustained: float, raw_docs: float, docs_per_
             stored: int, failed: int, documents: dict[str, list[Any]], counts: dict[str, int]) -> list[Row]:
     allowed = raw_docs / docs_per_command if docs_per_command else float("nan")
     ladder_text = "; ".join(f"{s.offered:,.0f}/s: p50 {s.p50 * 1000:,.0f} / p99 {s.p99 * 1000:,.0f} ms"
-                            + (f", {s.unseen} unseen" if s.unseen else "") for s in run.steps)
+                            + (f", {s.unseen} unseen" if s.unseen else "") + s.stalled() for s in run.steps)
     loads = [s.load for s in run.steps] + ([run.half.load] if run.half else [])
     common = (f"{shape.describe()}; write store of {stored:,} events before the run; load "
               f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f}; {failed} indexer/relay failures logged")
@@ -286,8 +337,8 @@ def rows_of(run: Run, shape: Shape, sustained: float, raw_docs: float, docs_per_
     half = run.half
     if half is None:
         return rows + [Row(HALF_P50, "n/a"), Row(HALF_P99, "n/a")]
-    note = (f"{half.sent:,} commands at {half.offered:,.0f}/s ({half.achieved:,.0f}/s published); stages p50 / p99 "
-            f"ms: {run.where}; {common}")
+    note = (f"{half.sent:,} commands at {half.offered:,.0f}/s ({half.achieved:,.0f}/s published){half.stalled()}; "
+            f"stages p50 / p99 ms: {run.where}; {common}")
     rows.append(Row(HALF_P50, f"{half.p50 * 1000:,.0f} ms", "", "", "", "<= 100 ms", half.p50 <= 0.1, note))
     rows.append(Row(HALF_P99, f"{half.p99 * 1000:,.0f} ms", "", "", "", "<= 500 ms", half.p99 <= 0.5,
                     f"{half.unseen} not visible within 5 s"))
@@ -311,6 +362,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=PLOT, help="PNG of lag against offered rate ('' for none)")
     parser.add_argument("--watch-pause", type=float, default=0.02, help="seconds between the watcher's searches")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy the processes' logs and the lags here")
+    parser.add_argument("--osmem-merges", action="store_true",
+                        help="only reproduce osmem's merge stall (a one-document write that waits seconds)")
     parser.add_argument("--smoke", action="store_true", help="a tiny run (CI): two short steps, no plot")
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
@@ -331,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 220)
     console.print(" | ".join(f"[bold]{key}[/bold] {value}" for key, value in machine_facts().items()))
     started = time.perf_counter()
+    if args.osmem_merges:
+        for line in merge_stall():
+            console.print(line)
+        return 0
     rows, run = measure(args, console)
     console.print(table(rows))
     if args.plot and run.steps:
