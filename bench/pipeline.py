@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,10 @@ class Step:
     unseen: int  # commands not searchable within the step's drain allowance
     load: float
     stalls: list[float] = field(default_factory=list)  # the indexer's bulk waits >= STALL s in the step
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU ms per command sent, per kind of process
+
+    def cpu_text(self) -> str:
+        return ", ".join(f"{kind} {ms:.1f}" for kind, ms in self.cpu.items())
 
     def stalled(self) -> str:
         """How many of the indexer's bulk requests waited >= STALL s in the step ("" when none did)."""
@@ -78,32 +83,62 @@ class Run:
     where: str = ""  # where the half-rate step's lag went, stage by stage
 
 
-def measure_step(stack: Any, watcher: Watcher, orders: Orders, rate: float, seconds: float) -> tuple[Step, list[Sent]]:
-    """``rate`` commands/s for ``seconds``, then up to 5 s for the last of them to become visible."""
+def cpu_seconds(roots: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each kind's processes and their children (a
+    Dramatiq process forks its workers), from /proc; "bench" counts this process less the others."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            parent[int(entry.name)], ticks[int(entry.name)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, ppid in parent.items():
+        children[ppid].append(pid)
+
+    def tree(pid: int) -> int:
+        return ticks.get(pid, 0) + sum(tree(child) for child in children.get(pid, []))
+
+    hz = os.sysconf("SC_CLK_TCK")
+    used = {kind: sum(tree(pid) for pid in pids) / hz for kind, pids in roots.items()}
+    if "bench" in used:  # the bench's own threads (publisher, watcher): its children are the other kinds
+        used["bench"] -= sum(seconds for kind, seconds in used.items() if kind != "bench")
+    return used
+
+
+def measure_step(stack: Any, watcher: Watcher, orders: Orders, rate: float, seconds: float,
+                 roots: dict[str, list[int]] | None = None) -> tuple[Step, list[Sent]]:
+    """``rate`` commands/s for ``seconds``, then up to 5 s for the last of them to become visible.
+    ``roots``: the processes whose CPU per command the step reports, by kind."""
     load = os.getloadavg()[0]
     started, wall = time.monotonic(), time.time()
+    before = cpu_seconds(roots or {})
     sent = steady(stack, watcher, orders, rate, seconds)
     took = time.monotonic() - started
+    used = {kind: (now - before[kind]) * 1000 / max(1, len(sent)) for kind, now in cpu_seconds(roots or {}).items()}
     wait_visible(watcher, 5.0, fail=False)
     lags = [s.visible - s.published if s.visible is not None else float("inf") for s in sent]
     unseen = sum(1 for s in sent if s.visible is None)
     stalls = [end - start for start, end in osmem_stalls(stack, STALL) if wall <= end <= time.time()]
     return Step(rate, len(sent), len(sent) / took, percentile(lags, 0.5), percentile(lags, 0.99), unseen, load,
-                stalls), sent
+                stalls, used), sent
 
 
 def ladder(stack: Any, watcher: Watcher, orders: Orders, rates: Sequence[float], seconds: float,
-           console: Console, run: Run) -> None:
+           console: Console, run: Run, roots: dict[str, list[int]]) -> None:
     """Steps up the ladder until two steps in a row do not keep up (one may be a neighbour's busy
     moment on a shared machine); the pipeline drains between steps."""
     misses = 0
     for rate in rates:
-        step, sent = measure_step(stack, watcher, orders, rate, seconds)
+        step, sent = measure_step(stack, watcher, orders, rate, seconds, roots)
         run.steps.append(step)
         run.sent += sent
         console.log(f"pipeline: {rate:,.0f}/s offered ({step.achieved:,.0f}/s published): p50 "
                     f"{step.p50 * 1000:,.0f} ms, p99 {step.p99 * 1000:,.0f} ms, {step.unseen} not visible"
-                    f"{step.stalled()}; load {step.load:.1f}")
+                    f"{step.stalled()}; load {step.load:.1f}; CPU ms per command: {step.cpu_text()}")
         wait_visible(watcher, 300)
         misses = 0 if step.kept_up else misses + 1
         if misses == 2:
@@ -244,6 +279,14 @@ class Shape:
         return [p for p in range(self.partitions) if p % self.indexers == indexer]
 
 
+def processes(stack: Any, osmem_pid: int) -> dict[str, list[int]]:
+    """The pipeline's processes by kind (PostgreSQL and RabbitMQ serve other sessions too: left out)."""
+    kinds: dict[str, list[int]] = defaultdict(list)
+    for process in stack.started:
+        kinds[process.log_path.name.split("-")[0] + "s"].append(process.popen.pid)
+    return {**kinds, "osmem": [osmem_pid], "bench": [os.getpid()]}
+
+
 def start(stack: Any, shape: Shape) -> None:
     from cqrskit.infra.topology import indexer_partitions
 
@@ -284,12 +327,13 @@ def measure(args: argparse.Namespace, console: Console) -> tuple[list[Row], Run]
             send(stack, watcher, [orders.place() for _ in range(50)])  # warm-up
             wait_visible(watcher, 60)
             run.started = time.time()
-            ladder(stack, watcher, orders, args.rates, args.step_seconds, console, run)
+            roots = processes(stack, server.pid)
+            ladder(stack, watcher, orders, args.rates, args.step_seconds, console, run, roots)
             kept = [s for s in run.steps if s.kept_up]
             sustained = max((s.achieved for s in kept), default=0.0)
             if sustained:
                 time.sleep(1.0)
-                run.half, half_sent = measure_step(stack, watcher, orders, sustained / 2, args.half_seconds)
+                run.half, half_sent = measure_step(stack, watcher, orders, sustained / 2, args.half_seconds, roots)
                 run.sent += half_sent
                 wait_visible(watcher, 120)
             run.ended = time.time() + 1.0
@@ -338,7 +382,7 @@ def rows_of(run: Run, shape: Shape, sustained: float, raw_docs: float, docs_per_
     if half is None:
         return rows + [Row(HALF_P50, "n/a"), Row(HALF_P99, "n/a")]
     note = (f"{half.sent:,} commands at {half.offered:,.0f}/s ({half.achieved:,.0f}/s published){half.stalled()}; "
-            f"stages p50 / p99 ms: {run.where}; {common}")
+            f"stages p50 / p99 ms: {run.where}; CPU ms per command: {half.cpu_text()}; {common}")
     rows.append(Row(HALF_P50, f"{half.p50 * 1000:,.0f} ms", "", "", "", "<= 100 ms", half.p50 <= 0.1, note))
     rows.append(Row(HALF_P99, f"{half.p99 * 1000:,.0f} ms", "", "", "", "<= 500 ms", half.p99 <= 0.5,
                     f"{half.unseen} not visible within 5 s"))
