@@ -216,11 +216,12 @@ class EventRelay:
     def _read(self, after: tuple[int, int] | None) -> tuple[list[StoredEvent], bool]:
         """The batch after ``after`` (None: the checkpoint), lingering once when it is not full, and
         whether events are held back."""
-        with self.engine.connect() as conn:
+        # each statement on its own (no BEGIN, no ROLLBACK at return): as in a READ COMMITTED
+        # transaction, every one sees the commits made before it; a poll is one round trip
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             checkpoint = read_checkpoint(conn) if after is None else after
             batch = read_batch(conn, checkpoint, self.batch_size)
             if batch and len(batch) < self.batch_size and self.linger > 0:
-                conn.commit()
                 time.sleep(self.linger)
                 last = batch[-1]
                 batch += read_batch(conn, (last.tx_id or 0, last.position), self.batch_size - len(batch))
