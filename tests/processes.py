@@ -41,6 +41,17 @@ from cqrskit.infra.store import EventStore
 PROJECT = Path(__file__).resolve().parent.parent
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux only
 POLL = 0.05
+PORT_BANDS = range(20000, 32000, 1000)  # below Linux's ephemeral ports (32768 and up)
+
+
+def port_bands() -> list[int]:
+    """The first ports of the 1,000-port bands this test process may choose fixed ports in (honcho's
+    ``$PORT`` and its hundreds): under pytest-xdist, worker ``gwN`` of ``M`` gets every M-th band
+    from the N-th, so that two workers never pick the same ports, even while one's processes are
+    still booting and have bound nothing yet; without xdist, every band."""
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return list(PORT_BANDS[index % len(PORT_BANDS) :: count])
 
 
 # -- worker processes -------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.schema import events
 from cqrskit.infra.settings import Settings
 from cqrskit.examples.shop.load import ShopLoad
-from tests.processes import PROJECT
+from tests.processes import PROJECT, port_bands
 from tests.stack import Stack, wait_until
 from tests.test_ops import metric_samples, ready
 
@@ -56,11 +56,11 @@ def procfile_ports(base: int) -> dict[str, int]:
 
 
 def free_base_port() -> int:
-    """A base port such that every process's $PORT is free."""
-    for base in range(21000, 60000, 997):
+    """A base port such that every process's $PORT is free (in this test process's own bands)."""
+    for base in port_bands():
         if all(_free(port) for port in procfile_ports(base).values()):
             return base
-    raise AssertionError("no free range of ports for the Procfile")
+    raise AssertionError(f"no free range of ports for the Procfile in the bands {port_bands()}")
 
 
 def _free(port: int) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cqrskit.infra.settings import Settings
-from tests.processes import PROJECT
+from tests.processes import PROJECT, port_bands
 
 pytestmark = pytest.mark.slow
 MARK = "<!-- real-services -->"
@@ -29,11 +29,12 @@ def readme_block() -> str:
 
 
 def free_port(span: int = 1) -> int:
-    """A port such that it and the next ``span`` hundreds are free (honcho's $PORT per process)."""
-    for base in range(23000, 60000, 991):
+    """A port such that it and the next ``span`` hundreds are free (honcho's $PORT per process), in
+    this test process's own bands."""
+    for base in port_bands():
         if all(_free(base + 100 * i + j) for i in range(span) for j in range(3)):
             return base
-    raise AssertionError("no free ports")
+    raise AssertionError(f"no free ports in the bands {port_bands()}")
 
 
 def _free(port: int) -> bool:
@@ -77,3 +78,11 @@ def test_the_real_services_section_runs_as_written(amqp_settings: Settings, tmp_
     assert "SIGKILL" not in output, output[-5000:]  # every process stops on SIGTERM
     assert "Traceback" not in output, output[-5000:]
     assert re.search(r"customers\s+│\s+1\s+│\s+0\s+│\s+0\s+│\s+0", output), output[-5000:]  # verify
+
+
+def test_the_readme_names_the_test_command_ci_runs() -> None:
+    """The README's "Run the tests" says which pytest command ``bash .ci/run`` runs: the same one."""
+    said = re.search(r"then runs `\.venv/bin/python -m pytest([^`]*)`", (PROJECT / "README.md").read_text())
+    assert said, "README.md no longer names the test command"
+    ran = re.findall(r'^"\$VENV/bin/python" -m pytest(.*)$', (PROJECT / ".ci" / "run").read_text(), re.M)
+    assert ran == [said.group(1)], (ran, said.group(1))
