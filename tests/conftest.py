@@ -31,13 +31,36 @@ def _admin_dsn() -> str:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n 2``: each file runs whole in one worker, in the collected order of
-    files), the files with the most tests marked slow come first, so that the longest files start
+    _unique_node_ids(items)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _slow_files_first(items)
+
+
+def _unique_node_ids(items: list[pytest.Item]) -> None:
+    """Give every test its own node id. pytest-xdist hands tests to its workers by node id, so of
+    tests sharing one it runs the first and never reports the others; schemathesis names its tests
+    ``test_x[GET /orders]``, but pytest 9 builds their ids from ``test_x`` alone. Such a test gets
+    its name in its id, as a parametrised test has; a duplicate left over fails the run."""
+    seen = Counter(item.nodeid for item in items)
+    for item in items:
+        if seen[item.nodeid] > 1 and isinstance(item, pytest.Function) and item.nodeid.endswith(
+                f"::{item.originalname}"):
+            nodeid = f"{item.nodeid.removesuffix(item.originalname)}{item.name}"
+            if hasattr(item, "_id"):  # pytest 9: a structured id
+                item._id = type(item._id).parse(nodeid)
+            else:
+                item._nodeid = nodeid
+    duplicates = [nodeid for nodeid, count in Counter(item.nodeid for item in items).items() if count > 1]
+    if duplicates:
+        raise pytest.UsageError(f"tests sharing a node id (pytest-xdist would run one of each): {duplicates}")
+
+
+def _slow_files_first(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n 2``: each file runs whole in one worker, the files in the collected
+    order), the files with the most tests marked slow come first, so that the longest files start
     early and the short ones fill in around them at the end. Tests keep their order within a
-    file, and a run without xdist keeps pytest's own order."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    slow: Counter[str] = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    file; a run without xdist keeps pytest's own order."""
+    slow: Counter[Path] = Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])  # a stable sort: each file stays whole
 
 
