@@ -71,13 +71,18 @@ def close_broker_connection(pid: str) -> None:
                    capture_output=True, text=True, timeout=30, check=True)
 
 
-def killing_at(batch: list[OutgoingMessage], at: int, pid: str):
+def killing_at(batch: list[OutgoingMessage], at: int, pid: str, tail: int = 3000):
     """Yield the batch; on reaching `at`, start closing connection `pid` from the broker side without
-    waiting, so the kill lands while the stream runs at full speed with a full window in flight."""
+    waiting, so the kill lands while the stream runs at full speed with a full window in flight. If
+    the kill has not landed when only `tail` messages are left (rabbitmqctl boots an Erlang VM: on a
+    busy machine that can outlast the stream), the rest trickle out, one every half millisecond, until
+    it has: the stream never ends before the kill."""
     for i, message in enumerate(batch):
         if i == at:
             killer = subprocess.Popen(["rabbitmqctl", "-q", "close_connection", pid, "test"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        elif i >= len(batch) - tail and killer.poll() is None:
+            time.sleep(0.0005)
         yield message
     assert killer.wait(timeout=30) == 0
 
