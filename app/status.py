@@ -3,13 +3,13 @@
 
 What each number is, and where it comes from:
 
-- ``queues``: per Dramatiq queue (commands, indexer, each with its ``.DQ`` delay queue and
-  ``.XQ`` dead-letter queue), ``ready`` messages and ``consumers``, from an AMQP passive
+- ``queues``: per Dramatiq queue (commands, indexer and each further indexer partition's
+  ``indexer.pN``, each with its ``.DQ`` delay queue and ``.XQ`` dead-letter queue), ``ready`` messages and ``consumers``, from an AMQP passive
   ``queue_declare``. Messages delivered to a worker and not yet acknowledged are NOT counted
   (AMQP does not tell them; ``rabbitmqctl list_queues messages`` does). A queue that does not
   exist (``cqrskit setup`` not run) has ``exists: false``.
 - ``dead_letters``: the ``.XQ`` depths: commands Dramatiq gave up on (``cqrskit dlq``), indexer
-  batches that outlived their retries.
+  batches that outlived their retries (summed over the partitions).
 - ``outcomes``: terminal outcomes recorded in the write store, by status (G3).
 - ``relay``: committed events not yet published and the age of the oldest
   (``cqrskit.workers.relay.relay_lag``: exact), the checkpoint, and the lease: which relay is active,
@@ -26,7 +26,8 @@ What each number is, and where it comes from:
   bookings: ``cqrskit verify`` checks that). When every event of the window is unreflected the
   true lag may be larger: ``lag_exact`` is then false.
 - ``workers``: consumers on the commands and indexer queues (a Dramatiq worker process holds
-  one consumer per queue) and the relay holding the lease.
+  one consumer per queue; for the indexer, those of the least-served partition, so that 0 says
+  some partition is indexed by nobody) and the relay holding the lease.
 
 Every component is reached with short timeouts; one that cannot be reached is reported in
 ``components`` with its error and its numbers are null. Nothing here writes anything.
@@ -49,6 +50,7 @@ from sqlalchemy import Connection, Engine
 from cqrskit.app.errors import explain, mask
 from cqrskit.infra.schema import command_outcomes, events, leases, parked_documents, read_model_indices, streams
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
+from cqrskit.infra.topology import indexer_partitions
 from cqrskit.infra.utc import as_utc
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
@@ -94,7 +96,8 @@ class ReadModelState(BaseModel):
 
 class Workers(BaseModel):
     commands: int | None = Field(default=None, description="Consumers on the commands queue (worker processes).")
-    indexer: int | None = Field(default=None, description="Consumers on the indexer queue (indexer processes).")
+    indexer: int | None = Field(default=None, description="Consumers on the indexer queue (indexer processes); with "
+                                "partitions, on the least-served partition's queue (0: a partition nobody indexes).")
     relay: str | None = Field(default=None, description="The active relay (lease holder).")
 
 
@@ -172,18 +175,23 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
                  "search": settings.elasticsearch_url}
     for name, component in status.components.items():
         component.endpoint = mask(endpoints.get(name, ""))
-    status.workers = Workers(
-        commands=_consumers(status, "commands"), indexer=_consumers(status, "indexer"), relay=status.relay.holder)
+    status.workers = Workers(commands=_consumers(status, ["commands"]),
+                             indexer=_consumers(status, list(_indexer_roles(settings))), relay=status.relay.holder)
     return status
 
 
 # -- the broker -------------------------------------------------------------------------------
 def queue_roles(settings: Settings) -> dict[str, str]:
-    """Role (``commands``, ``commands.DQ``...) -> the queue's name under ``settings``."""
+    """Role (``commands``, ``commands.DQ``, ``indexer.p1.XQ``...) -> the queue's name under ``settings``."""
     roles = {}
-    for role, name in (("commands", settings.commands_queue), ("indexer", settings.indexer_queue)):
+    for role, name in (("commands", settings.commands_queue), *_indexer_roles(settings).items()):
         roles.update({role: name, f"{role}.DQ": f"{name}.DQ", f"{role}.XQ": f"{name}.XQ"})
     return roles
+
+
+def _indexer_roles(settings: Settings) -> dict[str, str]:
+    """Each indexer partition's role (``indexer``, then ``indexer.p1``...) -> its queue."""
+    return {"indexer" if p.index == 0 else f"indexer.p{p.index}": p.queue for p in indexer_partitions(settings)}
 
 
 def _gather_broker(settings: Settings, status: PipelineStatus) -> None:
@@ -208,7 +216,8 @@ def _gather_broker(settings: Settings, status: PipelineStatus) -> None:
     finally:
         if connection.is_open:
             connection.close()
-    status.dead_letters = {role: _ready(status, f"{role}.XQ") for role in ("commands", "indexer")}
+    status.dead_letters = {"commands": _ready(status, ["commands.XQ"]),
+                           "indexer": _ready(status, [f"{role}.XQ" for role in _indexer_roles(settings)])}
 
 
 def _queue_state(connection: pika.BlockingConnection, name: str) -> QueueState:
@@ -225,14 +234,16 @@ def _queue_state(connection: pika.BlockingConnection, name: str) -> QueueState:
             channel.close()
 
 
-def _ready(status: PipelineStatus, role: str) -> int | None:
-    queue = status.queues.get(role)
-    return None if queue is None else (queue.ready or 0)
+def _ready(status: PipelineStatus, roles: list[str]) -> int | None:
+    """Messages ready in the queues of ``roles``, summed (None when none was inspected)."""
+    queues = [status.queues[role] for role in roles if role in status.queues]
+    return None if not queues else sum(q.ready or 0 for q in queues)
 
 
-def _consumers(status: PipelineStatus, role: str) -> int | None:
-    queue = status.queues.get(role)
-    return None if queue is None else (queue.consumers or 0)
+def _consumers(status: PipelineStatus, roles: list[str]) -> int | None:
+    """The consumers of the least-served queue of ``roles`` (None when none was inspected)."""
+    queues = [status.queues[role] for role in roles if role in status.queues]
+    return None if not queues else min(q.consumers or 0 for q in queues)
 
 
 # -- the write store --------------------------------------------------------------------------

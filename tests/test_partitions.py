@@ -100,3 +100,43 @@ def test_two_indexer_processes_on_their_partitions_converge(
         assert all(n > 0 for n in computed), computed
     finally:
         stack.close()
+
+
+def test_status_counts_every_partition_queue(amqp_settings: Settings) -> None:
+    """G12: with three partitions, ``cqrskit status`` inspects every partition's queues; the
+    indexer workers are those of the least-served partition (0 here: partition 2 has no
+    consumer) and the indexer's dead letters are summed over the partitions."""
+    import pika
+
+    from cqrskit.app.status import gather_status
+    from cqrskit.infra.topology import indexer_partitions
+
+    settings = amqp_settings.model_copy(update={"indexer_partitions": 3, "elasticsearch_url": "http://127.0.0.1:1"})
+    queues = [p.queue for p in indexer_partitions(settings)]
+    connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
+    try:
+        channel = connection.channel()
+        for queue in queues:
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_declare(name, durable=True)
+        channel.basic_publish("", f"{queues[1]}.XQ", b"{}")
+        channel.basic_publish("", f"{queues[2]}.XQ", b"{}")
+        consumers = connection.channel()
+        for queue in queues[:2]:
+            consumers.basic_consume(queue, lambda *_: None)
+        status = gather_status(settings, models=[])
+        assert {role: q.name for role, q in status.queues.items() if role.startswith("indexer")} == {
+            "indexer": queues[0], "indexer.DQ": f"{queues[0]}.DQ", "indexer.XQ": f"{queues[0]}.XQ",
+            "indexer.p1": queues[1], "indexer.p1.DQ": f"{queues[1]}.DQ", "indexer.p1.XQ": f"{queues[1]}.XQ",
+            "indexer.p2": queues[2], "indexer.p2.DQ": f"{queues[2]}.DQ", "indexer.p2.XQ": f"{queues[2]}.XQ"}
+        assert [status.queues[r].consumers for r in ("indexer", "indexer.p1", "indexer.p2")] == [1, 1, 0]
+        assert status.workers.indexer == 0
+        assert status.dead_letters["indexer"] == 2
+        consumers.basic_consume(queues[2], lambda *_: None)
+        assert gather_status(settings, models=[]).workers.indexer == 1
+    finally:
+        channel = connection.channel()
+        for queue in queues:
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_delete(name)
+        connection.close()
