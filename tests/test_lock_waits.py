@@ -38,6 +38,7 @@ from tests.processes import (  # noqa: F401  (fixtures: commands_topology, worke
     workers,
     write_store,
 )
+from tests.test_worker_faults import waiting_on_a_lock
 
 
 def dsn(pg_url: str) -> str:
@@ -147,7 +148,7 @@ def test_a_frozen_worker_holding_an_aggregate_is_cut_off_and_the_others_go_on(
             # holding the product's advisory lock, when it is frozen.
             row_lock.execute("SELECT 1 FROM streams WHERE stream_id = %s FOR UPDATE", (f"product:{product_id}",))
             publisher.publish(first)
-            write_store.wait_until(lambda: waiting(pg_url) == 1, timeout=20,
+            write_store.wait_until(lambda: waiting_on_a_lock(write_store) == 1, timeout=20,
                                    what="the first worker's transaction to wait on the product's row")
             os.killpg(frozen.popen.pid, signal.SIGSTOP)
             row_lock.rollback()
@@ -169,9 +170,3 @@ def test_a_frozen_worker_holding_an_aggregate_is_cut_off_and_the_others_go_on(
     with write_store.store.unit_of_work() as uow:
         assert uow.load(Product, product_id).state.stock == 5
 
-
-def waiting(pg_url: str) -> int:
-    """Sessions of this database waiting on a lock."""
-    with psycopg.connect(dsn(pg_url), autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()").fetchone()[0]  # type: ignore[index]
