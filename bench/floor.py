@@ -43,19 +43,20 @@ def noop_worker() -> None:
                    max_retries=settings.max_retries)
 
 
-def _ticks(pid: str) -> tuple[str, int] | None:
-    """(what the process is, its CPU ticks so far), or None for a process of no interest."""
+def _ticks(pid: str, database: str) -> tuple[str, int] | None:
+    """(what the process is, its CPU ticks so far), or None for a process of no interest:
+    RabbitMQ, and PostgreSQL's backends of ``database`` and its shared writers."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
     ticks = int(fields[11]) + int(fields[12])
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    if comm == "beam.smp":
+    if stat[stat.index("(") + 1:stat.rindex(")")] == "beam.smp":
         return "rabbitmq", ticks
-    if cmdline.startswith("postgres: "):
+    ours = f" {database} " in title or any(f": {name}" in title for name in POSTGRES_SHARED)
+    if title.startswith("postgres: ") and ours:
         return "postgres", ticks
     return None
 
@@ -70,26 +71,10 @@ class ServiceCpu:
     _start: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def _snapshot(self) -> dict[str, tuple[str, int]]:
-        found: dict[str, tuple[str, int]] = {}
         if not os.path.isdir("/proc"):
-            return found
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            got = _ticks(pid)
-            if got is None:
-                continue
-            if got[0] == "postgres" and not self._ours(pid):
-                continue
-            found[pid] = got
-        return found
-
-    def _ours(self, pid: str) -> bool:
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return False
-        return f" {self.database} " in title or any(f": {name}" in title for name in POSTGRES_SHARED)
+            return {}
+        found = {pid: _ticks(pid, self.database) for pid in os.listdir("/proc") if pid.isdigit()}
+        return {pid: got for pid, got in found.items() if got is not None}
 
     def start(self) -> None:
         self._start = self._snapshot()
