@@ -4,8 +4,8 @@
 What each number is, and where it comes from:
 
 - ``queues``: per Dramatiq queue (commands, indexer and each further indexer partition's
-  ``indexer.pN``, each with its ``.DQ`` delay queue and ``.XQ`` dead-letter queue), ``ready`` messages and ``consumers``, from an AMQP passive
-  ``queue_declare``. Messages delivered to a worker and not yet acknowledged are NOT counted
+  ``indexer.pN``, each with its ``.DQ`` delay queue and ``.XQ`` dead-letter queue), ``ready``
+  messages and ``consumers``, from an AMQP passive ``queue_declare``. Messages delivered to a worker and not yet acknowledged are NOT counted
   (AMQP does not tell them; ``rabbitmqctl list_queues messages`` does). A queue that does not
   exist (``cqrskit setup`` not run) has ``exists: false``.
 - ``dead_letters``: the ``.XQ`` depths: commands Dramatiq gave up on (``cqrskit dlq``), indexer
