@@ -6,6 +6,8 @@ these types exactly as the example apps (the `examples/` folder of the repositor
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -94,6 +96,29 @@ class Aggregate(Generic[S]):
     @classmethod
     def restore(cls, aggregate_id: str, version: int, snapshot: dict[str, Any]) -> Aggregate[Any]:
         return cls(aggregate_id, version, cls.State.model_validate(snapshot))
+
+
+A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
+
+
+def restore(cls: type[A], aggregate_id: str, version: int, snapshot: dict[str, Any] | str | None,
+            state_version: int | None, history: Callable[[], list[Event]]) -> A:
+    """An aggregate as its stream left it, the one way every store loads one: at ``version``
+    (0: no stream yet, the default state), from its ``snapshot`` when that was taken at the
+    class's ``state_version``, else by folding the events that ``history()`` returns (called
+    only then: reading them costs). A snapshot read as JSON text is parsed once, by pydantic,
+    unless the class overrides ``Aggregate.restore``."""
+    if version == 0:
+        return cls(aggregate_id)
+    if snapshot is not None and state_version == cls.state_version:
+        if isinstance(snapshot, str):
+            if cls.restore.__func__ is Aggregate.restore.__func__:  # type: ignore[attr-defined]
+                return cls(aggregate_id, version, cls.State.model_validate_json(snapshot))
+            snapshot = json.loads(snapshot)
+        return cls.restore(aggregate_id, version, snapshot)  # type: ignore[arg-type,return-value]
+    aggregate = cls(aggregate_id)
+    aggregate.replay(history(), version)
+    return aggregate
 
 
 def stream_id(stream_type: str, aggregate_id: str) -> str:

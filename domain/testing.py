@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from cqrskit.domain.model import Aggregate, Event, RuleViolation
+from cqrskit.domain.model import Aggregate, Event, RuleViolation, restore, stream_id
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 
@@ -44,12 +44,12 @@ class InMemoryContext:
         self.clock = clock or datetime.now(UTC)
 
     def load(self, cls: type[A], aggregate_id: str) -> A:
-        aggregate = cls(aggregate_id)
-        if aggregate.stream_id in self.loaded:
-            return self.loaded[aggregate.stream_id]  # type: ignore[return-value]
-        events = self.store.streams.get(aggregate.stream_id, [])
-        aggregate.replay(list(events), len(events))
-        self.loaded[aggregate.stream_id] = aggregate
+        sid = stream_id(cls.stream_type, aggregate_id)
+        if sid in self.loaded:
+            return self.loaded[sid]  # type: ignore[return-value]
+        events = self.store.streams.get(sid, [])
+        aggregate = restore(cls, aggregate_id, len(events), None, None, lambda: list(events))
+        self.loaded[sid] = aggregate
         return aggregate
 
     def owner_of(self, scope: str, key: str) -> str | None:

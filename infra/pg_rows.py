@@ -9,9 +9,7 @@ import json
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
-
-from cqrskit.domain.model import Aggregate, stream_id
+from cqrskit.domain.model import Aggregate, restore, stream_id
 from cqrskit.infra.outcomes import Outcome
 from cqrskit.infra.pg_sql import READ_EVENTS
 
@@ -39,18 +37,13 @@ def snapshot_json(aggregate: Aggregate[Any]) -> str:
     return json.dumps(aggregate.snapshot())
 
 
-def restore(cls: type[A], aggregate_id: str, row: tuple[Any, ...], tx: Any) -> A:
-    version, state, state_version = row
-    if state is not None and state_version == cls.state_version:
-        if cls.restore.__func__ is Aggregate.restore.__func__:  # type: ignore[attr-defined]
-            model: BaseModel = cls.State.model_validate_json(state)
-            return cls(aggregate_id, version, model)
-        return cls.restore(aggregate_id, version, json.loads(state))  # type: ignore[return-value]
-    aggregate = cls(aggregate_id)
+def restored(cls: type[A], aggregate_id: str, row: tuple[Any, ...] | None, tx: Any) -> A:
+    """The aggregate of a stream row ``(version, state as JSON text, state version)`` (None: no
+    stream), by the domain's one ``restore``; its events are read in ``tx`` only if needed."""
+    version, state, state_version = (0, None, None) if row is None else row
     sid = stream_id(cls.stream_type, aggregate_id)
-    stored = tx.all(READ_EVENTS, (sid, 0))
-    aggregate.replay([tx.registry.decode_event(t, v, d) for t, v, d in stored], version)
-    return aggregate
+    return restore(cls, aggregate_id, version, state, state_version, lambda: [
+        tx.registry.decode_event(t, v, d) for t, v, d in tx.all(READ_EVENTS, (sid, 0))])
 
 
 @lru_cache(maxsize=65536)

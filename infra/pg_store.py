@@ -42,7 +42,7 @@ from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.outcomes import Outcome
-from cqrskit.infra.pg_rows import lock_key, outcome_json, q, restore, snapshot_json
+from cqrskit.infra.pg_rows import lock_key, outcome_json, q, restored, snapshot_json
 from cqrskit.infra.pg_sql import (
     INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, LOCKS, OUTCOME_COLUMNS, OWNER, OWNERS, SELECT_OUTCOME, TRY_LOCK,
     TRY_LOCKS, WITH_OUTCOME, WITHOUT_OUTCOME, WRITE,
@@ -296,10 +296,7 @@ class PgUnitOfWork:
         else:
             row = tx.fetch(LOAD, key, (sid,))
         self.rows[sid] = row
-        if row is None:
-            aggregate = cls(aggregate_id)
-        else:
-            aggregate = restore(cls, aggregate_id, row, self.tx)
+        aggregate = restored(cls, aggregate_id, row, self.tx)
         self.loaded[sid] = aggregate
         return aggregate  # type: ignore[return-value]
 

@@ -30,7 +30,7 @@ from psycopg import errors as psycopg_errors
 from psycopg.pq import TransactionStatus
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from cqrskit.domain.model import Aggregate, RuleViolation, stream_id
+from cqrskit.domain.model import Aggregate, RuleViolation, restore, stream_id
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import is_postgres, upsert_insert
@@ -235,15 +235,10 @@ class UnitOfWork:
         row = self.conn.execute(
             sa.select(streams.c.version, streams.c.state, streams.c.state_version).where(streams.c.stream_id == sid)
         ).first()
-        if row is None:
-            aggregate = cls(aggregate_id)
-        elif row.state is not None and row.state_version == cls.state_version:
-            aggregate = cls.restore(aggregate_id, row.version, row.state)  # type: ignore[assignment]
-        else:
-            aggregate = cls(aggregate_id)
-            stored = _read_stream(self.conn, sid, 0)
-            decoded = [self.store.registry.decode_event(e.type, e.schema_version, e.data) for e in stored]
-            aggregate.replay(decoded, row.version)
+        version, state, state_version = (0, None, None) if row is None else row
+        decode = self.store.registry.decode_event
+        aggregate = restore(cls, aggregate_id, version, state, state_version, lambda: [
+            decode(e.type, e.schema_version, e.data) for e in _read_stream(self.conn, sid, 0)])
         self.loaded[sid] = aggregate
         return aggregate
 

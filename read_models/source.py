@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from cqrskit.domain.model import Aggregate, stream_id
+from cqrskit.domain.model import Aggregate, restore, stream_id
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.schema import events, streams
 from cqrskit.infra.utc import as_utc
@@ -63,16 +63,14 @@ class WriteStoreSource:
         return found
 
     def _restore(self, cls: type[A], row: Any) -> A:
-        if row.state is not None and row.state_version == cls.state_version:
-            return cls.restore(row.aggregate_id, row.version, row.state)  # type: ignore[return-value]
-        aggregate = cls(row.aggregate_id)
+        return restore(cls, row.aggregate_id, row.version, row.state, row.state_version, lambda: self._history(cls, row))
+
+    def _history(self, cls: type[A], row: Any) -> list[Any]:
         query = (sa.select(events.c.type, events.c.schema_version, events.c.data)
                  .where(events.c.stream_id == stream_id(cls.stream_type, row.aggregate_id),
                         events.c.version <= row.version)
                  .order_by(events.c.version))
-        decoded = [self.registry.decode_event(e.type, e.schema_version, e.data) for e in self.conn.execute(query)]
-        aggregate.replay(decoded, row.version)
-        return aggregate
+        return [self.registry.decode_event(e.type, e.schema_version, e.data) for e in self.conn.execute(query)]
 
     def ids_where(self, stream_type: str, json_field: str, values: Iterable[str]) -> dict[str, list[str]]:
         """Aggregate ids of ``stream_type`` whose state's ``json_field`` is one of ``values``. On

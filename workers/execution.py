@@ -33,7 +33,7 @@ from cqrskit.domain.registry import Registry
 from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
-from cqrskit.infra.pg_rows import restore
+from cqrskit.infra.pg_rows import restored
 from cqrskit.infra.pg_store import LockBusy, PgTransaction, PgUnitOfWork, lock_key
 from cqrskit.infra.store import ConcurrencyConflict, DuplicateCommand, EventStore
 from cqrskit.infra.validation import CommandTooLarge, InvalidCommand, ValidCommand, safe_text, validate_command
@@ -292,7 +292,7 @@ def _followed(tx: PgTransaction, follows: list[tuple[type, str, Any]]
             continue
         row = tx.cache[sid]
         try:
-            aggregate = cls(aggregate_id) if row is None else restore(cls, aggregate_id, row, tx)
+            aggregate = restored(cls, aggregate_id, row, tx)
             for read in hint(aggregate):
                 _add_read(read, streams, claims)
         except Exception:  # noqa: BLE001 - a hint never decides: the handler reads what it reads
