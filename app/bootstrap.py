@@ -50,6 +50,10 @@ def load_app(spec: str) -> App:
         found = getattr(found, part)
     if not isinstance(found, App):
         raise AppError(f"app {spec!r} is a {type(found).__name__}, not a cqrskit.app.App")
+    problems = found.registry.problems()
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AppError(f"app {spec!r}: {problems[0]}{more}")
     try:
         found.searchable  # noqa: B018 - derive the declared queries now: a mistake is the app's, said once
     except ValueError as exc:

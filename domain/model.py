@@ -21,6 +21,11 @@ class RuleViolation(Exception):
         self.reason = reason
 
 
+class UnregisteredEvent(TypeError):
+    """An event of a type no registry knows was recorded: a programming error, raised where the
+    handler records it (in a worker, a Scenario and the Harness alike), never stored."""
+
+
 class Event(BaseModel):
     """A fact that happened to one aggregate. Subclasses set ``type`` and, when their shape
     changes, bump ``schema_version`` and register an upcaster for the older shapes."""
@@ -75,7 +80,11 @@ class Aggregate(Generic[S]):
         raise NotImplementedError
 
     def record(self, event: Event) -> None:
-        """Apply a new event and keep it for the unit of work to append."""
+        """Apply a new event and keep it for the unit of work to append. Raises UnregisteredEvent
+        when the event's type was never registered (``Registry.event``)."""
+        if not type(event).__dict__.get("__cqrskit_registered__", False):  # a subclass registers itself
+            raise UnregisteredEvent(f"{type(event).__name__} (type {getattr(event, 'type', '?')!r}) is not a "
+                                    f"registered event type: decorate it with @registry.event")
         self.apply(event)
         self.pending.append(event)
 

@@ -25,6 +25,11 @@ class UnknownType(LookupError):
     """A command or event type that the registry does not know."""
 
 
+class UpcastError(ValueError):
+    """A stored event cannot be brought to the running code's shape: it was written by newer code,
+    or an upcaster returned data its next version refuses. The message names the type and version."""
+
+
 class Registry:
     def __init__(self) -> None:
         self.commands: dict[str, type[Command]] = {}
@@ -34,8 +39,13 @@ class Registry:
         self.upcasters: dict[tuple[str, int], Upcaster] = {}
 
     def event(self, cls: E) -> E:
-        """Class decorator: register an event type under ``cls.type``."""
+        """Class decorator: register an event type under ``cls.type``. Only registered event types
+        may be recorded (``Aggregate.record`` raises ``UnregisteredEvent`` for any other)."""
+        if not isinstance(cls.schema_version, int) or cls.schema_version < 1:
+            raise ValueError(f"event type {cls.type!r}: schema_version must be an int >= 1, "
+                             f"got {cls.schema_version!r}")
         _register(self.events, cls.type, cls)
+        type.__setattr__(cls, "__cqrskit_registered__", True)
         return cls
 
     def command(self, handler: Handler, *, reads: Reads | None = None) -> Callable[[C], C]:
@@ -52,13 +62,39 @@ class Registry:
         return register
 
     def upcaster(self, event_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
-        """Register a function turning data of ``from_version`` into ``from_version + 1``."""
+        """Register a function turning data of ``from_version`` into ``from_version + 1`` (a dict
+        in, a dict out; pure: no clock, no I/O). Raises ValueError when that step of that type has
+        an upcaster already. The whole chain is checked by ``problems`` when the app is resolved."""
 
         def register(fn: Upcaster) -> Upcaster:
-            self.upcasters[(event_type, from_version)] = fn
+            _register(self.upcasters, (event_type, from_version), fn, what="upcaster")
             return fn
 
         return register
+
+    def problems(self) -> list[str]:
+        """What is wrong with the upcaster chains, one line each (empty when nothing is): an
+        upcaster for a type that is not registered, or from a version the type has reached already,
+        and a gap (a type at ``schema_version`` N lacks the step from some version below N).
+        ``cqrskit.app.bootstrap.load_app`` refuses an app with any (exit 2, before any process runs)."""
+        found = []
+        for event_type, version in sorted(self.upcasters):
+            cls = self.events.get(event_type)
+            if cls is None:
+                found.append(f"upcaster from version {version} of {event_type!r}, which is not a registered "
+                             f"event type (register it, or remove the upcaster)")
+            elif not 1 <= version < cls.schema_version:
+                found.append(f"upcaster from version {version} of {event_type!r}, but {cls.__name__}.schema_version "
+                             f"is {cls.schema_version}: an upcaster steps from a version below it (bump "
+                             f"schema_version to {version + 1}, or remove the upcaster)")
+        for event_type, cls in sorted(self.events.items()):
+            missing = [v for v in range(1, cls.schema_version) if (event_type, v) not in self.upcasters]
+            if missing:
+                steps = ", ".join(f"{v} -> {v + 1}" for v in missing)
+                found.append(f"event type {event_type!r} is at schema_version {cls.schema_version} but has no "
+                             f"upcaster for {steps} (stored events of those versions could not be read: "
+                             f"@registry.upcaster({event_type!r}, {missing[0]}))")
+        return found
 
     def command_type(self, name: str) -> type[Command]:
         try:
@@ -87,8 +123,15 @@ class Registry:
             cls = self.events[name]
         except KeyError:
             raise UnknownType(f"unknown event type {name!r}") from None
+        if schema_version > cls.schema_version:
+            raise UpcastError(f"event {name!r} was stored at schema_version {schema_version}, but the running code "
+                              f"knows {cls.schema_version} at most: run the code that wrote it (never roll an "
+                              f"event's version back)")
         for version in range(schema_version, cls.schema_version):
-            data = self.upcasters[(name, version)](data)
+            try:
+                data = self.upcasters[(name, version)](data)
+            except KeyError:
+                raise UpcastError(f"event {name!r}: no upcaster from schema_version {version}") from None
         return cls.model_validate(data)
 
 
@@ -102,11 +145,12 @@ def merged(*parts: Registry) -> Registry:
             registry.event(cls)
         for name, cls in part.commands.items():
             registry.command(part.handlers[name], reads=part.reads.get(name))(cls)
-        registry.upcasters.update(part.upcasters)
+        for (event_type, version), fn in part.upcasters.items():
+            registry.upcaster(event_type, version)(fn)
     return registry
 
 
-def _register(table: dict[str, Any], name: str, cls: Any) -> None:
+def _register(table: dict[Any, Any], name: Any, cls: Any, what: str = "type") -> None:
     if name in table and table[name] is not cls:
-        raise ValueError(f"type {name!r} registered twice ({table[name]!r}, {cls!r})")
+        raise ValueError(f"{what} {name!r} registered twice ({table[name]!r}, {cls!r})")
     table[name] = cls
