@@ -278,7 +278,7 @@ class ShopWriter:
         with psycopg.connect(self.db) as conn, conn.cursor() as cur:
             with cur.copy(f"COPY streams ({', '.join(STREAM_COLUMNS)}) FROM STDIN") as copy:
                 for sid, a in self.aggregates.items():
-                    copy.write_row((sid, a.stream_type, a.id, a.version, json.dumps(a.snapshot()), a.state_version,
+                    copy.write_row((sid, a.stream_type, a.id, a.version, json.dumps(a.snapshot()), a.snapshot_version(),
                                     getattr(a, "updated_at", self.clock)))
             with cur.copy("COPY unique_claims (scope, key, owner) FROM STDIN") as copy:
                 for (scope, key), owner in self.claims.items():

@@ -6,7 +6,9 @@ these types exactly as the example apps (the `examples/` folder of the repositor
 
 from __future__ import annotations
 
+import functools
 import json
+import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -54,8 +56,11 @@ class Aggregate(Generic[S]):
     that does not exist yet) and implement ``apply``. Decisions call ``record`` with new events;
     the unit of work appends the pending events with the version the aggregate was loaded at,
     so two concurrent decisions on one aggregate can never both commit (G4).
-    Bump ``state_version`` when ``apply`` changes meaning: stored snapshots of older versions are
-    then ignored and the state is folded again from the events.
+    Snapshots cannot go stale: each is stored with ``snapshot_version()``, which combines
+    ``state_version`` with a fingerprint of ``State``'s shape (its JSON Schema), and one taken
+    under another shape is ignored: the aggregate is folded again from its events and the new
+    snapshot written with its next event. A field added to ``State`` therefore needs no bump;
+    bump ``state_version`` (1..2047) when ``apply`` changes meaning with the same shape.
     """
 
     stream_type: ClassVar[str]
@@ -99,6 +104,13 @@ class Aggregate(Generic[S]):
         if not condition:
             raise RuleViolation(reason)
 
+    @classmethod
+    def snapshot_version(cls) -> int:
+        """What a stored snapshot must have been taken under to be trusted: ``state_version``
+        in the high bits, a 20-bit fingerprint of ``State``'s JSON Schema in the low ones (a
+        positive 32-bit integer). Raises ValueError for a ``state_version`` outside 1..2047."""
+        return _snapshot_version(cls)
+
     def snapshot(self) -> dict[str, Any]:
         return self.state.model_dump(mode="json")
 
@@ -119,7 +131,7 @@ def restore(cls: type[A], aggregate_id: str, version: int, snapshot: dict[str, A
     unless the class overrides ``Aggregate.restore``."""
     if version == 0:
         return cls(aggregate_id)
-    if snapshot is not None and state_version == cls.state_version:
+    if snapshot is not None and state_version == cls.snapshot_version():
         if isinstance(snapshot, str):
             if cls.restore.__func__ is Aggregate.restore.__func__:  # type: ignore[attr-defined]
                 return cls(aggregate_id, version, cls.State.model_validate_json(snapshot))
@@ -128,6 +140,14 @@ def restore(cls: type[A], aggregate_id: str, version: int, snapshot: dict[str, A
     aggregate = cls(aggregate_id)
     aggregate.replay(history(), version)
     return aggregate
+
+
+@functools.cache
+def _snapshot_version(cls: type[Aggregate[Any]]) -> int:
+    if not isinstance(cls.state_version, int) or not 1 <= cls.state_version <= 2047:
+        raise ValueError(f"{cls.__name__}.state_version must be an int in 1..2047, got {cls.state_version!r}")
+    shape = json.dumps(cls.State.model_json_schema(), sort_keys=True, separators=(",", ":"))
+    return (cls.state_version << 20) | (zlib.crc32(shape.encode()) & 0xFFFFF)
 
 
 def stream_id(stream_type: str, aggregate_id: str) -> str:

@@ -353,7 +353,7 @@ class PgUnitOfWork:
         for sid, aggregate in self.loaded.items():
             aggregate.version += len(aggregate.pending)
             if aggregate.pending:  # what a later command of the batch loads, without a read
-                self.rows[sid] = (aggregate.version, self.snapshots[sid], aggregate.state_version)
+                self.rows[sid] = (aggregate.version, self.snapshots[sid], aggregate.snapshot_version())
             aggregate.pending.clear()
         if tx.deferred:
             tx.cache.update(self.rows)
@@ -392,7 +392,7 @@ class PgUnitOfWork:
                 continue
             version, quoted = agg.version, q(sid)
             self.snapshots[sid] = snapshot = snapshot_json(agg)
-            head = f'{{"sid":{quoted},"v":{version + len(agg.pending)},"sv":{agg.state_version},' \
+            head = f'{{"sid":{quoted},"v":{version + len(agg.pending)},"sv":{agg.snapshot_version()},' \
                    f'"state":{snapshot}'
             if version == 0:
                 new.append(f'{head},"t":{q(agg.stream_type)},"aid":{q(agg.id)}}}')

@@ -324,7 +324,7 @@ class UnitOfWork:
         values = {
             "version": new_version,
             "state": aggregate.snapshot(),
-            "state_version": aggregate.state_version,
+            "state_version": aggregate.snapshot_version(),
             "updated_at": self.clock,
         }
         if aggregate.version == 0:

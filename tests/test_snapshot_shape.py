@@ -1,0 +1,97 @@
+"""Snapshots cannot go stale (issue 22), on PostgreSQL and SQLite: a snapshot taken under another
+shape of an aggregate's state is never trusted; the aggregate is folded again from its events.
+G4/G6: a state field added without a ``state_version`` bump used to keep its default forever for
+every aggregate stored before the change (and `verify` could not see it: both sides read the
+same snapshot)."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from pydantic import BaseModel
+
+from cqrskit.domain.model import Aggregate, Event
+from cqrskit.domain.registry import Registry
+from cqrskit.infra.db import make_engine
+from cqrskit.infra.store import EventStore
+
+registry = Registry()
+
+
+@registry.event
+class Lent(Event):
+    type = "Lent"
+    title: str
+    days: int
+
+
+class StateBefore(BaseModel):
+    title: str = ""
+
+
+class StateAfter(BaseModel):  # the field a new release added, with its default
+    title: str = ""
+    loan_days: int = 0
+
+
+class LoanBefore(Aggregate[StateBefore]):
+    stream_type = "Loan"
+    State = StateBefore
+
+    def apply(self, event: Event) -> None:
+        assert isinstance(event, Lent)
+        self.state = StateBefore(title=event.title)
+
+
+class LoanAfter(Aggregate[StateAfter]):
+    stream_type = "Loan"
+    State = StateAfter  # state_version unchanged: the trap of the issue
+
+    def apply(self, event: Event) -> None:
+        assert isinstance(event, Lent)
+        self.state = StateAfter(title=event.title, loan_days=event.days)
+
+
+@pytest.fixture
+def loans(store_url: str):
+    engine = make_engine(store_url)
+    yield EventStore(engine, registry)
+    engine.dispose()
+
+
+def stored_snapshot_version(store: EventStore) -> int:
+    with store.engine.connect() as conn:
+        return conn.execute(sa.text("SELECT state_version FROM streams WHERE stream_id = 'Loan:l1'")).scalar_one()
+
+
+def test_a_state_field_added_without_a_version_bump_is_folded_from_the_events(loans: EventStore) -> None:
+    assert LoanBefore.state_version == LoanAfter.state_version == 1
+    assert LoanBefore.snapshot_version() != LoanAfter.snapshot_version()
+    with loans.unit_of_work() as uow:
+        uow.load(LoanBefore, "l1").record(Lent(title="Dune", days=10))
+        uow.commit({})
+    assert stored_snapshot_version(loans) == LoanBefore.snapshot_version()
+    with loans.unit_of_work() as uow:
+        loan = uow.load(LoanAfter, "l1")
+        assert (loan.version, loan.state.title, loan.state.loan_days) == (1, "Dune", 10)
+        loan.record(Lent(title="Dune", days=14))
+        uow.commit({})
+    assert stored_snapshot_version(loans) == LoanAfter.snapshot_version()  # written anew, under the new shape
+    with loans.unit_of_work() as uow:
+        assert uow.load(LoanAfter, "l1").state.loan_days == 14
+
+
+def test_the_snapshot_version_keeps_the_declared_version_and_refuses_a_bad_one() -> None:
+    assert LoanAfter.snapshot_version() >> 20 == 1
+    assert 0 < LoanAfter.snapshot_version() < 2**31
+
+    class Bumped(LoanAfter):
+        state_version = 2
+
+    class Bad(LoanAfter):
+        state_version = 4096
+
+    assert Bumped.snapshot_version() >> 20 == 2
+    assert Bumped.snapshot_version() & 0xFFFFF == LoanAfter.snapshot_version() & 0xFFFFF
+    with pytest.raises(ValueError, match="Bad.state_version must be an int in 1..2047"):
+        Bad.snapshot_version()
