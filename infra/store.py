@@ -18,16 +18,14 @@ outcome (the outcome's primary key is the guard: nothing was written); the drive
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
-from psycopg import errors as psycopg_errors
-from psycopg.pq import TransactionStatus
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from cqrskit.domain.model import Aggregate, RuleViolation, restore, stream_id
@@ -35,8 +33,11 @@ from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import is_postgres, upsert_insert
 from cqrskit.infra.outcomes import Outcome, Status
-from cqrskit.infra.pg_store import DuplicateCommand, PgStatements, PgTransaction, PgUnitOfWork
+from cqrskit.infra.pg_store import DuplicateCommand, PgTransaction
 from cqrskit.infra.schema import command_outcomes, events, streams, unique_claims
+from cqrskit.infra.write_store.pg_batch import decide_batch
+from cqrskit.infra.write_store.port import Decision, UnitOfWork as WriteUnit
+from cqrskit.infra.write_store.postgres import PgSessions, Waits
 
 __all__ = ["ConcurrencyConflict", "DuplicateCommand", "EventStore", "StoredEvent", "UnitOfWork", "Waits", "read_outcome"]
 
@@ -64,38 +65,46 @@ class _Claims:
     released: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Waits:
-    """PostgreSQL: how long a transaction of this store may wait and stay idle, in seconds (0:
-    no limit). ``lock``: a transaction waiting this long for a lock (an aggregate another
-    transaction holds) gives up with ConcurrencyConflict and is retried. ``idle``: the server
-    ends a session that sat idle this long inside a transaction (a frozen or stalled worker),
-    rolling it back and releasing its locks; its commands are decided again."""
-
-    lock: float = 0.0
-    idle: float = 0.0
-
-    def settings(self) -> tuple[str, str]:
-        return f"{round(self.lock * 1000)}ms", f"{round(self.idle * 1000)}ms"
-
-
 class EventStore:
     def __init__(self, engine: Engine, registry: Registry, *, waits: Waits | None = None) -> None:
         self.engine = engine
         self.registry = registry
-        self.postgres = is_postgres(engine)
         self.waits = waits
-        self._statements: PgStatements | None = None
-        self._holders: dict[tuple[str, str], str] = {}  # claims' holders as last read: a lock hint
+        self._pg = PgSessions(engine, registry, waits) if is_postgres(engine) else None
+
+    @property
+    def batches(self) -> bool:
+        """Whether ``decide`` takes many commands in one transaction: on PostgreSQL (group commit)."""
+        return self._pg is not None
+
+    def decide(self, decisions: Sequence[Decision]) -> list[Outcome | None]:
+        """The write-store port's ``decide`` (``cqrskit.infra.write_store.port``): on PostgreSQL
+        the decisions in one transaction (``cqrskit.infra.write_store.pg_batch``); on SQLite
+        each in its own, which takes the write lock up front (writers queue instead of
+        conflicting on a stale snapshot)."""
+        if self._pg is not None:
+            return decide_batch(self, decisions)
+        return [self._decide_alone(decision) for decision in decisions]
+
+    def _decide_alone(self, decision: Decision) -> Outcome:
+        try:
+            with self.unit_of_work(serialize=True) as uow:
+                return decision.decide(uow)
+        except RuleViolation as exc:
+            return self.record_outcome(decision.rejected(exc.reason))
+        except DuplicateCommand:
+            stored = self.outcome(decision.command_id)
+            if stored is None:  # pragma: no cover - the guard saw it a moment ago
+                raise
+            return stored.as_duplicate()
 
     @contextmanager
-    def unit_of_work(self, now: datetime | None = None, *, serialize: bool = False
-                     ) -> Iterator[UnitOfWork | PgUnitOfWork]:
+    def unit_of_work(self, now: datetime | None = None, *, serialize: bool = False) -> Iterator[WriteUnit]:
         """One write transaction: committed when the block ends normally, rolled back when it
         raises. ``serialize``: on SQLite, take the write lock up front (writers queue instead of
         conflicting on a stale snapshot); no effect on PostgreSQL."""
-        if self.postgres:
-            with self.transaction(now, locking=False, deferred=False) as tx:
+        if self._pg is not None:
+            with self._pg.transaction(now, locking=False, deferred=False) as tx:
                 yield tx.unit()
             return
         with self.engine.connect() as conn:
@@ -104,57 +113,12 @@ class EventStore:
             with conn.begin():
                 yield UnitOfWork(self, conn, now or datetime.now(UTC))
 
-    @contextmanager
     def transaction(self, now: datetime | None = None, *, locking: bool = True, deferred: bool = True
-                    ) -> Iterator[PgTransaction]:
-        """PostgreSQL only: one transaction for many units of work (group commit), committed
-        when the block ends normally, rolled back when it raises. See ``cqrskit.infra.pg_store``."""
-        with self.psycopg_connection() as conn:
-            tx = PgTransaction(conn, self.registry, self.statements(conn), now or datetime.now(UTC),
-                               locking=locking, deferred=deferred, holders=self._holders)
-            try:
-                with conn.pipeline() as pipeline:
-                    tx.pipeline = pipeline
-                    tx.send("BEGIN")
-                    yield tx
-                    if tx.failed:  # a statement failed and its error was handled: roll back
-                        _drain(pipeline)
-                    else:
-                        tx.finish()
-                if tx.failed:
-                    conn.execute("ROLLBACK")
-            except BaseException:
-                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.execute("ROLLBACK")
-                raise
-
-    @contextmanager
-    def psycopg_connection(self) -> Iterator[Any]:
-        """A pooled connection as psycopg's own, in autocommit mode while it is lent out."""
-        fairy = self.engine.raw_connection()
-        conn = fairy.driver_connection
-        try:
-            conn.autocommit = True
-            if self.waits is not None and fairy.info.get("cqrskit.waits") != self.waits:
-                conn.execute("SELECT set_config('lock_timeout', %s, false), "
-                             "set_config('idle_in_transaction_session_timeout', %s, false)", self.waits.settings())
-                fairy.info["cqrskit.waits"] = self.waits  # once per connection: session settings
-            yield conn
-        except psycopg_errors.OperationalError:
-            fairy.invalidate()
-            raise
-        finally:
-            if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
-                conn.autocommit = False
-            elif fairy.is_valid:
-                fairy.invalidate()
-            fairy.close()
-
-    def statements(self, conn: Any) -> PgStatements:
-        if self._statements is None:
-            sequence = conn.execute("SELECT pg_get_serial_sequence('events', 'position')").fetchone()[0]
-            self._statements = PgStatements(sequence)
-        return self._statements
+                    ) -> AbstractContextManager[PgTransaction]:
+        """PostgreSQL only: one transaction for many units of work (group commit); see
+        ``cqrskit.infra.write_store.postgres``."""
+        assert self._pg is not None, "group-commit transactions are PostgreSQL's"
+        return self._pg.transaction(now, locking=locking, deferred=deferred)
 
     def outcome(self, command_id: str) -> Outcome | None:
         with self.engine.connect() as conn:
@@ -351,14 +315,6 @@ class UnitOfWork:
                 unique_claims.insert(),
                 [{"scope": s, "key": k, "owner": o} for (s, k), o in self.claims.taken.items()],
             )
-
-
-def _drain(pipeline: Any) -> None:
-    """Sync a pipeline whose transaction failed (the failure was raised already)."""
-    try:
-        pipeline.sync()
-    except psycopg_errors.Error:
-        pass
 
 
 def _insert_outcome(conn: Connection) -> Any:

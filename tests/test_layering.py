@@ -105,6 +105,37 @@ def test_the_domain_core_imports_no_infrastructure() -> None:
                 assert not [n for n in names if n.split(".")[0] in banned], f"{name} imports {names}"
 
 
+# The write store's PostgreSQL adapter: what the workers never see (they decide through the port,
+# ``cqrskit.infra.write_store.port``).
+POSTGRES_ADAPTER = {"cqrskit.infra.pg_store", "cqrskit.infra.pg_rows", "cqrskit.infra.pg_sql",
+                    "cqrskit.infra.write_store.pg_batch", "cqrskit.infra.write_store.postgres"}
+POSTGRES_NAMES = re.compile(r"\b(Pg[A-Z]\w*|LockBusy|lock_key)\b")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) == "workers"))
+def test_workers_import_no_psycopg_and_no_postgresql_class(module: str) -> None:
+    """The executor and every worker decide through the write-store port: no psycopg, no module
+    or class of the PostgreSQL adapter, no branch on the dialect of the store."""
+    source = MODULES[module].read_text()
+    drivers = sorted({n for n in _imported_names(source) if n.split(".")[0] == "psycopg"})
+    assert not drivers, f"{module} imports {drivers}"
+    adapter = sorted(GRAPH[module] & POSTGRES_ADAPTER)
+    assert not adapter, f"{module} imports the PostgreSQL adapter {adapter}: use cqrskit.infra.write_store.port"
+    named = sorted(set(POSTGRES_NAMES.findall(source)))
+    assert not named, f"{module} names PostgreSQL classes of the write store: {named}"
+    assert "store.postgres" not in source, f"{module} branches on the store's dialect"
+
+
+def _imported_names(source: str) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
 def test_the_core_imports_no_example_app() -> None:
     importing = {name: sorted(t for t in GRAPH[name] if t.startswith("cqrskit.examples"))
                  for name in MODULES}

@@ -26,17 +26,14 @@ from typing import Any
 
 import structlog
 
-from cqrskit.domain.model import RuleViolation, stream_id
-from cqrskit.domain.ports import HandlerContext
-from cqrskit.domain.reads import ClaimRead, FromTarget, StreamRead
+from cqrskit.domain.model import RuleViolation
+from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
-from cqrskit.infra.pg_rows import restored
-from cqrskit.infra.pg_store import LockBusy, PgTransaction, PgUnitOfWork, lock_key
-from cqrskit.infra.store import ConcurrencyConflict, DuplicateCommand, EventStore
 from cqrskit.infra.validation import CommandTooLarge, InvalidCommand, ValidCommand, safe_text, validate_command
+from cqrskit.infra.write_store.port import Decision, UnitOfWork, WriteStore
 from cqrskit.workers.admission import Gate
 from cqrskit.workers.group_commit import GroupCommit, Pending
 
@@ -56,19 +53,15 @@ class ConflictsExhausted(Exception):
 
 @dataclass
 class CommandExecutor:
-    """``execute`` turns one body into its outcome. On PostgreSQL, commands executed at the same
-    time by the threads of a process are decided and committed together (group commit,
-    ``max_batch`` commands per transaction at most, ``leaders`` transactions at once):
+    """``execute`` turns one body into its outcome, decided through the write-store port
+    (``cqrskit.infra.write_store.port``). On a store that batches (PostgreSQL), commands executed
+    at the same time by the threads of a process are decided and committed together (group
+    commit, ``max_batch`` commands per transaction at most, ``leaders`` transactions at once):
 
     - in one batch transaction, commands are decided one after the other in their order of
-      arrival, each seeing the effects of the ones before it; each writes its streams, events,
-      claims and outcome in one statement;
-    - every stream a command reads, and every claim it takes or gives up, is locked
-      (``cqrskit.infra.pg_store``); a command
-      that finds a lock busy writes nothing and is put off to the next batch, with every later
-      command of the batch that touches what it touched (so one aggregate's commands never
-      overtake each other); the next batch first waits for that lock: commands on a hot
-      aggregate queue instead of retrying;
+      arrival, each seeing the effects of the ones before it (``cqrskit.infra.write_store.pg_batch``);
+    - a command the store puts off (a lock held elsewhere) goes back to the head of the queue
+      with what it must wait for, so one aggregate's commands never overtake each other;
     - a business rule refusal is recorded in the batch as ``rejected``; a duplicate delivery
       writes nothing and returns the stored outcome;
     - if the batch transaction fails (a conflict the locks did not prevent, a lost connection),
@@ -77,7 +70,7 @@ class CommandExecutor:
       down, and an infrastructure error reaches each message's own Dramatiq retries.
     """
 
-    store: EventStore
+    store: WriteStore
     registry: Registry
     max_bytes: int = 64 * 1024
     conflict_retries: int = 30
@@ -87,7 +80,7 @@ class CommandExecutor:
     gate: Gate = field(default_factory=Gate)
 
     def __post_init__(self) -> None:
-        grouped = self.store.postgres and self.max_batch > 1
+        grouped = self.store.batches and self.max_batch > 1
         self.group = (GroupCommit(self._run_batch, max_batch=self.max_batch, leaders=self.leaders, linger=self.linger)
                       if grouped else None)
 
@@ -135,7 +128,7 @@ class CommandExecutor:
             errors=errors,
         )
 
-    # -- deciding: group commit (PostgreSQL) --------------------------------------------------
+    # -- deciding: through the write store ------------------------------------------------------
     def _grouped(self, item: Pending) -> Outcome:
         self.group.submit(item)  # type: ignore[union-attr]
         if item.error is not None:
@@ -158,100 +151,48 @@ class CommandExecutor:
             return []
 
     def _attempt(self, batch: list[Pending]) -> list[Pending]:
-        """One transaction for ``batch``: settles what it decides (after the commit) and returns
-        what it put off. Raises ConcurrencyConflict and infrastructure errors (nothing committed)."""
-        decided: list[tuple[Pending, Outcome, Any]] = []
-        deferred: list[Pending] = []
-        with self.store.transaction() as tx:
-            first = () if batch[0].wait_key is None else (batch[0].wait_key,)
-            streams, claims, follows = self._reads(batch)
-            tx.prefetch(streams, claims, first=first, after=(lambda: _followed(tx, follows)) if follows else None)
-            for item in batch:
-                uow = tx.unit()
-                try:
-                    decided.append((item, *self._decide_in(tx, uow, item)))
-                except LockBusy as busy:
-                    item.wait_key = busy.key
-                    tx.refuse(uow.keys)
-                    deferred.append(item)
-        settled = [(item, self._committed(tx, item, outcome, write)) for item, outcome, write in decided]
+        """``batch`` decided by the store (one transaction when it batches): settles what it
+        decided (after the commit) and returns what it put off. Raises ConcurrencyConflict and
+        infrastructure errors (nothing committed)."""
+        decisions = [self._decision(item) for item in batch]
+        outcomes = self.store.decide(decisions)
+        settled, deferred = [], []
+        for item, decision, outcome in zip(batch, decisions, outcomes, strict=True):
+            if outcome is None:
+                item.wait_key = decision.wait_for
+                deferred.append(item)
+            else:
+                settled.append((item, outcome))
         _log_batch(settled)
         for item, outcome in settled:
             item.settle(outcome)
         return deferred
 
-    def _reads(self, batch: list[Pending]) -> tuple[list[tuple[int, str]], list[tuple[int, str, str, str | None]],
-                                                    list[tuple[type, str, Any]]]:
-        """What the batch's commands address and declared they will read (``cqrskit.domain.reads``),
-        as lock keys: the streams, the claims with the stream type of their holders, and the
-        reads that follow from each command's aggregate (its type, its id, the hint)."""
-        streams: list[tuple[int, str]] = []
-        claims: list[tuple[int, str, str, str | None]] = []
-        follows = []
-        for item in batch:
-            streams.append(self._target(item))
-            aggregate_id = item.envelope.aggregate_id
-            for read in self.registry.declared_reads(item.envelope.type, item.command, aggregate_id):
-                if isinstance(read, FromTarget):
-                    follows.append((self.registry.command_type(item.envelope.type).aggregate, aggregate_id, read.reads))
-                else:
-                    _add_read(read, streams, claims)
-        return streams, claims, follows
+    def _decision(self, item: Pending) -> Decision:
+        envelope = item.envelope
+        return Decision(
+            command_id=envelope.command_id,
+            aggregate=self.registry.command_type(envelope.type).aggregate,
+            aggregate_id=envelope.aggregate_id,
+            reads=self.registry.declared_reads(envelope.type, item.command, envelope.aggregate_id)
+            if self.store.batches else (),
+            decide=lambda uow: self._decide(uow, item),
+            rejected=lambda reason: _outcome(envelope, Status.rejected, reason=reason),
+            wait_for=item.wait_key,
+        )
 
-    def _target(self, item: Pending) -> tuple[int, str]:
-        """The lock key and stream id of the aggregate a command addresses."""
-        aggregate = self.registry.command_type(item.envelope.type).aggregate
-        sid = stream_id(aggregate.stream_type, item.envelope.aggregate_id)
-        return lock_key("s", sid), sid
-
-    def _decide_in(self, tx: PgTransaction, uow: PgUnitOfWork, item: Pending) -> tuple[Outcome, Any]:
-        """The outcome decided in ``tx`` and what tells, after the commit, whether it was written
-        (the unit of work, or the cursor of a rejection's insert)."""
-        try:
-            return self._decide(uow, item), uow
-        except RuleViolation as exc:
-            rejected = _outcome(item.envelope, Status.rejected, reason=exc.reason)
-            return rejected, tx.record_outcome(rejected)
-
-    def _committed(self, tx: PgTransaction, item: Pending, outcome: Outcome, write: Any) -> Outcome:
-        """``outcome`` as committed: with its positions, or the stored one when it was a duplicate."""
-        if isinstance(write, PgUnitOfWork):
-            outcome.positions = write.result()
-            duplicate = write.duplicate
-        else:
-            duplicate = tx.row(write) is None
-        if not duplicate:
-            return outcome
-        return (self.store.outcome(item.envelope.command_id) or outcome).as_duplicate()
-
-    # -- deciding: one command alone ----------------------------------------------------------
     def _decide_with_retries(self, item: Pending) -> Outcome:
         for attempt in range(self.conflict_retries + 1):
             try:
-                if self.store.postgres:
-                    if not self._attempt([item]):
-                        return item.outcome  # type: ignore[return-value]
-                    continue  # put off: the next attempt waits for the busy lock first
-                return self._decide_sqlite(item)
+                if not self._attempt([item]):
+                    return item.outcome  # type: ignore[return-value]
+                continue  # put off: the next attempt waits for the busy lock first
             except ConcurrencyConflict as exc:
                 log.debug("command.conflict", attempt=attempt, detail=str(exc)[:200])
                 time.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
         raise ConflictsExhausted(f"gave up after {self.conflict_retries} version conflicts")
 
-    def _decide_sqlite(self, item: Pending) -> Outcome:
-        envelope = item.envelope
-        try:
-            with self.store.unit_of_work(serialize=True) as uow:
-                return self._decide(uow, item)
-        except RuleViolation as exc:
-            return self.store.record_outcome(_outcome(envelope, Status.rejected, reason=exc.reason))
-        except DuplicateCommand:
-            stored = self.store.outcome(envelope.command_id)
-            if stored is None:  # pragma: no cover - the guard saw it a moment ago
-                raise
-            return stored.as_duplicate()
-
-    def _decide(self, uow: HandlerContext, item: Pending) -> Outcome:
+    def _decide(self, uow: UnitOfWork, item: Pending) -> Outcome:
         envelope, command = item.envelope, item.command
         aggregate_type = self.registry.command_type(envelope.type).aggregate
         target = uow.load(aggregate_type, envelope.aggregate_id)
@@ -260,7 +201,7 @@ class CommandExecutor:
             raise RuleViolation(f"expected version {expected}, but {target.stream_id} is at {target.version}")
         self.registry.handler(envelope.type)(command, envelope.aggregate_id, uow)
         outcome = _outcome(envelope, Status.succeeded, aggregate_version=target.version + len(target.pending))
-        positions = uow.commit(_event_metadata(envelope) | item.provenance, outcome)  # type: ignore[attr-defined]
+        positions = uow.commit(_event_metadata(envelope) | item.provenance, outcome)
         outcome.positions = positions
         return outcome
 
@@ -268,36 +209,6 @@ class CommandExecutor:
         stored = self.store.record_outcome(outcome)
         _log_outcome(stored)
         return stored
-
-
-def _add_read(read: Any, streams: list[tuple[int, str]], claims: list[tuple[int, str, str, str | None]]) -> None:
-    """``read`` (a declared hint) as the lock key and stream or claim it names; anything else is ignored."""
-    if isinstance(read, StreamRead) and isinstance(read.aggregate_id, str):
-        sid = stream_id(read.aggregate.stream_type, read.aggregate_id)
-        streams.append((lock_key("s", sid), sid))
-    elif isinstance(read, ClaimRead) and isinstance(read.scope, str) and isinstance(read.key, str):
-        owner = read.owner.stream_type if read.owner is not None else None
-        claims.append((lock_key("c", read.scope, read.key), read.scope, read.key, owner))
-
-
-def _followed(tx: PgTransaction, follows: list[tuple[type, str, Any]]
-              ) -> tuple[list[tuple[int, str]], list[tuple[int, str, str, str | None]]]:
-    """The reads that follow from each command's aggregate as the batch's first round trip
-    read it (``FromTarget``); a hint that raises, or an aggregate not read, adds nothing."""
-    streams: list[tuple[int, str]] = []
-    claims: list[tuple[int, str, str, str | None]] = []
-    for cls, aggregate_id, hint in follows:
-        sid = stream_id(cls.stream_type, aggregate_id)
-        if sid not in tx.cache:
-            continue
-        row = tx.cache[sid]
-        try:
-            aggregate = restored(cls, aggregate_id, row, tx)
-            for read in hint(aggregate):
-                _add_read(read, streams, claims)
-        except Exception:  # noqa: BLE001 - a hint never decides: the handler reads what it reads
-            continue
-    return streams, claims
 
 
 def _outcome(envelope: CommandEnvelope, status: Status, **fields: Any) -> Outcome:

@@ -1,0 +1,83 @@
+"""The write-store port: what the command side asks of a write store, and nothing of how.
+
+A command is decided through ``WriteStore.decide``: the store opens the transaction(s), hands
+each ``Decision`` a unit of work (the domain's ``HandlerContext`` plus ``commit``), records a
+refusal as ``rejected``, turns a duplicate delivery into the stored outcome marked
+``duplicate``, and returns each command's outcome once it is committed (G1, G2). A store that
+``batches`` decides the decisions of one call in ONE transaction, in order, each seeing the
+effects of those before it; it may put a decision off (None in its place; ``wait_for`` then
+says what the next attempt waits for first). A store that does not batch is given one decision
+at a time.
+
+Raised by ``decide``: ``ConcurrencyConflict`` (nothing committed: decide again), infrastructure
+errors otherwise (let the broker's retries see them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from cqrskit.domain.model import Aggregate
+from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.reads import Read
+from cqrskit.infra.outcomes import Outcome
+
+
+class UnitOfWork(HandlerContext, Protocol):
+    """A handler's context inside one write transaction, and the commit of what it decided."""
+
+    def commit(self, metadata: dict[str, Any], outcome: Outcome | None = None) -> list[int]:
+        """Append the pending events with ``metadata``, move the streams, apply the claims and
+        record ``outcome``, in the unit's transaction; the new events' positions (a batching
+        store may return [] and fill ``outcome.positions`` after its commit). Raises
+        ``DuplicateCommand`` (the command id has an outcome), ``ConcurrencyConflict``."""
+        ...
+
+
+@dataclass(eq=False)
+class Decision:
+    """One command to decide: the aggregate it addresses, what its handler declared it will read
+    (hints, ``cqrskit.domain.reads``), ``decide`` (the handler's run: it commits the unit and
+    returns the outcome, or raises ``RuleViolation``) and ``rejected`` (the outcome of a refusal,
+    from its reason)."""
+
+    command_id: str
+    aggregate: type[Aggregate[Any]]
+    aggregate_id: str
+    reads: Sequence[Read]
+    decide: Callable[[UnitOfWork], Outcome]
+    rejected: Callable[[str], Outcome]
+    wait_for: Any = None  # opaque: what the store found busy when it put this decision off
+
+
+class WriteStore(Protocol):
+    """The write store as the command side sees it (see the module docstring)."""
+
+    @property
+    def batches(self) -> bool:
+        """Whether ``decide`` takes many decisions in one transaction (group commit)."""
+        ...
+
+    def decide(self, decisions: Sequence[Decision]) -> list[Outcome | None]: ...
+
+    def unit_of_work(self, now: datetime | None = None) -> AbstractContextManager[UnitOfWork]: ...
+
+    def record_outcome(self, outcome: Outcome) -> Outcome:
+        """Record an outcome alone (invalid, dead); the first one of a command id wins: returns the
+        stored one, marked ``duplicate``, when another was there first."""
+        ...
+
+    def outcome(self, command_id: str) -> Outcome | None: ...
+
+    def delete_dead_outcome(self, command_id: str) -> Outcome | None: ...
+
+    def read_stream(self, sid: str, after_version: int = 0) -> list[Any]: ...
+
+    def read_all(self, after_position: int = 0, limit: int = 1000) -> list[Any]: ...
+
+    def last_position(self) -> int: ...
+
