@@ -147,13 +147,14 @@ def rebuild(
     Example: cqrskit rebuild bookings
     """
     from cqrskit.read_models.rebuild import rebuild as run_rebuild
+    from cqrskit.read_models.search import replicas_of
 
     model = _model(ctx.obj, read_model)
     columns = (TextColumn(f"rebuilding {read_model}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with read_side(ctx.obj, "rebuild") as rt, Progress(*columns, console=console) as progress:
         task = progress.add_task("rebuild", total=None)
         report = run_rebuild(rt.engine, rt.registry, rt.search, ctx.obj.index_prefix, model,
-                             on_total=lambda n: progress.update(task, total=n),
+                             replicas=replicas_of(ctx.obj), on_total=lambda n: progress.update(task, total=n),
                              on_progress=lambda n: progress.advance(task, n))
     console.print(f"{report.read_model}: {report.documents} documents into {report.index} in {report.seconds:.1f} s; "
                   f"alias swapped, replaced {', '.join(report.replaced) or 'nothing'}"

@@ -146,7 +146,7 @@ def search(
 
     from cqrskit.app.bootstrap import app_of
     from cqrskit.read_models.query_engine import QueryError
-    from cqrskit.read_models.search import make_client
+    from cqrskit.read_models.search import search_client
 
     settings: Settings = ctx.obj
     app = app_of(settings)
@@ -179,7 +179,7 @@ def search(
         err.print("[red]search needs a search server:[/red] set CQRSKIT_ELASTICSEARCH_URL=http://... "
                   "(the embedded one lives inside `cqrskit demo`)")
         raise typer.Exit(2)
-    es = make_client(settings.elasticsearch_url)
+    es = search_client(settings)
     try:
         result = run(es, settings.index_prefix, query)
     except QueryError as exc:

@@ -159,17 +159,66 @@ def _is_dramatiq_connection(exc: BaseException) -> bool:
 
 def _search_problem(exc: BaseException, settings: Settings | None) -> Problem | None:
     from elastic_transport import ConnectionError as TransportConnectionError
-    from elastic_transport import ConnectionTimeout
+    from elastic_transport import ConnectionTimeout, TlsError
     from elasticsearch import ApiError
 
     value = _setting_value(SEARCH, settings)
+    if isinstance(exc, TlsError):
+        return _tls_problem(exc, settings, value)
     if isinstance(exc, (TransportConnectionError, ConnectionTimeout)):
         return Problem(SEARCH, value, f"nothing answers at {_host_port(value, 9200)}",
                        "start a search server there (cqrskit search-server) or fix the URL")
-    if isinstance(exc, ApiError) and exc.meta.status in (401, 403):
-        return Problem(SEARCH, value, f"the search server refused the request ({exc.meta.status})",
-                       "fix the credentials in the URL")
+    if isinstance(exc, ApiError) and exc.meta.status == 401:
+        setting = _credential_setting(settings)
+        return Problem(setting, value if setting == SEARCH else None,
+                       f"the search server did not accept the credentials (401: {_es_reason(exc)})",
+                       f"set {SEARCH_API_KEY} to an API key of this process's role (the encoded form) "
+                       f"or put user:password in {SEARCH}")
+    if isinstance(exc, ApiError) and exc.meta.status == 403:
+        setting = _credential_setting(settings)
+        return Problem(setting, value if setting == SEARCH else None,
+                       f"the search server refused this process's role (403: {_es_reason(exc)})",
+                       "give the key or user the role `cqrskit setup --privileges` prints for this process")
     return None
+
+
+SEARCH_API_KEY = "CQRSKIT_ELASTICSEARCH_API_KEY"
+SEARCH_CA = "CQRSKIT_ELASTICSEARCH_CA_CERTS"
+SEARCH_FINGERPRINT = "CQRSKIT_ELASTICSEARCH_SSL_FINGERPRINT"
+
+
+def _tls_problem(exc: BaseException, settings: Settings | None, url: str | None) -> Problem:
+    text = " ".join(str(link) for link in [*_chain(exc), *getattr(exc, "errors", ())])
+    reason = re.sub(r"\s+", " ", (re.search(r"\[SSL[^\]]*\] ([^(\)]+)", text) or re.search(r"(Fingerprints did not match[^'\\]*)", text)
+                                  or re.search(r"(.{0,120})", text))[1]).strip()
+    where = _host_port(url, 9200)
+    fingerprint = settings.elasticsearch_ssl_fingerprint if settings is not None else os.environ.get(SEARCH_FINGERPRINT)
+    if "wrong version number" in text or "record layer failure" in text:
+        return Problem(SEARCH, url, f"TLS with {where} failed ({reason}): it does not speak HTTPS",
+                       "use http:// in the URL, or the server's HTTPS port")
+    if fingerprint:
+        return Problem(SEARCH_FINGERPRINT, fingerprint, f"TLS with {where} failed ({reason})",
+                       "set it to the SHA-256 of the server's certificate (Elasticsearch prints it at first start)")
+    ca = settings.elasticsearch_ca_certs if settings is not None else os.environ.get(SEARCH_CA)
+    return Problem(SEARCH_CA, str(ca) if ca else None, f"TLS with {where} failed ({reason})",
+                   "set it to the PEM file of the CA that signed the server's certificate (Elasticsearch 8/9: "
+                   f"config/certs/http_ca.crt), or set {SEARCH_FINGERPRINT}")
+
+
+def _credential_setting(settings: Settings | None) -> str:
+    """The setting that carries this process's search credentials: the API key, unless only the URL has some."""
+    key = settings.elasticsearch_api_key if settings is not None else os.environ.get(SEARCH_API_KEY)
+    url = _setting_value(SEARCH, settings) or ""
+    return SEARCH if not key and "@" in urlsplit(url).netloc else SEARCH_API_KEY
+
+
+def _es_reason(exc: object) -> str:
+    """The ``error.reason`` of an Elasticsearch error body, shortened to one line."""
+    body = getattr(exc, "body", None)
+    error = body.get("error") if isinstance(body, dict) else None
+    reason = error.get("reason") if isinstance(error, dict) else (error if isinstance(error, str) else None)
+    text = re.sub(r"\s+", " ", str(reason or getattr(exc, "message", "") or "no reason given"))
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _setup_missing(setting: str, value: str | None, problem: str) -> Problem:

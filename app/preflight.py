@@ -167,13 +167,17 @@ def _exists(connection: pika.BlockingConnection, kind: str, name: str) -> bool:
 
 # -- the search server ----------------------------------------------------------------------------
 def _indices(settings: Settings, aliases: bool) -> None:
+    """The search server answers (``GET /``: the operator's processes, whose role holds the
+    cluster's ``monitor``), or every read model's alias exists (``HEAD /_alias/<name>``: what the
+    indexer's and the query side's roles may ask, ``view_index_metadata`` on their aliases)."""
     from cqrskit.app import bootstrap
     from cqrskit.read_models.indices import alias
-    from cqrskit.read_models.search import make_client
+    from cqrskit.read_models.search import search_client
 
-    es = make_client(settings.elasticsearch_url, timeout=TIMEOUT)
+    es = search_client(settings, timeout=TIMEOUT)
     try:
-        es.info()
+        if not aliases:
+            es.info()
         for model in bootstrap.app_of(settings).read_models if aliases else ():
             name = alias(settings.index_prefix, model.name)
             if not es.indices.exists_alias(name=name):

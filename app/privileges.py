@@ -8,8 +8,8 @@
 - **RabbitMQ**: one user per process type (``<prefix>-worker``...) and one per ``--producer``,
   with the configure/write/read permissions of docs/operations.md on this deployment's names,
   set with ``rabbitmqctl`` on the broker's host (printed instead where there is none).
-- **Elasticsearch**: the role definitions (indexer, query, operator) are printed, for the
-  cluster's security API; there is nothing to create on a server without security.
+- **Elasticsearch**: the role definitions (``<prefix>_indexer``, ``_query``, ``_operator``) are
+  printed, for the cluster's security API; there is nothing to create on a server without security.
 """
 
 from __future__ import annotations
@@ -74,14 +74,24 @@ def rabbitmq_permissions(settings: Settings) -> dict[str, Permission]:
 PRODUCER = "producer"
 
 
-def elasticsearch_roles(settings: Settings, read_models: Sequence[str]) -> dict[str, Any]:
-    """Role definitions for Elasticsearch's security API (``PUT _security/role/<name>``)."""
-    prefix = settings.index_prefix
+def elasticsearch_roles(settings: Settings, read_models: Sequence[str], prefix: str = "cqrskit") -> dict[str, Any]:
+    """Role definitions for Elasticsearch's security API (``PUT _security/role/<prefix>_<role>``),
+    exactly what each process sends (the suite's search front checks every request against them):
+
+    - indexer: bulk writes through the aliases (``index``) and preflight's alias and mapping
+      checks (``view_index_metadata``), on the read models' aliases and indices only;
+    - query: searches and gets (``read``) and the same checks, on the live aliases only;
+    - operator (setup, rebuild, verify, status, search): ``GET /`` (cluster ``monitor``) and
+      creating, swapping and deleting the read models' indices (``manage``), reading, writing.
+    """
+    index_prefix = settings.index_prefix
+    aliases = [f"{index_prefix}-{m}" for m in read_models]
+    names = [name for m in read_models for name in (f"{index_prefix}-{m}", f"{index_prefix}-{m}-*")]
     return {
-        f"{prefix}_indexer": {"indices": [{"names": [f"{prefix}-*"], "privileges": ["index"]}]},
-        f"{prefix}_query": {"indices": [{"names": [f"{prefix}-{m}" for m in read_models], "privileges": ["read"]}]},
-        f"{prefix}_operator": {"indices": [{"names": [f"{prefix}-*"],
-                                            "privileges": ["manage", "read", "index"]}]},
+        f"{prefix}_indexer": {"cluster": [], "indices": [{"names": names, "privileges": ["index", "view_index_metadata"]}]},
+        f"{prefix}_query": {"cluster": [], "indices": [{"names": aliases, "privileges": ["read", "view_index_metadata"]}]},
+        f"{prefix}_operator": {"cluster": ["monitor"],
+                               "indices": [{"names": names, "privileges": ["manage", "read", "index"]}]},
     }
 
 
@@ -95,7 +105,7 @@ def provision(settings: Settings, read_models: Sequence[str], *, prefix: str = "
     if not settings.embedded_broker:
         made |= provision_rabbitmq(settings, prefix, producers, say)
     say("Elasticsearch roles (PUT _security/role/<name> on a cluster with security):")
-    say(json.dumps(elasticsearch_roles(settings, read_models), indent=2))
+    say(json.dumps(elasticsearch_roles(settings, read_models, prefix), indent=2))
     return made
 
 

@@ -38,13 +38,13 @@ def setup_all(settings: Settings, say: Callable[[str], None] = print) -> None:
 
 def _ensure_indices(settings: Settings, engine, say: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
     from cqrskit.read_models.indices import alias, ensure
-    from cqrskit.read_models.search import make_client
+    from cqrskit.read_models.search import replicas_of, search_client
     from cqrskit.app import bootstrap
 
-    es = make_client(settings.elasticsearch_url)
+    es = search_client(settings)
     try:
         for model in bootstrap.app_of(settings).read_models:
-            created = ensure(es, engine, settings.index_prefix, model)
+            created = ensure(es, engine, settings.index_prefix, model, replicas=replicas_of(settings))
             say(f"read model {alias(settings.index_prefix, model.name)}: " + (f"created {created}" if created else "exists"))
     finally:
         es.close()

@@ -312,9 +312,9 @@ def _search(settings: Settings) -> Iterator[Elasticsearch | None]:
     if settings.elasticsearch_url == EMBEDDED_SEARCH:
         yield None
         return
-    from cqrskit.read_models.search import make_client
+    from cqrskit.read_models.search import search_client
 
-    es = make_client(settings.elasticsearch_url, timeout=TIMEOUT)
+    es = search_client(settings, timeout=TIMEOUT)
     try:
         yield es
     finally:

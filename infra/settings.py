@@ -53,6 +53,28 @@ class Settings(BaseSettings):
         default=EMBEDDED_SEARCH,
         description="http(s):// URL of Elasticsearch, or 'embedded' for an osmem server started on demand.",
     )
+    elasticsearch_ca_certs: Path | None = Field(
+        default=None,
+        description="PEM file of the CA that signed the search server's certificate (a default Elasticsearch 8/9 "
+                    "install: config/certs/http_ca.crt). Unset: the system's CAs.",
+    )
+    elasticsearch_ssl_fingerprint: str | None = Field(
+        default=None,
+        description="SHA-256 hex of the search server's certificate, checked instead of a CA (what Elasticsearch "
+                    "prints at first start).",
+    )
+    elasticsearch_api_key: str | None = Field(
+        default=None, repr=False,
+        description="API key of this process's role, in the encoded form Elasticsearch's create-API-key call "
+                    "returns (base64 of id:key). Basic auth goes in the URL instead.",
+    )
+    elasticsearch_timeout: float = Field(default=30.0, gt=0, le=3600,
+                                         description="Seconds a request to the search server may take.")
+    elasticsearch_replicas: int | None = Field(
+        default=None, ge=0, le=32,
+        description="number_of_replicas of the read models' indices (unset: 1 on a search server by URL, "
+                    "0 embedded).",
+    )
     max_command_bytes: int = Field(default=64 * 1024, gt=0, description="Largest command body accepted.")
     log_format: LogFormat = LogFormat.auto
     log_level: str = "INFO"
@@ -170,11 +192,39 @@ class Settings(BaseSettings):
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
         return value.upper()
 
-    @field_validator("metrics_port", "metrics_dir", "auth_database_url", mode="before")
+    @field_validator("metrics_port", "metrics_dir", "auth_database_url", "elasticsearch_ca_certs",
+                     "elasticsearch_ssl_fingerprint", "elasticsearch_api_key", "elasticsearch_replicas", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """``CQRSKIT_METRICS_PORT=$PORT`` in a Procfile run without a PORT means no metrics."""
         return None if value == "" else value
+
+    @field_validator("elasticsearch_ca_certs")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value} (the PEM file of the search server's CA)")
+        return value
+
+    @field_validator("elasticsearch_ssl_fingerprint")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digits = value.replace(":", "").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digits):
+            raise ValueError("not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+        return digits
+
+    @field_validator("index_prefix")
+    @classmethod
+    def _index_prefix(cls, value: str) -> str:
+        """Index names must be lowercase, without ``\\ / * ? " < > | , # :`` or spaces, and may not
+        start with ``-``, ``_`` or ``+`` (Elasticsearch's rules); the suffixes take 40 characters."""
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,199}", value) or value in (".", ".."):
+            raise ValueError(f"{value!r} is not a valid index prefix: lowercase letters, digits, '.', '_' and '-', "
+                             "starting with a letter or a digit, at most 200 characters")
+        return value
 
     @field_validator("database_url")
     @classmethod

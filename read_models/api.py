@@ -284,7 +284,7 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
             raise RuntimeError("the query API needs a search server: set CQRSKIT_ELASTICSEARCH_URL")
         from cqrskit.read_models.search import make_client
 
-        es = make_client(url, timeout=search_timeout)
+        es = make_client(url, timeout=search_timeout, settings=settings)
         app.state.query_side = QuerySide(es, prefix, secret, max_wait)
         try:
             yield

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from elasticsearch import Elasticsearch
+from elasticsearch import ApiError, Elasticsearch
 from sqlalchemy import Connection, Engine
 
 from cqrskit.infra.schema import read_model_indices
@@ -55,28 +55,45 @@ def write_targets(engine: Engine | Connection, prefix: str, models: list[str]) -
     return {m: [alias(prefix, m)] + ([next_alias(prefix, m)] if m in building else []) for m in models}
 
 
-def ensure(es: Elasticsearch, engine: Engine, prefix: str, model: ReadModel) -> str | None:
-    """Create the first physical index and its alias if the alias is missing (idempotent).
-    Returns the index created, or None when the alias already existed."""
+def ensure(es: Elasticsearch, engine: Engine, prefix: str, model: ReadModel, *, replicas: int | None = None) -> str | None:
+    """Create the first physical index and its alias if the alias is missing (idempotent, and
+    safe when two ``setup`` runs race: the one that loses the creation finds it made). Returns
+    the index created, or None when the alias already existed."""
     name = alias(prefix, model.name)
     if es.indices.exists_alias(name=name):
         return None
     index = physical(prefix, model.name, _next_generation(engine, model.name))
-    create_index(es, index, model, {name: {}})
+    try:
+        create_index(es, index, model, {name: {}}, replicas=replicas)
+    except ApiError as exc:
+        if exc.meta.status == 400 and error_type(exc) == "resource_already_exists_exception":
+            return None  # a concurrent setup made it, with its alias, in one request
+        raise
     _record(engine, model.name, {index: LIVE}, replace=True)
     return index
 
 
-def create_index(es: Elasticsearch, index: str, model: ReadModel, aliases: dict) -> None:  # type: ignore[type-arg]
-    es.indices.create(index=index, mappings=model.mappings, settings=SETTINGS, aliases=aliases)
+def create_index(es: Elasticsearch, index: str, model: ReadModel, aliases: dict,  # type: ignore[type-arg]
+                 *, replicas: int | None = None) -> None:
+    """The index with the model's mappings, and ``aliases``, in one request. ``replicas``:
+    ``number_of_replicas`` (default: that of ``model.SETTINGS``, 0)."""
+    settings = SETTINGS if replicas is None else {**SETTINGS, "number_of_replicas": replicas}
+    es.indices.create(index=index, mappings=model.mappings, settings=settings, aliases=aliases)
 
 
-def begin_build(es: Elasticsearch, engine: Engine, prefix: str, model: ReadModel) -> str:
+def error_type(exc: ApiError) -> str | None:
+    """The ``error.type`` of an Elasticsearch error body (``resource_already_exists_exception``...)."""
+    body = exc.body
+    error = body.get("error") if isinstance(body, dict) else None
+    return error.get("type") if isinstance(error, dict) else None
+
+
+def begin_build(es: Elasticsearch, engine: Engine, prefix: str, model: ReadModel, *, replicas: int | None = None) -> str:
     """A new physical index behind the ``-next`` alias, recorded as building: from now on the
     indexers write every document they compute to it too (G9)."""
     abandon_build(es, engine, prefix, model.name)
     index = physical(prefix, model.name, _next_generation(engine, model.name))
-    create_index(es, index, model, {next_alias(prefix, model.name): {}})
+    create_index(es, index, model, {next_alias(prefix, model.name): {}}, replicas=replicas)
     _record(engine, model.name, {index: BUILDING})
     return index
 

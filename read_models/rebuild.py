@@ -42,10 +42,10 @@ class RebuildReport:
 
 
 def rebuild(engine: Engine, registry: Registry, es: Elasticsearch, prefix: str, model: ReadModel,
-            *, chunk: int = 1000, on_total: Callable[[int], None] | None = None,
+            *, chunk: int = 1000, replicas: int | None = None, on_total: Callable[[int], None] | None = None,
             on_progress: Callable[[int], None] | None = None) -> RebuildReport:
     started, began_at = time.perf_counter(), datetime.now(UTC)
-    index = begin_build(es, engine, prefix, model)
+    index = begin_build(es, engine, prefix, model, replicas=replicas)
     target = next_alias(prefix, model.name)
     documents = parked = 0
     with snapshot(engine) as ids_conn:
@@ -55,7 +55,7 @@ def rebuild(engine: Engine, registry: Registry, es: Elasticsearch, prefix: str, 
         for ids in source_of_ids.all_ids(model.stream_type, chunk):
             with snapshot(engine) as conn:
                 built = model.build(WriteStoreSource(conn, registry), ids)
-            result = write_documents(es, [Write(model.name, target, doc) for doc in built.values()])
+            result = write_documents(es, [Write(model.name, target, doc) for doc in built.values()], attempts=10)
             park(engine, [(model.name, w.document.id, error, []) for w, error in result.parked])
             documents += len(built)
             parked += len(result.parked)

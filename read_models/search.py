@@ -36,11 +36,45 @@ class PlainJsonNode(Urllib3HttpNode):
         return super().perform_request(method, target, body=body, headers=headers, request_timeout=request_timeout)
 
 
-def make_client(url: str, *, timeout: float = 30.0) -> Elasticsearch:
-    """A client for ``url`` (an http(s) URL; the embedded server must be started first)."""
+def make_client(url: str, *, timeout: float | None = None, settings: Settings | None = None) -> Elasticsearch:
+    """A client for ``url`` (an http(s) URL; the embedded server must be started first), with the
+    TLS and credential settings of ``settings`` (``connection_options``); ``timeout``: seconds per
+    request (default ``settings.elasticsearch_timeout``, or 30 s)."""
     if url == EMBEDDED_SEARCH:
         raise ValueError("start the embedded search server first (cqrskit.read_models.search.EmbeddedSearch)")
-    return Elasticsearch(url, node_class=PlainJsonNode, request_timeout=timeout, retry_on_timeout=False, max_retries=0)
+    if timeout is None:
+        timeout = settings.elasticsearch_timeout if settings is not None else 30.0
+    options = connection_options(settings) if settings is not None else {}
+    return Elasticsearch(url, node_class=PlainJsonNode, request_timeout=timeout, retry_on_timeout=False, max_retries=0,
+                         **options)
+
+
+def search_client(settings: Settings, *, timeout: float | None = None) -> Elasticsearch:
+    """The client of ``settings.elasticsearch_url`` with its TLS and credential settings."""
+    return make_client(settings.elasticsearch_url, timeout=timeout, settings=settings)
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """The elasticsearch-py options of the search settings, under the client's own names:
+    ``ca_certs`` (a PEM file), ``ssl_assert_fingerprint`` (the SHA-256 of the server's
+    certificate), ``api_key`` (the encoded form of the create-API-key call). Basic auth rides in
+    the URL (``https://user:password@host:9200``)."""
+    options: dict[str, Any] = {}
+    if settings.elasticsearch_ca_certs is not None:
+        options["ca_certs"] = str(settings.elasticsearch_ca_certs)
+    if settings.elasticsearch_ssl_fingerprint:
+        options["ssl_assert_fingerprint"] = settings.elasticsearch_ssl_fingerprint
+    if settings.elasticsearch_api_key:
+        options["api_key"] = settings.elasticsearch_api_key
+    return options
+
+
+def replicas_of(settings: Settings) -> int:
+    """The read models' ``number_of_replicas``: the setting, else 1 on a real cluster (a node's
+    loss leaves every read model green once its replica is promoted) and 0 on the embedded server."""
+    if settings.elasticsearch_replicas is not None:
+        return settings.elasticsearch_replicas
+    return 0 if settings.elasticsearch_url == EMBEDDED_SEARCH else 1
 
 
 class EmbeddedSearch:

@@ -134,7 +134,7 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.write_store = WriteStore(self.settings.database_url, load_app(self.settings.app).registry)
-        self.es: Elasticsearch = make_client(self.settings.elasticsearch_url)
+        self.es: Elasticsearch = make_client(self.settings.elasticsearch_url, settings=self.settings)
         self._producer: CommandProducer | None = None
 
     @classmethod

@@ -9,6 +9,7 @@ import dramatiq
 import structlog
 
 from elastic_transport import TransportError
+from elasticsearch import ApiError
 from sqlalchemy.exc import OperationalError
 
 from cqrskit.infra.broker import COMMAND_ACTOR
@@ -62,7 +63,7 @@ def _indexer_actor(broker: dramatiq.Broker, runtime: Runtime, queue: str, name: 
     settings = runtime.settings
     coalescer = Coalescer(lambda batches: runtime.indexer.index_batches(batches, partition),
                           settings.indexer_window_events,
-                          transient=(TransientIndexError, TransportError, OperationalError))
+                          transient=(TransientIndexError, TransportError, ApiError, OperationalError))
 
     def index_events(events: list[dict]) -> None:  # type: ignore[type-arg]
         check_batch(events)

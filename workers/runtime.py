@@ -58,7 +58,7 @@ class Runtime:
 
     @cached_property
     def search(self) -> Elasticsearch:
-        return make_client(self.search_url or self.settings.elasticsearch_url)
+        return make_client(self.search_url or self.settings.elasticsearch_url, settings=self.settings)
 
     @cached_property
     def indexer(self) -> Indexer:
