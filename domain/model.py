@@ -7,6 +7,7 @@ these types exactly as the example apps (the `examples/` folder of the repositor
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import zlib
 from collections.abc import Callable
@@ -21,6 +22,9 @@ class RuleViolation(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+_RECORDING = itertools.count(1)  # the order of ``Aggregate.record`` calls (next() is atomic in CPython)
 
 
 class UnregisteredEvent(TypeError):
@@ -72,6 +76,7 @@ class Aggregate(Generic[S]):
         self.version = version
         self.state: S = state if state is not None else self.State()  # type: ignore[assignment]
         self.pending: list[Event] = []
+        self._stamps: list[int] = []  # one per pending event: the order ``record`` saw them in
 
     @property
     def exists(self) -> bool:
@@ -91,7 +96,15 @@ class Aggregate(Generic[S]):
             raise UnregisteredEvent(f"{type(event).__name__} (type {getattr(event, 'type', '?')!r}) is not a "
                                     f"registered event type: decorate it with @registry.event")
         self.apply(event)
+        del self._stamps[: max(0, len(self._stamps) - len(self.pending))]  # a store cleared ``pending``
         self.pending.append(event)
+        self._stamps.append(next(_RECORDING))
+
+    def pending_in_order(self) -> list[tuple[int, Event]]:
+        """The pending events, each with a stamp giving the place of each event among all those recorded in this process:
+        a unit of work sorts the events of all its aggregates by it, so that one command's events
+        keep the order its handler recorded them in, across aggregates."""
+        return list(zip(self._stamps[len(self._stamps) - len(self.pending):], self.pending, strict=True))
 
     def replay(self, events: list[Event], version: int) -> None:
         """Fold stored events into the state (loading); ``version`` is the last one's version."""

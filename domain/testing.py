@@ -77,16 +77,16 @@ class InMemoryContext:
         for key, owner in self.claimed.items():
             if owner is not None and self.store.claims.get(key, owner) != owner:
                 raise ConcurrencyConflict(f"claim {key} taken meanwhile")
-        new: list[Event] = []
+        new: list[tuple[int, Event]] = []
         for sid, aggregate in self.loaded.items():
             self.store.streams.setdefault(sid, []).extend(aggregate.pending)
-            new.extend(aggregate.pending)
+            new.extend(aggregate.pending_in_order())
         for key, owner in self.claimed.items():
             if owner is None:
                 self.store.claims.pop(key, None)
             else:
                 self.store.claims[key] = owner
-        return new
+        return [event for _, event in sorted(new, key=lambda item: item[0])]
 
 
 class Scenario:

@@ -398,13 +398,13 @@ class PgUnitOfWork:
                 new.append(f'{head},"t":{q(agg.stream_type)},"aid":{q(agg.id)}}}')
             else:
                 moved.append(f'{head},"f":{version}}}')
-            for offset, event in enumerate(agg.pending, start=1):
-                events.append(f'{{"id":"{uuid.uuid4()}","sid":{quoted},"t":{q(agg.stream_type)},'
-                              f'"v":{version + offset},"et":{q(event.type)},"sv":{event.schema_version},'
-                              f'"data":{event.model_dump_json()}}}')
+            for offset, (stamp, event) in enumerate(agg.pending_in_order(), start=1):  # positions: recording order
+                events.append((stamp, f'{{"id":"{uuid.uuid4()}","sid":{quoted},"t":{q(agg.stream_type)},'
+                                      f'"v":{version + offset},"et":{q(event.type)},"sv":{event.schema_version},'
+                                      f'"data":{event.model_dump_json()}}}'))
         claims = lambda held: ",".join(  # noqa: E731
             f'{{"s":{q(s)},"k":{q(k)},"o":{q(o)}}}' for (s, k), o in held.items())
         self.counts = (len(moved), len(new))
-        return (f'{{"n":[{",".join(new)}],"m":[{",".join(moved)}],"e":[{",".join(events)}],'
+        return (f'{{"n":[{",".join(new)}],"m":[{",".join(moved)}],"e":[{",".join(e for _, e in sorted(events, key=lambda item: item[0]))}],'
                 f'"r":[{claims(self.released)}],"c":[{claims(self.taken)}],"meta":{json.dumps(metadata)},'
                 f'"now":"{self.tx.clock.isoformat()}","o":{"null" if outcome is None else outcome_json(outcome)}}}')

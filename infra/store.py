@@ -256,17 +256,19 @@ class UnitOfWork:
         return positions
 
     def _append_all(self, metadata: dict[str, Any]) -> list[int]:
-        rows: list[dict[str, Any]] = []
+        stamped: list[tuple[int, dict[str, Any]]] = []
         # Streams are moved in one global order (by id), so that two commands touching the same
-        # streams lock their rows in the same order: they conflict, never deadlock.
+        # streams lock their rows in the same order: they conflict, never deadlock. The events
+        # take their positions in the order the handler recorded them, across aggregates.
         for sid, aggregate in sorted(self.loaded.items()):
             if not aggregate.pending:
                 continue
             self._move_stream(sid, aggregate)
-            for offset, event in enumerate(aggregate.pending, start=1):
-                rows.append(self._event_row(sid, aggregate, aggregate.version + offset, event, metadata))
-        if not rows:
+            for offset, (stamp, event) in enumerate(aggregate.pending_in_order(), start=1):
+                stamped.append((stamp, self._event_row(sid, aggregate, aggregate.version + offset, event, metadata)))
+        if not stamped:
             return []
+        rows = [row for _, row in sorted(stamped, key=lambda item: item[0])]
         result = self.conn.execute(events.insert().returning(events.c.position, sort_by_parameter_order=True), rows)
         return [row.position for row in result]
 

@@ -39,7 +39,6 @@ class LoanBefore(Aggregate[StateBefore]):
     State = StateBefore
 
     def apply(self, event: Event) -> None:
-        assert isinstance(event, Lent)
         self.state = StateBefore(title=event.title)
 
 
@@ -95,3 +94,35 @@ def test_the_snapshot_version_keeps_the_declared_version_and_refuses_a_bad_one()
     assert Bumped.snapshot_version() & 0xFFFFF == LoanAfter.snapshot_version() & 0xFFFFF
     with pytest.raises(ValueError, match="Bad.state_version must be an int in 1..2047"):
         Bad.snapshot_version()
+
+
+@registry.event
+class Returned(Event):
+    type = "Returned"
+    title: str
+
+
+def test_one_commands_events_keep_the_order_the_handler_recorded_them_in_across_aggregates(
+        loans: EventStore) -> None:
+    """G5/G6: positions follow the handler's order, not the order the aggregates were loaded in, on
+    both stores (PostgreSQL writes the whole command as one statement, SQLite row by row)."""
+    with loans.unit_of_work() as uow:
+        first, second = uow.load(LoanBefore, "a"), uow.load(LoanBefore, "b")
+        second.record(Lent(title="B1", days=1))
+        first.record(Lent(title="A1", days=1))
+        second.record(Returned(title="B2"))
+        positions = uow.commit({})
+    stored = loans.read_all(0)
+    assert [e.position for e in stored] == positions
+    assert [(e.stream_id, e.data["title"]) for e in stored] == [("Loan:b", "B1"), ("Loan:a", "A1"), ("Loan:b", "B2")]
+    assert [e.version for e in stored] == [1, 1, 2]
+
+
+def test_the_in_memory_store_returns_them_in_that_order_too() -> None:
+    from cqrskit.domain.testing import InMemoryStore
+
+    ctx = InMemoryStore().context()
+    first, second = ctx.load(LoanBefore, "a"), ctx.load(LoanBefore, "b")
+    second.record(Lent(title="B1", days=1))
+    first.record(Lent(title="A1", days=1))
+    assert [e.title for e in ctx.commit()] == ["B1", "A1"]
