@@ -47,8 +47,8 @@ class InMemoryContext:
         sid = stream_id(cls.stream_type, aggregate_id)
         if sid in self.loaded:
             return self.loaded[sid]  # type: ignore[return-value]
-        events = self.store.streams.get(sid, [])
-        aggregate = restore(cls, aggregate_id, len(events), None, None, lambda: list(events))
+        events = list(self.store.streams.get(sid, []))  # as of now, whatever is appended meanwhile
+        aggregate = restore(cls, aggregate_id, len(events), None, None, lambda: events)
         self.loaded[sid] = aggregate
         return aggregate
 

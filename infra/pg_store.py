@@ -43,16 +43,13 @@ from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.outcomes import Outcome
 from cqrskit.infra.pg_rows import lock_key, outcome_json, q, restored, snapshot_json
+from cqrskit.infra.write_store.port import DuplicateCommand
 from cqrskit.infra.pg_sql import (
     INSERT_OUTCOME, LOAD, LOAD_MANY, LOCK, LOCKS, OUTCOME_COLUMNS, OWNER, OWNERS, SELECT_OUTCOME, TRY_LOCK,
     TRY_LOCKS, WITH_OUTCOME, WITHOUT_OUTCOME, WRITE,
 )
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
-
-
-class DuplicateCommand(ConcurrencyConflict):
-    """The command id already has an outcome: this delivery is a duplicate and wrote nothing."""
 
 
 class LockBusy(Exception):

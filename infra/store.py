@@ -33,30 +33,15 @@ from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import is_postgres, upsert_insert
 from cqrskit.infra.outcomes import Outcome, Status
-from cqrskit.infra.pg_store import DuplicateCommand, PgTransaction
+from cqrskit.infra.pg_store import PgTransaction
 from cqrskit.infra.schema import command_outcomes, events, streams, unique_claims
 from cqrskit.infra.write_store.pg_batch import decide_batch
-from cqrskit.infra.write_store.port import Decision, UnitOfWork as WriteUnit
+from cqrskit.infra.write_store.port import Decision, DuplicateCommand, StoredEvent, UnitOfWork as WriteUnit, decide_alone
 from cqrskit.infra.write_store.postgres import PgSessions, Waits
 
 __all__ = ["ConcurrencyConflict", "DuplicateCommand", "EventStore", "StoredEvent", "UnitOfWork", "Waits", "read_outcome"]
 
 A = TypeVar("A", bound=Aggregate)  # type: ignore[type-arg]
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    position: int
-    event_id: str
-    stream_id: str
-    stream_type: str
-    version: int
-    type: str
-    schema_version: int
-    data: dict[str, Any]
-    metadata: dict[str, Any]
-    recorded_at: datetime
-    tx_id: int | None = None
 
 
 @dataclass
@@ -84,19 +69,7 @@ class EventStore:
         conflicting on a stale snapshot)."""
         if self._pg is not None:
             return decide_batch(self, decisions)
-        return [self._decide_alone(decision) for decision in decisions]
-
-    def _decide_alone(self, decision: Decision) -> Outcome:
-        try:
-            with self.unit_of_work(serialize=True) as uow:
-                return decision.decide(uow)
-        except RuleViolation as exc:
-            return self.record_outcome(decision.rejected(exc.reason))
-        except DuplicateCommand:
-            stored = self.outcome(decision.command_id)
-            if stored is None:  # pragma: no cover - the guard saw it a moment ago
-                raise
-            return stored.as_duplicate()
+        return [decide_alone(self, decision) for decision in decisions]
 
     @contextmanager
     def unit_of_work(self, now: datetime | None = None, *, serialize: bool = False) -> Iterator[WriteUnit]:

@@ -116,6 +116,20 @@ def store(store_url: str) -> Iterator[EventStore]:
     engine.dispose()
 
 
+@pytest.fixture(params=["postgresql", "sqlite", "memory"])
+def any_store(request: pytest.FixtureRequest) -> Iterator[EventStore]:
+    """Each write store behind the port, opened from its URL: PostgreSQL, SQLite and the in-memory
+    store (the contract suite, and the executor's tests without a database)."""
+    from cqrskit.infra.write_store.opening import MEMORY_URL, open_store
+
+    fixtures = {"postgresql": "pg_url", "sqlite": "sqlite_url"}
+    url = MEMORY_URL if request.param == "memory" else request.getfixturevalue(fixtures[request.param])
+    opened = open_store(url, registry)
+    yield opened  # type: ignore[misc]
+    if isinstance(opened, EventStore):
+        opened.engine.dispose()
+
+
 @pytest.fixture
 def pg_store(pg_url: str) -> Iterator[EventStore]:
     engine = make_engine(pg_url)

@@ -16,6 +16,12 @@ from cqrskit.workers.execution import BadCommand, CommandExecutor
 
 
 @pytest.fixture
+def store(any_store: EventStore) -> EventStore:
+    """PostgreSQL, SQLite and the in-memory store: the executor only sees the port."""
+    return any_store
+
+
+@pytest.fixture
 def executor(store: EventStore) -> CommandExecutor:
     return CommandExecutor(store, store.registry, max_bytes=64 * 1024)
 

@@ -21,10 +21,32 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from cqrskit.domain.model import Aggregate
-from cqrskit.domain.ports import HandlerContext
+from cqrskit.domain.model import Aggregate, RuleViolation
+from cqrskit.domain.ports import ConcurrencyConflict, HandlerContext
 from cqrskit.domain.reads import Read
 from cqrskit.infra.outcomes import Outcome
+
+
+class DuplicateCommand(ConcurrencyConflict):
+    """The command id already has an outcome: this delivery is a duplicate and wrote nothing."""
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as the write store holds it: its global ``position`` (increasing in commit
+    order), its stream and version, its stored form (``type``, ``schema_version``, ``data``)."""
+
+    position: int
+    event_id: str
+    stream_id: str
+    stream_type: str
+    version: int
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+    tx_id: int | None = None
 
 
 class UnitOfWork(HandlerContext, Protocol):
@@ -64,7 +86,11 @@ class WriteStore(Protocol):
 
     def decide(self, decisions: Sequence[Decision]) -> list[Outcome | None]: ...
 
-    def unit_of_work(self, now: datetime | None = None) -> AbstractContextManager[UnitOfWork]: ...
+    def unit_of_work(self, now: datetime | None = None, *, serialize: bool = False
+                     ) -> AbstractContextManager[UnitOfWork]:
+        """One write transaction (committed when the block ends normally); ``serialize``: take
+        the store's write lock up front, where it has one (writers queue instead of conflicting)."""
+        ...
 
     def record_outcome(self, outcome: Outcome) -> Outcome:
         """Record an outcome alone (invalid, dead); the first one of a command id wins: returns the
@@ -75,9 +101,26 @@ class WriteStore(Protocol):
 
     def delete_dead_outcome(self, command_id: str) -> Outcome | None: ...
 
-    def read_stream(self, sid: str, after_version: int = 0) -> list[Any]: ...
+    def read_stream(self, sid: str, after_version: int = 0) -> list[StoredEvent]: ...
 
-    def read_all(self, after_position: int = 0, limit: int = 1000) -> list[Any]: ...
+    def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]: ...
+
+    def stream_versions(self, positions: list[int]) -> tuple[tuple[str, int], ...]: ...
 
     def last_position(self) -> int: ...
+
+
+def decide_alone(store: WriteStore, decision: Decision) -> Outcome:
+    """``decision`` in a transaction of its own (a store that does not batch): its outcome, the
+    recorded refusal, or the stored outcome marked ``duplicate``. Raises ConcurrencyConflict."""
+    try:
+        with store.unit_of_work(serialize=True) as uow:
+            return decision.decide(uow)
+    except RuleViolation as exc:
+        return store.record_outcome(decision.rejected(exc.reason))
+    except DuplicateCommand:
+        stored = store.outcome(decision.command_id)
+        if stored is None:  # pragma: no cover - the guard saw it a moment ago
+            raise
+        return stored.as_duplicate()
 
