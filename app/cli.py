@@ -311,6 +311,7 @@ def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
 
 
 from cqrskit.app.cli_dev import register as register_dev  # noqa: E402
+from cqrskit.app.cli_events import register as register_events  # noqa: E402
 from cqrskit.app.cli_ops import register as register_ops  # noqa: E402
 from cqrskit.app.cli_read import register  # noqa: E402
 from cqrskit.app.cli_search import register as register_search  # noqa: E402
@@ -320,4 +321,5 @@ register(app)
 register_search(app)
 register_ops(app)
 register_dev(app)
+register_events(app)
 register_security(app)

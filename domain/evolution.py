@@ -53,3 +53,34 @@ def _read_one(registry: Registry, path: Path, event_type: str, version: int) -> 
     if expected is not None and event.model_dump(mode="json") != expected:
         return f"reads as {event.model_dump(mode='json')}, expected {expected}"
     return None
+
+
+def event_schemas(registry: Registry) -> dict[str, str]:
+    """The JSON Schema of the ``data`` of every registered event type at its current version, as
+    the text of ``<type>.v<N>.schema.json`` (the name is the key). A published version's schema
+    never changes but by added optional fields: ``cqrskit event-schemas --check`` compares them."""
+    found = {}
+    for event_type, cls in sorted(registry.events.items()):
+        schema = cls.model_json_schema()
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["title"] = f"{event_type} v{cls.schema_version}"
+        found[f"{event_type}.v{cls.schema_version}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return found
+
+
+def schema_changes(registry: Registry, folder: Path) -> list[str]:
+    """How the published schemas in ``folder`` differ from the registry, one line each: a current
+    version not written yet or written differently, and an old version whose schema was never
+    kept (consumers reading history meet it). Empty when they agree."""
+    found = []
+    for name, text in event_schemas(registry).items():
+        path = folder / name
+        if not path.exists():
+            found.append(f"{name} is not written (cqrskit event-schemas writes it)")
+        elif path.read_text(encoding="utf-8") != text:
+            found.append(f"{name} differs from the code: within a version only optional fields may be added "
+                         f"(then write it again); any other change is a new schema_version with an upcaster")
+    for event_type, cls in sorted(registry.events.items()):
+        found += [f"{event_type}.v{v}.schema.json is missing: the schema of every published version is kept"
+                  for v in range(1, cls.schema_version) if not (folder / f"{event_type}.v{v}.schema.json").exists()]
+    return found

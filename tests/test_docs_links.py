@@ -16,8 +16,8 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 FILE = re.compile(r"`([\w./-]+\.(?:py|md|json|toml|sh|ini|yml|yaml)|[\w.-]+/(?:[\w.-]+/?)*)`")
 # names the documents use for files a user makes, not files of this repository (docs/extending.md's
 # tutorial project, made by `cqrskit new todo`)
-EXAMPLES = {"commands.jsonl", "command.json", "tests/test_todo.py"}
-USER_FOLDERS = ("todo/",)
+EXAMPLES = {"commands.jsonl", "command.json", "tests/test_todo.py", "application/json"}  # and a media type
+USER_FOLDERS = ("todo/", "config/certs/")  # config/certs/: an Elasticsearch install's own folder
 
 
 def targets(doc: Path) -> list[str]:

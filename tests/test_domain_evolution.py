@@ -161,3 +161,30 @@ def test_an_app_with_a_broken_chain_stops_every_verb_with_one_line(tmp_path: Pat
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "'Lent' is at schema_version 2 but has no upcaster for 1 -> 2" in lines[0]
+
+
+def test_the_example_apps_publish_the_schema_of_every_event_version() -> None:
+    """The schemas in docs/event-schemas/ are what the code writes: `cqrskit event-schemas --check`
+    as a consumer's CI (or ours) would run it."""
+    from tests.processes import PROJECT
+
+    for app in ("cqrskit.examples.shop:app", "cqrskit.examples.hotel:app"):
+        done = subprocess.run([sys.executable, "-m", "cqrskit.app", "--app", app, "event-schemas", "--check"],
+                              cwd=PROJECT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_changed_or_a_lost_published_schema_is_named(tmp_path: Path) -> None:
+    from cqrskit.domain.evolution import event_schemas, schema_changes
+
+    registry = chain()  # Lent at version 3
+    assert schema_changes(registry, tmp_path) == [
+        "Lent.v3.schema.json is not written (cqrskit event-schemas writes it)",
+        "Lent.v1.schema.json is missing: the schema of every published version is kept",
+        "Lent.v2.schema.json is missing: the schema of every published version is kept"]
+    for name, text in event_schemas(registry).items():
+        (tmp_path / name).write_text(text.replace('"by"', '"issued_by"'))
+    (tmp_path / "Lent.v1.schema.json").write_text("{}")
+    (tmp_path / "Lent.v2.schema.json").write_text("{}")
+    [changed] = schema_changes(registry, tmp_path)
+    assert changed.startswith("Lent.v3.schema.json differs from the code")
