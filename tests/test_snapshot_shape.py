@@ -102,10 +102,22 @@ class Returned(Event):
     title: str
 
 
-def test_one_commands_events_keep_the_order_the_handler_recorded_them_in_across_aggregates(
-        loans: EventStore) -> None:
+@pytest.fixture(params=["postgresql", "sqlite", "memory"])
+def any_loans(request: pytest.FixtureRequest):
+    from cqrskit.infra.write_store.opening import MEMORY_URL, open_store
+
+    url = MEMORY_URL if request.param == "memory" else request.getfixturevalue(
+        {"postgresql": "pg_url", "sqlite": "sqlite_url"}[request.param])
+    store = open_store(url, registry)
+    yield store
+    if isinstance(store, EventStore):
+        store.engine.dispose()
+
+
+def test_one_commands_events_keep_the_order_the_handler_recorded_them_in_across_aggregates(any_loans) -> None:
     """G5/G6: positions follow the handler's order, not the order the aggregates were loaded in, on
-    both stores (PostgreSQL writes the whole command as one statement, SQLite row by row)."""
+    every store (PostgreSQL writes the whole command as one statement, SQLite row by row)."""
+    loans = any_loans
     with loans.unit_of_work() as uow:
         first, second = uow.load(LoanBefore, "a"), uow.load(LoanBefore, "b")
         second.record(Lent(title="B1", days=1))

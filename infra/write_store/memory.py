@@ -75,10 +75,11 @@ class MemoryStore(InMemoryStore):
         return self.events[-1].position if self.events else 0
 
     def append(self, sid: str, aggregate: Aggregate[Any], pending: list[Event], metadata: dict[str, Any],
-               now: datetime) -> list[int]:
-        """Record ``pending`` (already appended to the stream) as stored events; their positions."""
+               now: datetime, start: int = 1) -> list[int]:
+        """Record ``pending`` (already appended to the stream) as stored events, the first at the
+        aggregate's version + ``start``; their positions."""
         positions = []
-        for offset, event in enumerate(pending, start=1):
+        for offset, event in enumerate(pending, start=start):
             position = self.last_position() + 1
             self.events.append(StoredEvent(
                 position=position, event_id=str(uuid.uuid4()), stream_id=sid, stream_type=aggregate.stream_type,
@@ -101,8 +102,11 @@ class MemoryUnit(InMemoryContext):
                 raise DuplicateCommand(f"command {outcome.command_id} has an outcome already")
             pending = [(sid, agg, list(agg.pending)) for sid, agg in sorted(self.loaded.items()) if agg.pending]
             super().commit()  # raises ConcurrencyConflict before it changes anything
-            positions = [p for sid, agg, events in pending
-                         for p in self.store.append(sid, agg, events, metadata or {}, self.clock)]
+            in_order = sorted((stamp, offset, sid, agg) for sid, agg, _ in pending  # as the handler recorded them
+                              for offset, (stamp, _) in enumerate(agg.pending_in_order(), start=1))
+            positions = [p for _, offset, sid, agg in in_order
+                         for p in self.store.append(sid, agg, [agg.pending[offset - 1]], metadata or {}, self.clock,
+                                                    start=offset)]
             if outcome is not None:
                 self.store.outcomes[outcome.command_id] = outcome.model_copy(update={"positions": positions})
         for _, aggregate, events in pending:
