@@ -138,3 +138,45 @@ def test_the_in_memory_store_returns_them_in_that_order_too() -> None:
     second.record(Lent(title="B1", days=1))
     first.record(Lent(title="A1", days=1))
     assert [e.title for e in ctx.commit()] == ["B1", "A1"]
+
+
+def test_verify_finds_an_apply_that_changed_meaning_without_a_bump(store_url: str) -> None:
+    """G6 on the write side: `cqrskit verify`'s snapshot check folds a sample of aggregates from
+    their events and names those whose trusted snapshot disagrees (the one change a fingerprint of
+    the state's shape cannot see), then a `state_version` bump makes them folded again."""
+    from cqrskit.domain.model import Command
+    from cqrskit.infra.write_store.snapshots import check_snapshots
+
+    class LoanDoubled(LoanAfter):  # same State, same state_version, apply changed meaning
+        def apply(self, event: Event) -> None:
+            self.state = StateAfter(title=event.title, loan_days=event.days * 2)
+
+    class LoanBumped(LoanDoubled):
+        state_version = 2
+
+    def registry_of(aggregate: type[Aggregate]) -> Registry:  # type: ignore[type-arg]
+        found = Registry()
+        found.event(Lent)
+
+        class Lend(Command):
+            type = "Lend"
+
+        Lend.aggregate = aggregate  # type: ignore[misc]
+        found.command(lambda command, aggregate_id, ctx: None)(Lend)
+        return found
+
+    engine = make_engine(store_url)
+    store = EventStore(engine, registry)
+    for loan_id in ("l1", "l2"):
+        with store.unit_of_work() as uow:
+            uow.load(LoanAfter, loan_id).record(Lent(title="Dune", days=10))
+            uow.commit({})
+    [same] = check_snapshots(engine, registry_of(LoanAfter))
+    assert (same.stream_type, same.checked, same.ok) == ("Loan", 2, True)
+    [changed] = check_snapshots(engine, registry_of(LoanDoubled), sample=1)
+    assert changed.checked == 1 and list(changed.different.values()) == [["loan_days"]], changed
+    [bumped] = check_snapshots(engine, registry_of(LoanBumped))
+    assert bumped.checked == 0  # no snapshot of version 2 yet: each is folded from its events on load
+    with store.unit_of_work() as uow:
+        assert uow.load(LoanBumped, "l1").state.loan_days == 20
+    engine.dispose()
