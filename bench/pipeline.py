@@ -313,8 +313,8 @@ def measure(args: argparse.Namespace, console: Console) -> tuple[list[Row], Run]
     with bench_database(f"pipe_{tag}") as url, osmem() as server, \
             tempfile.TemporaryDirectory(prefix="cqrskit-bench-") as tmp:
         load, stored = preload(url, args.sizes, console)
-        settings = bench_settings(url, server.url, tag, relay_linger_ms=args.linger_ms,
-                                  indexer_partitions=shape.partitions)
+        lingers = {} if args.linger_ms is None else {"relay_linger_ms": args.linger_ms}
+        settings = bench_settings(url, server.url, tag, indexer_partitions=shape.partitions, **lingers)
         stack = Stack.create(settings, server.url, Path(tmp))
         # one search every 20 ms at most: the watcher is a client, not a load on the search server
         watcher = Watcher(stack.es, alias(settings.index_prefix, "orders"), pause=args.watch_pause)
@@ -401,7 +401,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--indexers", type=int, default=1, help="indexer processes")
     parser.add_argument("--indexer-threads", type=int, default=8)
     parser.add_argument("--partitions", type=int, default=0, help="indexer partitions (default: one per indexer)")
-    parser.add_argument("--linger-ms", type=float, default=5.0, help="the relay's linger")
+    parser.add_argument("--linger-ms", type=float, default=None, help="the relay's linger bound (default: the setting's)")
     parser.add_argument("--raw-chunk", type=int, default=500, help="documents per raw bulk request")
     parser.add_argument("--plot", type=Path, default=PLOT, help="PNG of lag against offered rate ('' for none)")
     parser.add_argument("--watch-pause", type=float, default=0.02, help="seconds between the watcher's searches")

@@ -96,8 +96,20 @@ class Settings(BaseSettings):
         description="Indexer batches held by one process's threads at once are projected together, up to this many events.",
     )
     relay_linger_ms: float = Field(
-        default=5.0, ge=0,
-        description="A relay batch that is not full waits this long for more events (batches grow under load).",
+        default=40.0, ge=0, le=1000,
+        description="After a relay batch that was not full, the relay may wait up to this long for the next one while "
+                    "events come at a moderate rate (batches, confirm rounds and bulk requests then carry more "
+                    "commands); none under a backlog or when events come too rarely (0: never).",
+    )
+    relay_idle_poll_ms: float = Field(
+        default=1000.0, ge=25, le=10_000,
+        description="Once the relay found nothing for 2 s, its polls back off (x1.5 each) from 25 ms to this interval; "
+                    "the first event after a quiet spell waits at most this long for the relay.",
+    )
+    indexer_linger_ms: float = Field(
+        default=20.0, ge=0, le=1000,
+        description="An indexer window may wait up to this long for more batches while they come at a moderate "
+                    "rate (one bulk request for more of them); none under a backlog or when they come rarely (0: never).",
     )
     token_secret: str = Field(
         default=DEVELOPMENT_SECRET,
@@ -124,6 +136,11 @@ class Settings(BaseSettings):
     group_commit_linger_ms: float = Field(
         default=0.0, ge=0, le=1000,
         description="PostgreSQL: how long a batch may wait to fill up before it starts (0: it never waits).",
+    )
+    group_commit_adaptive_linger_ms: float = Field(
+        default=10.0, ge=0, le=1000,
+        description="PostgreSQL: a batch may wait up to this long for one command of every thread while commands "
+                    "come at a moderate rate (one commit for more of them); none under a backlog or when they come rarely.",
     )
     lock_timeout: float = Field(
         default=5.0, ge=0, le=3600,

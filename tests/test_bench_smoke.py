@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("bench", ["command_side", "read_side", "pipeline"])
+@pytest.mark.parametrize("bench", ["command_side", "read_side", "pipeline", "cost"])
 def test_smoke_run_prints_every_row(bench: str, pg_admin: str, amqp_url: str) -> None:
     rows = importlib.import_module(f"bench.{bench}").ROWS
     env_overrides = {"CQRSKIT_BENCH_PG": pg_admin, "CQRSKIT_BENCH_AMQP": amqp_url, "COLUMNS": "250"}

@@ -63,7 +63,8 @@ def _indexer_actor(broker: dramatiq.Broker, runtime: Runtime, queue: str, name: 
     settings = runtime.settings
     coalescer = Coalescer(lambda batches: runtime.indexer.index_batches(batches, partition),
                           settings.indexer_window_events,
-                          transient=(TransientIndexError, TransportError, ApiError, OperationalError))
+                          transient=(TransientIndexError, TransportError, ApiError, OperationalError),
+                          linger=settings.indexer_linger_ms / 1000)
 
     def index_events(events: list[dict]) -> None:  # type: ignore[type-arg]
         check_batch(events)

@@ -9,6 +9,12 @@ its own batch is settled, then hands over to a waiting thread. So a batch's mess
 window holding it was written: a process killed mid-window acknowledges none of them, and they
 are delivered again (G6). Group commit, for read models.
 
+A leader may wait for a fuller window first (``linger``, 0 by default: none): as long as
+``cqrskit.workers.pacing.linger`` says at the rate batches arrived lately, for one batch of every
+thread seen (or ``max_events``): no wait under a backlog, nor when batches come too rarely for the
+wait to collect another, so the fixed cost of a window (a snapshot read, one bulk request per read
+model, a search-server write) is shared by more batches only where that costs little latency.
+
 A window that fails on something other than an outage (``transient``) is retried batch by
 batch, so that one poison batch fails alone instead of taking the others of its window with it.
 """
@@ -20,6 +26,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from cqrskit.workers.pacing import Arrivals, linger
 
 Batch = list[dict[str, Any]]
 
@@ -39,7 +47,7 @@ class Coalescer:
     """Group commit of concurrently submitted batches; see the module docstring."""
 
     def __init__(self, project: Callable[[list[Batch]], Any], max_events: int, max_windows: int = 2,
-                 transient: tuple[type[BaseException], ...] = ()) -> None:
+                 transient: tuple[type[BaseException], ...] = (), linger: float = 0.0) -> None:
         self.project = project
         self.max_events = max_events
         self.max_windows = max_windows
@@ -47,12 +55,18 @@ class Coalescer:
         self._waiting: deque[_Ticket] = deque()
         self._cond = threading.Condition()
         self._leaders = 0
+        self.linger = linger
+        self._arrivals = Arrivals()  # batches submitted per second lately
+        self._threads: set[int] = set()  # the threads that ever submitted: how many batches can wait
 
     def submit(self, events: Batch) -> None:
         """Return once a window holding ``events`` was projected; raise WindowFailed otherwise."""
         ticket = _Ticket(events)
         with self._cond:
+            self._arrivals.note()
+            self._threads.add(threading.get_ident())
             self._waiting.append(ticket)
+            self._cond.notify_all()  # a leader lingering for a fuller window
             while not ticket.done and self._leaders >= self.max_windows:
                 self._cond.wait()
             lead = not ticket.done
@@ -83,12 +97,25 @@ class Coalescer:
         with self._cond:
             if not self._waiting:
                 return []
+            self._fill()
+            if not self._waiting:  # another leader took them while this one lingered
+                return []
             window = [self._waiting.popleft()]
             events = len(window[0].events)
             while self._waiting and events + len(self._waiting[0].events) <= self.max_events:
                 events += len(self._waiting[0].events)
                 window.append(self._waiting.popleft())
         return window
+
+    def _fill(self) -> None:
+        """With the lock held: wait for a fuller window (module docstring)."""
+        cap = len(self._threads)
+        wait = linger(self._arrivals.rate(), len(self._waiting), cap, self.linger)
+        if wait:
+            self._cond.wait_for(lambda: len(self._waiting) >= cap or self._events() >= self.max_events, timeout=wait)
+
+    def _events(self) -> int:
+        return sum(len(t.events) for t in self._waiting)
 
     def _run(self, window: list[_Ticket]) -> list[BaseException | None]:
         try:

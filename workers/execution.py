@@ -77,12 +77,13 @@ class CommandExecutor:
     max_batch: int = 32
     leaders: int = 1
     linger: float = 0.0
+    adaptive_linger: float = 0.0  # group commit: the bound of its adaptive linger (cqrskit.workers.pacing)
     gate: Gate = field(default_factory=Gate)
 
     def __post_init__(self) -> None:
         grouped = self.store.batches and self.max_batch > 1
-        self.group = (GroupCommit(self._run_batch, max_batch=self.max_batch, leaders=self.leaders, linger=self.linger)
-                      if grouped else None)
+        self.group = (GroupCommit(self._run_batch, max_batch=self.max_batch, leaders=self.leaders, linger=self.linger,
+                                  adaptive=self.adaptive_linger) if grouped else None)
 
     def execute(self, body: bytes, delivery: Delivery | None = None) -> Outcome:
         """``delivery``: what the broker said about the body (None: a direct, trusted call)."""

@@ -4,9 +4,16 @@ Each Dramatiq worker thread hands its command to ``GroupCommit.submit`` and wait
 thread at a time (at most ``leaders`` at once) becomes the leader: it takes every command queued
 so far (at most ``max_batch``) and runs them as one batch (``run``: one transaction, see
 ``cqrskit.workers.execution``), while the commands that arrive meanwhile queue up for the next
-batch (after waiting up to ``linger`` seconds for a full one, 0 by default). The batch's outcomes are handed to their threads only after its commit, and each thread
-returns to Dramatiq, which acks its message, only then (G1). Under light load a batch holds one
-command and nothing waits; under load batches grow by themselves, up to the number of threads.
+batch. The batch's outcomes are handed to their threads only after its commit, and each thread
+returns to Dramatiq, which acks its message, only then (G1). Under load batches grow by themselves,
+up to the number of threads.
+
+Before it takes its batch a leader may wait for a fuller one: up to ``linger`` seconds for a full
+one (0 by default), and, at a moderate rate, as long as ``cqrskit.workers.pacing.linger`` says at
+the rate commands arrived lately, at most ``adaptive`` seconds, for one command of every thread
+seen: no wait under a backlog (the batch is full) nor when commands come too rarely for the wait to
+collect another, so a transaction's fixed cost (its round trips and its commit's flush) is shared
+by more commands only where that costs little latency.
 
 ``run`` returns the commands it put off (a lock held elsewhere): they go back to the head of
 the queue, in their order, ahead of anything that arrived later. ``run`` must not raise: it
@@ -22,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cqrskit.infra.outcomes import Outcome
+from cqrskit.workers.pacing import Arrivals, linger
 
 
 @dataclass(eq=False)
@@ -46,8 +54,11 @@ class Pending:
 
 class GroupCommit:
     def __init__(self, run: Callable[[list[Pending]], list[Pending]], *, max_batch: int = 32,
-                 leaders: int = 1, linger: float = 0.0) -> None:
+                 leaders: int = 1, linger: float = 0.0, adaptive: float = 0.0) -> None:
         self.run, self.max_batch, self.leaders, self.linger = run, max_batch, leaders, linger
+        self.adaptive = adaptive
+        self.arrivals = Arrivals()  # commands submitted per second lately
+        self.threads: set[int] = set()  # the threads that ever submitted: how full a batch can get
         self.lock = threading.Condition()
         self.queue: deque[Pending] = deque()
         self.leading = 0
@@ -57,16 +68,17 @@ class GroupCommit:
         Only the threads whose commands were settled are woken, plus one to lead the next batch."""
         item.wake = threading.Condition(self.lock)
         with self.lock:
+            self.arrivals.note()
+            self.threads.add(threading.get_ident())
             self.queue.append(item)
             self.lock.notify()  # a leader lingering for a fuller batch
             while not item.done:
                 if self.leading >= self.leaders or not self.queue:
                     item.wake.wait()
                     continue
-                if self.linger:
-                    self.lock.wait_for(lambda: len(self.queue) >= self.max_batch, timeout=self.linger)
+                self.leading += 1  # from here: no other thread leads meanwhile (``leaders``)
+                self._fill()
                 batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.max_batch))]
-                self.leading += 1
                 deferred: list[Pending] = []
                 self.lock.release()
                 try:
@@ -81,6 +93,15 @@ class GroupCommit:
                     for waiting in list(self.queue)[: self.leaders - self.leading]:
                         waiting.wake.notify()  # to lead the next batch
         return item
+
+    def _fill(self) -> None:
+        """With the lock held: wait for a fuller batch (module docstring)."""
+        if self.linger:
+            self.lock.wait_for(lambda: len(self.queue) >= self.max_batch, timeout=self.linger)
+        cap = min(self.max_batch, len(self.threads))
+        wait = linger(self.arrivals.rate(), len(self.queue), cap, self.adaptive)
+        if wait:
+            self.lock.wait_for(lambda: len(self.queue) >= cap, timeout=wait)
 
     def _run(self, batch: list[Pending]) -> list[Pending]:
         for item in batch:

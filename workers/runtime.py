@@ -52,6 +52,7 @@ class Runtime:
             max_batch=self.settings.group_commit_max,
             leaders=self.settings.group_commit_leaders,
             linger=self.settings.group_commit_linger_ms / 1000,
+            adaptive_linger=self.settings.group_commit_adaptive_linger_ms / 1000,
             gate=Gate(ProducerGrants(self.engine, ttl=self.settings.grants_ttl_seconds),
                       enforce=self.settings.producer_grants),
         )
