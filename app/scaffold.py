@@ -22,9 +22,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from cqrskit.domain.model import Aggregate, Command, Event
-from cqrskit.domain.ports import HandlerContext
-from cqrskit.domain.registry import Registry
+from cqrskit.app.api import Aggregate, Command, Event, HandlerContext, Registry
 
 registry = Registry()
 Title = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\\x00-\\x1f\\x7f]*$")]
@@ -100,9 +98,8 @@ from datetime import datetime
 from typing import Any
 
 from {{package}}.domain import Task
-from cqrskit.read_models.model import STREAMS, Document, iso, streams_of, text_keyword
-from cqrskit.read_models.queryable import Facet, Queries, Term, View
-from cqrskit.read_models.source import WriteStoreSource
+from cqrskit.app.api import (
+    STREAMS, Document, Facet, Queries, Term, View, WriteStoreSource, iso, streams_of, text_keyword)
 
 KEYWORD = {"type": "keyword"}
 
@@ -156,7 +153,7 @@ class TasksModel:
 
 APP = '''"""The app: name it once (CQRSKIT_APP={{package}}.app:app) and every cqrskit process runs it."""
 
-from cqrskit.app import App
+from cqrskit.app.api import App
 from {{package}}.domain import registry
 from {{package}}.read_models import TasksModel
 
@@ -167,8 +164,7 @@ TESTS = '''"""The app's own tests: the rules given/when/then, and the whole pipe
 
 from pathlib import Path
 
-from cqrskit.app.testing import Harness
-from cqrskit.domain.testing import Scenario
+from cqrskit.app.api import Harness, Scenario
 from {{package}}.app import app
 from {{package}}.domain import TaskAdded, TaskCompleted, registry
 

@@ -5,7 +5,7 @@ the escape hatch."""
 
 from __future__ import annotations
 
-from cqrskit.app import App
+from cqrskit.app.api import App
 from cqrskit.examples.hotel.domain import registry
 from cqrskit.examples.hotel.load import HotelLoad
 from cqrskit.examples.hotel.queries import FUNCTIONS

@@ -22,10 +22,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
-from cqrskit.domain.ports import HandlerContext
-from cqrskit.domain.reads import ClaimRead, FromTarget, Read, StreamRead
-from cqrskit.domain.registry import Registry
+from cqrskit.app.api import (
+    Aggregate, ClaimRead, Command, Event, FromTarget, HandlerContext, Read, Registry, RuleViolation,
+    StreamRead)
 
 MAX_NIGHTS = 30
 NIGHT_SCOPE = "room.night"

@@ -8,8 +8,7 @@ import random
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 
-from cqrskit.infra.envelope import CommandEnvelope
-from cqrskit.producers.commands import new_command
+from cqrskit.app.api import CommandEnvelope, new_command
 
 TYPES = {"single": 8000, "double": 12000, "suite": 30000}
 FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "John", "Margaret", "Niklaus"]

@@ -9,7 +9,7 @@ from typing import Any
 from elasticsearch import Elasticsearch
 from pydantic import BaseModel, Field, model_validator
 
-from cqrskit.read_models.queryable import QueryFunction, QueryModel, alias
+from cqrskit.app.api import QueryFunction, QueryModel, alias
 
 MAX_DAYS = 366
 

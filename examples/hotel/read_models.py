@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from cqrskit.app.api import (
+    FRESH, HELD, STREAMS, Document, Facet, Metric, Queries, Range, Term, View, WriteStoreSource, iso,
+    positions_by_stream, streams_of, text_keyword)
 from cqrskit.examples.hotel.domain import Booking, Room
-from cqrskit.read_models.model import STREAMS, Document, iso, positions_by_stream, streams_of, text_keyword
-from cqrskit.read_models.queryable import FRESH, HELD, Facet, Metric, Queries, Range, Term, View
-from cqrskit.read_models.source import WriteStoreSource
 
 KEYWORD, LONG, INT, DATE, BOOL = ({"type": t} for t in ("keyword", "long", "integer", "date", "boolean"))
 Status = Literal["booked", "checked_in", "checked_out", "cancelled"]

@@ -7,8 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cqrskit.app.api import searchable
 from cqrskit.examples.hotel.read_models import HOTEL_READ_MODELS
-from cqrskit.read_models.queryable import searchable
 
 
 def showcase(es: Any, prefix: str, console: Console) -> None:

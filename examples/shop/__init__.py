@@ -6,7 +6,7 @@ and best sellers through the escape hatch; the demo's load.
 
 from __future__ import annotations
 
-from cqrskit.app import App
+from cqrskit.app.api import App
 from cqrskit.examples.shop.domain import registry
 from cqrskit.examples.shop.load import ShopLoad
 from cqrskit.examples.shop.queries import FUNCTIONS

@@ -20,10 +20,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
-from cqrskit.domain.ports import HandlerContext
-from cqrskit.domain.reads import ClaimRead
-from cqrskit.domain.registry import Registry
+from cqrskit.app.api import Aggregate, ClaimRead, Command, Event, HandlerContext, Registry, RuleViolation
 
 _SINGLE_LINE = r"^[^\x00-\x1f\x7f]*$"
 _MULTI_LINE = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"  # tab, LF and CR allowed

@@ -6,7 +6,7 @@ keeps its own part (``customers.registry``...), merged here. Rules are in each m
 
 from __future__ import annotations
 
-from cqrskit.domain.registry import merged
+from cqrskit.app.api import merged
 import cqrskit.examples.shop.customers as customers
 import cqrskit.examples.shop.orders as orders
 import cqrskit.examples.shop.products as products

@@ -14,8 +14,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from cqrskit.infra.envelope import CommandEnvelope
-from cqrskit.producers.commands import new_command
+from cqrskit.app.api import CommandEnvelope, new_command
 
 FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Tony", "Margaret", "Leslie"]
 LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson", "Perlman", "Hoare", "Hamilton", "Lamport"]

@@ -21,10 +21,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cqrskit.domain.model import Aggregate, Command, Event
-from cqrskit.domain.ports import HandlerContext
-from cqrskit.domain.reads import ClaimRead, FromTarget, Read, StreamRead
-from cqrskit.domain.registry import Registry
+from cqrskit.app.api import (
+    Aggregate, ClaimRead, Command, Event, FromTarget, HandlerContext, Read, Registry, StreamRead)
 from cqrskit.examples.shop.customers import AggregateId, Customer, MultiLine
 from cqrskit.examples.shop.products import SKU_SCOPE, Product, Sku, product_for_sku
 

@@ -15,10 +15,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
-from cqrskit.domain.ports import HandlerContext
-from cqrskit.domain.reads import ClaimRead
-from cqrskit.domain.registry import Registry
+from cqrskit.app.api import Aggregate, ClaimRead, Command, Event, HandlerContext, Registry, RuleViolation
 from cqrskit.examples.shop.customers import MultiLine, Name
 
 SKU_SCOPE = "product.sku"

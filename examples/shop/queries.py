@@ -13,11 +13,10 @@ from typing import Any, Literal
 from elasticsearch import Elasticsearch
 from pydantic import BaseModel, Field
 
+from cqrskit.app.api import (
+    Awaited, ConsistencyToken, QueryError, QueryFunction, Searchable, View, alias, bool_query, searchable)
 from cqrskit.examples.shop.read_models import (
     FACET_SIZE, SHOP_READ_MODELS, CustomerRef, CustomerView, LineView, OrderStatus, OrderView, ProductView)
-from cqrskit.infra.tokens import ConsistencyToken
-from cqrskit.read_models.queryable import (
-    Awaited, QueryError, QueryFunction, Searchable, View, alias, bool_query, searchable)
 
 __all__ = [
     "CUSTOMERS", "FACET_SIZE", "FUNCTIONS", "ORDERS", "PRODUCTS", "SEARCHABLE", "SOLD", "SPECS", "CustomerPage",

@@ -15,11 +15,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from cqrskit.app.api import (
+    FRESH, HELD, STREAMS, Cents, Document, Facet, Flag, Queries, Range, Term, View, When,
+    WriteStoreSource, bounded_int, iso, positions_by_stream, streams_of, text_keyword)
 from cqrskit.examples.shop.domain import Customer, Order, Product
-from cqrskit.read_models.model import STREAMS, Document, iso, positions_by_stream, streams_of, text_keyword
-from cqrskit.read_models.queryable import (
-    FRESH, HELD, Cents, Facet, Flag, Queries, Range, Term, View, When, bounded_int)
-from cqrskit.read_models.source import WriteStoreSource
 
 LONG, INT, KEYWORD, DATE = ({"type": t} for t in ("long", "integer", "keyword", "date"))
 
