@@ -191,14 +191,29 @@ def _decode_cursor(cursor: str, fingerprint: str, sort: list[SortKey]) -> list[A
     return after
 
 
+LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1  # a missing long or date sorts as one of these
+INFINITE = {"Infinity": math.inf, "-Infinity": -math.inf}  # a missing double, written as a string
+
+
 def _fits(value: Any, kind: str) -> bool:
+    """Whether ``value`` is a sort value the server can return for ``kind``: a keyword (or null:
+    missing), a long or a date's epoch milliseconds (-2^63 and 2^63-1 for missing ones), a finite
+    double, or a missing double's ±Infinity (carried as a string, which search_after accepts)."""
     if kind == KEYWORD:
         return value is None or (isinstance(value, str) and len(value) <= 1000)
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return abs(value) < 2**63
-    return kind == SCORE and isinstance(value, float) and math.isfinite(value)
+        return LONG_MIN <= value <= LONG_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return kind == NUMBER and value in INFINITE
+
+
+def _after(values: list[Any]) -> list[Any]:
+    """The sort values of a hit as a cursor carries them: JSON has no Infinity, so ±Infinity
+    (a missing double) become the strings Elasticsearch's ``search_after`` parses back."""
+    return [("Infinity" if v > 0 else "-Infinity") if isinstance(v, float) and math.isinf(v) else v for v in values]
 
 
 def search(es: Elasticsearch, prefix: str, spec: Spec, q: Any,
@@ -218,7 +233,7 @@ def search(es: Elasticsearch, prefix: str, spec: Spec, q: Any,
     items = [spec.view.model_validate({**h["_source"], "score": h.get("_score") if scored else None})
              for h in hits]
     total = Total(**response["hits"]["total"])
-    return items, total, _encode_cursor(fingerprint, hits[-1]["sort"]) if more else None, response
+    return items, total, _encode_cursor(fingerprint, _after(hits[-1]["sort"])) if more else None, response
 
 
 def fetch(es: Elasticsearch, prefix: str, spec: Spec, doc_id: str) -> View | None:
