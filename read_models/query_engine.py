@@ -116,7 +116,7 @@ class Page(BaseModel, Generic[V]):
 
 # ---------------------------------------------------------------- query building
 
-NUMBER, KEYWORD, SCORE = "number", "keyword", "score"
+NUMBER, FLOAT, KEYWORD, SCORE = "number", "float", "keyword", "score"  # NUMBER: longs and dates
 RELEVANCE = ("_score", SCORE, "desc")
 SortKey = tuple[str, str, str]  # (field, kind, direction)
 Clauses = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # (must, filter)
@@ -197,8 +197,9 @@ INFINITE = {"Infinity": math.inf, "-Infinity": -math.inf}  # a missing double, w
 
 def _fits(value: Any, kind: str) -> bool:
     """Whether ``value`` is a sort value the server can return for ``kind``: a keyword (or null:
-    missing), a long or a date's epoch milliseconds (-2^63 and 2^63-1 for missing ones), a finite
-    double, or a missing double's ±Infinity (carried as a string, which search_after accepts)."""
+    missing), a long or a date's epoch milliseconds (-2^63 and 2^63-1 for missing ones), a double
+    (or a whole one written as a long), or a missing double's ±Infinity (carried as a string,
+    which search_after accepts)."""
     if kind == KEYWORD:
         return value is None or (isinstance(value, str) and len(value) <= 1000)
     if isinstance(value, bool):
@@ -206,8 +207,8 @@ def _fits(value: Any, kind: str) -> bool:
     if isinstance(value, int):
         return LONG_MIN <= value <= LONG_MAX
     if isinstance(value, float):
-        return math.isfinite(value)
-    return kind == NUMBER and value in INFINITE
+        return kind in (FLOAT, SCORE) and math.isfinite(value)
+    return kind == FLOAT and value in INFINITE
 
 
 def _after(values: list[Any]) -> list[Any]:

@@ -35,7 +35,7 @@ from cqrskit.read_models.consistency import FRESH, HELD, Awaited
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
 from cqrskit.read_models.query_engine import (
-    KEYWORD, NUMBER, RELEVANCE, Bucket, Cents, Clauses, Direction, Ident, Page, PageQuery, QueryError,
+    FLOAT, KEYWORD, NUMBER, RELEVANCE, Bucket, Cents, Clauses, Direction, Ident, Page, PageQuery, QueryError,
     QueryModel, Spec, Text, View, When, bool_query, fetch, ranges, search, text_query)
 
 __all__ = [  # the public API of the read side's queries (with cqrskit.read_models.model and .source)
@@ -180,7 +180,7 @@ class Searchable:
             extra["facets"] = self.facets_model(**{
                 name: [_bucket(b) for b in _facet_buckets(aggs, name)] for name in self.queries.facets})
         if self.queries.metrics:
-            extra["metrics"] = {name: aggs[f"metric_{name}"]["value"] for name in self.queries.metrics}
+            extra["metrics"] = {name: _metric_value(aggs[f"metric_{name}"]) for name in self.queries.metrics}
         return extra
 
     def get(self, es: Elasticsearch, prefix: str, doc_id: str) -> View | None:
@@ -230,8 +230,8 @@ def _derive(model: ReadModel, declared: Queries) -> Searchable:
             or fields.get("streams.version") != "long":
         raise ValueError(f"read model {model.name!r}: its mapping needs the `streams` field as "
                          f"cqrskit.read_models.model.STREAMS declares it: read-your-writes reads it")
-    sorts = {public: (path, KEYWORD if fields[path] == "keyword" else NUMBER, direction)
-             for public, (path, direction) in declared.sorts.items()}
+    _check_sorts(model.name, declared, fields, nested)
+    sorts = {public: (path, _sort_kind(fields[path]), direction) for public, (path, direction) in declared.sorts.items()}
     if declared.text:
         sorts["relevance"] = RELEVANCE
     default = declared.default_sort or next(iter(declared.sorts), None)
@@ -249,6 +249,30 @@ def _derive(model: ReadModel, declared: Queries) -> Searchable:
     spec = Spec(model.name, model.id_field, query_model, declared.view, sorts, default, clauses)
     return Searchable(model, declared, spec, filter_model, query_model, page_model, facets_model,
                       _aggs(declared, nested) if declared.facets or declared.metrics else None)
+
+
+SORTABLE = {"keyword", "long", "integer", "short", "byte", "double", "float", "half_float", "scaled_float",
+            "unsigned_long", "date", "date_nanos", "boolean"}
+
+
+def _sort_kind(mapping_type: str) -> str:
+    if mapping_type in ("keyword", "boolean"):
+        return KEYWORD if mapping_type == "keyword" else NUMBER
+    return FLOAT if mapping_type in ("double", "float", "half_float", "scaled_float") else NUMBER
+
+
+def _check_sorts(model: str, declared: Queries, fields: dict[str, str], nested: frozenset[str]) -> None:
+    """Sorts only on fields Elasticsearch sorts by their doc values, and none under a ``nested``
+    field (a document holds many values there: which one would sort it is a choice the
+    declaration cannot say); each refused with one line."""
+    for public, (path, _direction) in declared.sorts.items():
+        if _nested(path, nested):
+            raise ValueError(f"read model {model!r}: sort {public!r} is on {path!r}, under the nested field "
+                             f"{path.split('.')[0]!r}; sort on a top-level field instead (copy the value the "
+                             "document should sort by into one)")
+        if fields[path] not in SORTABLE:
+            raise ValueError(f"read model {model!r}: sort {public!r} is on {path!r}, a {fields[path]} field; sorts "
+                             "need a keyword, numeric, date or boolean field (a text field's .keyword sub-field)")
 
 
 def _mapping_fields(properties: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -357,8 +381,14 @@ def _aggs(declared: Queries, nested: frozenset[str]) -> dict[str, Any]:
         else:
             aggs[f"facet_{name}"] = terms
     for name, m in declared.metrics.items():
-        aggs[f"metric_{name}"] = {m.op: {"field": m.field}}
+        metric = {m.op: {"field": m.field}}
+        outer = _nested(m.field, nested)  # over every nested object of the matching documents
+        aggs[f"metric_{name}"] = {"nested": {"path": outer}, "aggs": {"value": metric}} if outer else metric
     return aggs
+
+
+def _metric_value(agg: dict[str, Any]) -> Any:
+    return agg["value"]["value"] if isinstance(agg.get("value"), dict) else agg["value"]
 
 
 def _bucket(b: dict[str, Any]) -> Bucket:
