@@ -16,6 +16,7 @@ from typing import Any
 import dramatiq
 
 from cqrskit.app.declaration import App
+from cqrskit.infra import tracing
 from cqrskit.infra.settings import Settings
 from cqrskit.workers.runtime import Runtime
 from cqrskit.workers.wiring import build_command_worker, build_indexer_worker
@@ -82,6 +83,7 @@ def command_worker(settings: Settings, threads: int = 32,
     ``metrics_server``: the Dramatiq fork that serves the group's metrics, when they are on.
     Its threads mostly wait for the batch that holds their command (group commit): a batch
     takes one connection, so the pool is capped well below the thread count (``COMMAND_POOL``)."""
+    tracing.configure("cqrskit-commands")
     rt = runtime(settings, pool_size=min(threads, COMMAND_POOL) + 2)
     return build_command_worker(rt, metrics_server), rt
 
@@ -89,6 +91,7 @@ def command_worker(settings: Settings, threads: int = 32,
 def indexer_worker(settings: Settings, threads: int = 8,
                    metrics_server: Callable[[], int] | None = None) -> tuple[dramatiq.Broker, Runtime]:
     """An indexer process: its runtime and its broker (set as the process's broker)."""
+    tracing.configure("cqrskit-indexer")
     rt = runtime(settings, pool_size=threads + 2)
     return build_indexer_worker(rt, metrics_server), rt
 
@@ -105,6 +108,7 @@ def run_relay(settings: Settings) -> None:
 
     if settings.embedded_broker:
         raise ValueError("the relay process needs a real broker: set CQRSKIT_BROKER_URL=amqp://...")
+    tracing.configure("cqrskit-relay")
     engine = make_engine(settings.database_url, pool_size=2)
     relay = EventRelay.for_rabbitmq(settings, engine)
     metrics = serve_relay_metrics(settings, relay)  # None unless CQRSKIT_METRICS_PORT is set
@@ -119,6 +123,7 @@ def run_relay(settings: Settings) -> None:
             metrics.close()
         relay.close()
         engine.dispose()
+        tracing.shutdown()  # the last spans are exported
 
 
 def gateway_app(settings: Settings) -> Any:
@@ -127,6 +132,7 @@ def gateway_app(settings: Settings) -> Any:
     from cqrskit.app.security import docs_served, http_authentication
     from cqrskit.producers.gateway import create_app
 
+    tracing.configure("cqrskit-gateway")
     return create_app(settings, registry=app_of(settings).registry,
                       authenticate=http_authentication(settings, "gateway"), docs=docs_served(settings))
 
@@ -137,5 +143,6 @@ def query_app(settings: Settings) -> Any:
     from cqrskit.read_models.api import create_app
 
     app = app_of(settings)
+    tracing.configure("cqrskit-query")
     return create_app(settings, app.read_models, app.queries, authenticate=http_authentication(settings, "query"),
                       docs=docs_served(settings))

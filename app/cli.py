@@ -15,6 +15,7 @@ from rich.table import Table
 from cqrskit.app.errors import CliGroup, unknown_variables
 from cqrskit.app.preflight import preflight
 from cqrskit.infra.logs import configure_logging
+from cqrskit.infra.tracing import TracingError, exporter_names
 from cqrskit.infra.settings import DEFAULT_APP, LogFormat, Settings, load_settings
 
 app = typer.Typer(help="cqrskit: message-queue driven CQRS workers.", no_args_is_help=True, add_completion=False,
@@ -49,6 +50,11 @@ def main(
         except AppError as exc:
             err.print(f"[red]app error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+    try:
+        exporter_names()  # a bad OTEL_TRACES_EXPORTER or _PROTOCOL is one line, before any process starts
+    except TracingError as exc:
+        err.print(f"[red]tracing:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     configure_logging(settings)
     ctx.obj = settings
 

@@ -8,7 +8,9 @@ Rows (docs/benchmarks.md says why each limit is the fair one):
 - producer: ``AmqpPublisher.publish_many`` / ``CommandProducer.send_many`` beside raw pika with
   1,000 confirms in flight (and raw pika with one confirm each, for reference);
 - event store: ``EventStore.unit_of_work`` appends (single client) beside pyeventsourcing's
-  PostgreSQL Application on the same server.
+  PostgreSQL Application on the same server;
+- tracing: worker CPU per command with tracing on (100 % sampled, exported over OTLP) beside
+  tracing off, interleaved in this run (``bench.tracing_cost``).
 
 Every figure is the median of ``--runs`` runs after a warm-up, all measured in this one run. It
 makes its own databases, exchanges and queues and removes them afterwards.
@@ -47,6 +49,7 @@ from rich.table import Table
 from sqlalchemy import make_url
 
 from bench.floor import ServiceCpu, wait_until_empty
+from bench.tracing_cost import TRACING_CPU, TRACING_OFF
 
 if TYPE_CHECKING:
     from cqrskit.infra.settings import Settings
@@ -69,7 +72,7 @@ APPEND_NEW = "event store: append to new streams"
 APPEND_EXISTING = "event store: append to existing streams"
 APPEND_RAW = "event store: new streams vs raw (reference)"
 ROWS = (EXECUTION, WORKER_CPU, FLOOR, FLOOR_CPU, HOT, *(SCALING.format(p) for p in SCALES), PUBLISH_QUORUM, PUBLISH_CLASSIC, SEND_MANY, PUBLISH_EACH,
-        APPEND_NEW, APPEND_EXISTING, APPEND_RAW)
+        APPEND_NEW, APPEND_EXISTING, APPEND_RAW, TRACING_CPU, TRACING_OFF)
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class Workers:
     threads: int
     py_spy_dir: str | None = None
     target: str = "cqrskit.app.processes:command_worker"  # bench.floor:noop_worker for Dramatiq's floor
+    extra_env: tuple[tuple[str, str], ...] = ()  # e.g. the OTEL_* variables of bench.tracing_cost
 
     def command(self, phase: str) -> list[str]:
         queue = self.settings.commands_queue
@@ -214,9 +218,10 @@ class Workers:
 
     def env(self) -> dict[str, str]:
         s = self.settings
-        return {**os.environ, "CQRSKIT_DATABASE_URL": s.database_url, "CQRSKIT_BROKER_URL": s.broker_url,
+        untraced = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}  # tracing: extra_env only
+        return {**untraced, "CQRSKIT_DATABASE_URL": s.database_url, "CQRSKIT_BROKER_URL": s.broker_url,
                 "CQRSKIT_COMMANDS_EXCHANGE": s.commands_exchange, "CQRSKIT_COMMANDS_QUEUE": s.commands_queue,
-                "CQRSKIT_QUEUE_TYPE": s.queue_type.value, "CQRSKIT_LOG_LEVEL": "WARNING"}
+                "CQRSKIT_QUEUE_TYPE": s.queue_type.value, "CQRSKIT_LOG_LEVEL": "WARNING", **dict(self.extra_env)}
 
     def stop(self, process: subprocess.Popen) -> None:  # type: ignore[type-arg]
         """SIGTERM to the dramatiq master (SIGINT to our own session under py-spy, so that it writes
@@ -288,6 +293,24 @@ def measure_execution(sizes: Sizes, workers: Callable[..., Workers], console: Co
             Row(HOT, hot[0], f"PostgreSQL one-row UPDATE of ONE row + COMMIT, {connections} connections", raw_hot,
                 None, hot[1]),
             *scaling]
+
+
+def measure_tracing_cost(sizes: Sizes, workers: Callable[..., Workers], console: Console) -> list[Row]:
+    """Worker CPU per command with tracing on (100 % sampled) and off, same run (bench.tracing_cost)."""
+    from bench.tracing_cost import measure_tracing
+    from cqrskit.infra.settings import Settings
+
+    tag = uuid.uuid4().hex[:10]
+    with bench_database(f"trc_{tag}") as url:
+        settings = Settings(database_url=url, broker_url=AMQP_URL, log_level="WARNING",
+                            commands_exchange=f"bench.{tag}.commands", commands_queue=f"bench.{tag}.commands")
+        pool = workers(settings)
+        try:
+            declare_commands(settings)
+            return measure_tracing(pool, max(100, sizes.commands // 4), max(sizes.runs, 2), drain_once, boot_cpu,
+                                   children_cpu, console, Row)
+        finally:
+            delete_commands(settings)
 
 
 HOT_COMMANDS = 2000
@@ -841,7 +864,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--appends", type=int, default=2_000, help="appends per event-store run")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (the median is shown)")
     parser.add_argument("--smoke", action="store_true", help="everything at a tiny size (CI)")
-    parser.add_argument("--only", choices=("execution", "producer", "appends"), action="append",
+    parser.add_argument("--only", choices=("execution", "producer", "appends", "tracing"), action="append",
                         help="measure only these sections (repeatable)")
     parser.add_argument("--profile", action="store_true", help="cProfile the event-store appends")
     parser.add_argument("--py-spy", metavar="DIR", help="record the worker processes with py-spy, a file per phase")
@@ -864,7 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.getloadavg()[0] > 1.0:
         console.print("[yellow]the machine is busy (load average above 1): other processes share the cores, "
                       "PostgreSQL and its disk with this run, and the figures say so[/yellow]")
-    sections = args.only or ["execution", "producer", "appends"]
+    sections = args.only or ["execution", "producer", "appends", "tracing"]
     rows: list[Row] = []
     started = time.perf_counter()
     if "execution" in sections:
@@ -876,6 +899,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += measure_producer(sizes)
     if "appends" in sections:
         rows += measure_appends(sizes, args.profile, console)
+    if "tracing" in sections:
+        workers = functools.partial(Workers, processes=args.processes, threads=args.threads)
+        rows += measure_tracing_cost(sizes, workers, console)
     console.print(table(rows))
     console.print(f"measured in {time.perf_counter() - started:.0f} s; load average now "
                   + " ".join(f"{x:.2f}" for x in os.getloadavg()))

@@ -27,6 +27,7 @@ from dramatiq.encoder import JSONEncoder, MessageData
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
 from cqrskit.infra.delivery import Delivery
+from cqrskit.infra.tracing_hooks import current_options, trace_options
 from cqrskit.infra.reconnect import ConsumeBackoff
 from cqrskit.infra.settings import QueueType, Settings
 
@@ -81,7 +82,8 @@ class CommandEncoder(JSONEncoder):
         return name != COMMAND_ACTOR or _is_body(message["args"])
 
 
-_OWN_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp", "eta"})  # what Retries and delays write
+_OWN_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp", "eta",  # what Retries and delays write
+                          "traceparent", "tracestate"})  # the trace context (cqrskit.infra.tracing)
 
 
 def _soon(eta: Any, max_delay_ms: int) -> bool:
@@ -102,18 +104,21 @@ def _is_body(args: Any) -> bool:
 def index_message(events: list[dict[str, Any]], queue_name: str, actor_name: str = INDEX_ACTOR) -> dramatiq.Message:
     """The Dramatiq message asking an indexer to project a batch of events (relay -> indexer);
     ``actor_name``: the indexer actor of the queue's partition (``infra.topology``)."""
-    return dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=(events,), kwargs={}, options={})
+    return dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=(events,), kwargs={},
+                            options=current_options())
 
 
-def wrap_command(body: bytes, queue_name: str, delivery: Delivery | None = None) -> MessageData:
+def wrap_command(body: bytes, queue_name: str, delivery: Delivery | None = None,
+                 options: dict[str, Any] | None = None) -> MessageData:
     """The Dramatiq message that runs ``execute_command`` on a raw command body, with what its
-    delivery said (the routing key, the validated producer); retries carry both unchanged."""
+    delivery said (the routing key, the validated producer); retries carry both unchanged.
+    ``options``: the trace context the delivery carried (``tracing_hooks.trace_options``)."""
     return {
         "queue_name": queue_name,
         "actor_name": COMMAND_ACTOR,
         "args": [base64.b64encode(body).decode("ascii")],
         "kwargs": (delivery or Delivery()).as_kwargs(),
-        "options": {},
+        "options": options or {},
         "message_id": str(uuid.uuid4()),
         "message_timestamp": int(time.time() * 1000),
     }
@@ -165,7 +170,7 @@ def _exchange_bodies_wrapped(deliveries: Iterator[tuple[Any, Any, Any]], command
     for method, properties, body in deliveries:
         if method is not None and method.exchange != "":
             delivery = Delivery.from_amqp(method.routing_key, properties.user_id, properties.headers)
-            body = json.dumps(wrap_command(body, commands_queue, delivery)).encode()
+            body = json.dumps(wrap_command(body, commands_queue, delivery, trace_options(properties.headers))).encode()
         yield method, properties, body
 
 

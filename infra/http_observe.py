@@ -8,14 +8,23 @@ client; ``/health`` and ``/metrics`` at DEBUG so that probes do not bury the res
 path template (``/commands/{command_id:path}``), never the raw path, so that ids do not multiply
 the series. Each app has its own registry: with ``gateway --workers N`` each uvicorn process
 serves its own numbers (scrape each, or run one worker per container).
+
+When tracing is on (``cqrskit.infra.tracing``), every request but the probes is a server span
+named ``METHOD route``, a child of the request's W3C ``traceparent`` when it carries a valid one,
+with the HTTP semantic conventions' attributes; the access-log line carries its trace id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from cqrskit.infra import tracing
 
 log = structlog.get_logger("cqrskit.access")
 QUIET_PATHS = ("/health", "/metrics")
@@ -38,10 +47,12 @@ class Observed:
                 status[0] = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            self._record(scope, status[0], time.perf_counter() - started)
+        with _server_span(scope) as span:
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                _close_span(span, scope, status[0])
+                self._record(scope, status[0], time.perf_counter() - started)
 
     def _record(self, scope: dict[str, Any], status: int, seconds: float) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
@@ -52,6 +63,38 @@ class Observed:
         (log.debug if scope.get("path") in QUIET_PATHS else log.info)(
             "http.request", service=self.service, method=method, path=scope.get("path"), route=route,
             status=status, duration_ms=round(seconds * 1000, 2), client=client[0] if client else None)
+
+
+def _server_span(scope: dict[str, Any]) -> Any:
+    """The request's server span (None when tracing is off, or for a probe): the framework's own
+    when it made one (FastAPI's native telemetry, an ASGI instrumentation), else ours."""
+    if not tracing.enabled() or scope.get("path") in QUIET_PATHS:
+        return contextlib.nullcontext()
+    current = trace.get_current_span()
+    if current.is_recording() and getattr(current, "kind", None) is SpanKind.SERVER:
+        return contextlib.nullcontext(current)
+    raw = {k.decode("latin-1").lower(): v for k, v in scope.get("headers") or [] if k.lower() in _TRACE_HEADERS}
+    client = scope.get("client")
+    attributes = {"http.request.method": scope.get("method", "?"), "url.path": scope.get("path", ""),
+                  "url.scheme": scope.get("scheme", "http"), "client.address": client[0] if client else None}
+    attributes = {k: v for k, v in attributes.items() if v is not None}
+    return tracing.active(scope.get("method", "?"), SpanKind.SERVER, context=tracing.context_of(raw),
+                          attributes=attributes)
+
+
+_TRACE_HEADERS = tuple(key.encode() for key in tracing.TRACE_KEYS)
+
+
+def _close_span(span: Any, scope: dict[str, Any], status: int) -> None:
+    if span is None:
+        return
+    route = getattr(scope.get("route"), "path", None)
+    if route:
+        span.update_name(f"{scope.get('method', '?')} {route}")
+        span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
 
 
 def observe(app: Any, service: str) -> Any:

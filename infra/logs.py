@@ -2,7 +2,8 @@
 
 Context (command_id, correlation_id, causation_id, type, aggregate_id) is bound with
 ``structlog.contextvars`` by the worker middleware, so every line logged while a command runs
-carries it, whichever module logs.
+carries it, whichever module logs. While a trace is active (``cqrskit.infra.tracing``), every line
+also carries its ``trace_id`` and ``span_id`` (hex, as trace viewers show them).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 import structlog
 
+from cqrskit.infra import tracing
 from cqrskit.infra.reconnect import quiet_restarts
 from cqrskit.infra.settings import LogFormat, Settings
 
@@ -37,6 +39,7 @@ def configure_logging(settings: Settings, *, stream=None) -> None:
     )
     shared = [
         structlog.contextvars.merge_contextvars,
+        tracing.log_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.add_logger_name,

@@ -21,6 +21,7 @@ from cqrskit.infra.settings import Settings
 from cqrskit.infra.amqp import AmqpPublisher, CommandNotConfirmed, OutgoingMessage, PublishReport
 from cqrskit.infra.broker import wrap_command
 from cqrskit.infra.delivery import Delivery
+from cqrskit.infra.tracing_hooks import publishing, trace_options, traced_messages
 
 __all__ = ["CommandProducer", "CommandNotConfirmed", "PublishReport", "new_command"]
 
@@ -73,7 +74,7 @@ class InProcessPublisher:
 
     def publish(self, message: OutgoingMessage) -> None:
         delivery = Delivery(routing_key=message.routing_key)  # no broker to vouch for a producer here
-        self.broker.enqueue(Message(**wrap_command(message.body, self.queue_name, delivery)))
+        self.broker.enqueue(Message(**wrap_command(message.body, self.queue_name, delivery, trace_options(message.headers))))
 
     def publish_many(
         self, messages: Iterable[OutgoingMessage], on_confirmed: Callable[[int], None] | None = None
@@ -108,7 +109,8 @@ class CommandProducer:
     def send(self, envelope: CommandEnvelope) -> str:
         """Publish one command and wait for the broker's confirm. Returns the command id.
         Raises CommandNotConfirmed when the broker did not take it (then nothing is promised)."""
-        self.publisher.publish(outgoing(envelope))
+        with publishing([outgoing(envelope)], getattr(self.publisher, "exchange", "commands")) as messages:
+            self.publisher.publish(messages[0])
         return envelope.command_id
 
     def send_many(
@@ -116,7 +118,7 @@ class CommandProducer:
     ) -> PublishReport:
         """Publish many with a window of unconfirmed messages in flight; the report says how many
         were confirmed and which were not (by command id, with the reason)."""
-        return self.publisher.publish_many((outgoing(e) for e in envelopes), on_confirmed)
+        return self.publisher.publish_many(traced_messages(outgoing(e) for e in envelopes), on_confirmed)
 
     def close(self) -> None:
         self.publisher.close()

@@ -45,6 +45,7 @@ from cqrskit.infra.envelope import IDENTIFIER
 from cqrskit.infra.http_auth import Authenticate, Authentication, current_key, declare_security, server_limits
 from cqrskit.infra.problems import Problem, ProblemError, add_problem_handlers, problem_response, problem_type
 from cqrskit.infra.http_observe import observe
+from cqrskit.infra.tracing_hooks import publishing
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import read_outcome, stream_versions
 from cqrskit.infra.tokens import ConsistencyToken
@@ -206,7 +207,8 @@ async def send_command(request: Request) -> JSONResponse:
     gateway: Gateway = request.app.state.gateway
     max_bytes = gateway.settings.max_command_bytes
     message = _as_issued(request, check_command(await _read_body(request, max_bytes), gateway.registry, max_bytes))
-    await gateway.publish(message)
+    with publishing([message], gateway.settings.commands_exchange) as traced:  # its traceparent in the headers
+        await gateway.publish(traced[0])
     log.info("gateway.accepted", command_id=message.message_id, type=message.routing_key)
     url = _outcome_url(request, message.message_id)  # type: ignore[arg-type]
     accepted = {"command_id": message.message_id, "status": "accepted", "outcome_url": url}
@@ -226,7 +228,8 @@ async def send_batch(request: Request) -> BatchAccepted:
     messages = check_batch(body, gateway.registry, gateway.settings.max_command_bytes, MAX_BATCH_COMMANDS)
     messages = [_as_issued(request, message) for message in messages]
     try:
-        report = await run_in_threadpool(gateway.publisher.publish_many, messages)
+        with publishing(messages, gateway.settings.commands_exchange) as traced:  # their traceparent in the headers
+            report = await run_in_threadpool(gateway.publisher.publish_many, traced)
     except PublisherClosed as exc:
         raise _broker_problem(str(exc)) from None
     failed = dict(report.failed)

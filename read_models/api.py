@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from cqrskit.infra.problems import (PROBLEM_JSON, Problem, ProblemError, add_problem_handlers, problem_response,
                                    problem_type)
 from cqrskit.infra.http_observe import observe
+from cqrskit.infra.tracing_hooks import consistency_wait
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.infra.http_auth import (Authenticate, Authentication, declare_security, read_model_scope,
                                     server_limits)
@@ -160,6 +161,7 @@ def _side(request: Request) -> QuerySide:
     return request.app.state.query_side  # type: ignore[no-any-return]
 
 
+@consistency_wait  # a span saying how long read-your-writes waited
 async def _reflected(side: QuerySide, model: Searchable, params: Consistency) -> None:
     """Return once ``model`` reflects the token (if any); ProblemError 400 or 504 otherwise."""
     if params.consistent_with is None:

@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 from cqrskit.infra.broker import COMMAND_ACTOR
 from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.event_wire import EventMessage
+from cqrskit.infra.tracing_hooks import command_outcome, index_window, tagged
 from cqrskit.infra.topology import indexer_partitions
 from cqrskit.read_models.partitions import Partition
 from cqrskit.read_models.writer import TransientIndexError
@@ -32,7 +33,7 @@ def declare_command_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
 
     def execute_command(body_b64: str, routing_key: str | None = None, producer: str | None = None,
                         on_behalf_of: str | None = None) -> None:
-        runtime.executor.execute(base64.b64decode(body_b64), Delivery(routing_key, producer, on_behalf_of))
+        command_outcome(runtime.executor.execute(base64.b64decode(body_b64), Delivery(routing_key, producer, on_behalf_of)))
 
     return dramatiq.actor(
         execute_command,
@@ -61,7 +62,7 @@ def declare_indexer_actors(broker: dramatiq.Broker, runtime: Runtime) -> list[dr
 def _indexer_actor(broker: dramatiq.Broker, runtime: Runtime, queue: str, name: str,
                    partition: Partition) -> dramatiq.Actor:
     settings = runtime.settings
-    coalescer = Coalescer(lambda batches: runtime.indexer.index_batches(batches, partition),
+    coalescer = Coalescer(index_window(lambda batches: runtime.indexer.index_batches(batches, partition)),
                           settings.indexer_window_events,
                           transient=(TransientIndexError, TransportError, ApiError, OperationalError),
                           linger=settings.indexer_linger_ms / 1000)
@@ -69,7 +70,7 @@ def _indexer_actor(broker: dramatiq.Broker, runtime: Runtime, queue: str, name: 
     def index_events(events: list[dict]) -> None:  # type: ignore[type-arg]
         check_batch(events)
         try:
-            coalescer.submit(events)
+            coalescer.submit(tagged(events))  # remembers its message's span (tracing)
         except Exception as exc:  # retried as a whole; logged without the batch (Dramatiq would log it all)
             log.warning("indexer.batch_failed", events=len(events), error=repr(exc)[:500])
             raise dramatiq.Retry(repr(exc)[:500]) from exc

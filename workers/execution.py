@@ -32,6 +32,7 @@ from cqrskit.domain.registry import Registry
 from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
+from cqrskit.infra.tracing_hooks import group_commit, traced_metadata
 from cqrskit.infra.validation import CommandTooLarge, InvalidCommand, ValidCommand, safe_text, validate_command
 from cqrskit.infra.write_store.port import Decision, UnitOfWork, WriteStore
 from cqrskit.workers.admission import Gate
@@ -82,7 +83,7 @@ class CommandExecutor:
 
     def __post_init__(self) -> None:
         grouped = self.store.batches and self.max_batch > 1
-        self.group = (GroupCommit(self._run_batch, max_batch=self.max_batch, leaders=self.leaders, linger=self.linger,
+        self.group = (GroupCommit(group_commit(self._run_batch), max_batch=self.max_batch, leaders=self.leaders, linger=self.linger,
                                   adaptive=self.adaptive_linger) if grouped else None)
 
     def execute(self, body: bytes, delivery: Delivery | None = None) -> Outcome:
@@ -95,7 +96,7 @@ class CommandExecutor:
             if admission.refused:
                 error = {"loc": "", "msg": admission.refused, "type": "not_allowed"}
                 return self._record_final(_invalid(parsed.envelope, admission.refused, [error]))
-            item = Pending(parsed.envelope, parsed.command, provenance=admission.metadata(parsed.envelope))
+            item = Pending(parsed.envelope, parsed.command, provenance=traced_metadata(admission.metadata(parsed.envelope)))
             if self.group is None:
                 outcome = self._decide_with_retries(item)
             else:

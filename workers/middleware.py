@@ -11,6 +11,7 @@ from dramatiq.broker import MessageProxy
 
 from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.broker import COMMAND_ACTOR
+from cqrskit.infra import tracing_hooks
 from cqrskit.workers.execution import BadCommand, readable_command_id
 
 log = structlog.get_logger("cqrskit.commands")
@@ -27,6 +28,20 @@ class LogContext(dramatiq.Middleware):
         structlog.contextvars.clear_contextvars()
 
     after_skip_message = after_process_message
+
+
+class Tracing(dramatiq.Middleware):
+    """Each message is a consumer span, a child of the trace context its options carry (the
+    producer's ``traceparent``, the relay's); nothing when tracing is off (``cqrskit.infra.tracing``)."""
+
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        tracing_hooks.message_started(message)
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):  # type: ignore[no-untyped-def]
+        tracing_hooks.message_ended(exception)
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        tracing_hooks.message_ended()
 
 
 class DeadOutcomes(dramatiq.Middleware):

@@ -61,6 +61,7 @@ from sqlalchemy import Connection, Engine
 from cqrskit.infra.db import upsert_insert
 from cqrskit.infra.event_wire import EventMessage
 from cqrskit.infra.schema import events, leases, relay_checkpoints
+from cqrskit.infra.tracing_hooks import in_current_context, relaying
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import StoredEvent
 from cqrskit.infra.utc import as_utc
@@ -221,6 +222,7 @@ class EventRelay:
             self._publish(batch)
         return len(batch), held_back
 
+    @relaying  # a span in the trace of the commands that wrote the batch
     def _publish(self, batch: list[StoredEvent]) -> None:
         started = time.monotonic()
         messages = [EventMessage.from_stored(event) for event in batch]
@@ -248,7 +250,8 @@ class EventRelay:
         """Both outlets at once; returns when both returned, raises what either raised."""
         feed = None
         if self.feed_indexer is not None:
-            feed = self._beside.submit(self.feed_indexer, [m.model_dump(mode="json") for m in messages])
+            feed = self._beside.submit(in_current_context(self.feed_indexer),  # the relay's span goes along
+                                       [m.model_dump(mode="json") for m in messages])
         try:
             if self.publish_events is not None:
                 self.publish_events(messages)

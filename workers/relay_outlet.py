@@ -13,6 +13,7 @@ from cqrskit.infra.broker import index_message, make_broker
 from cqrskit.infra.event_wire import EventMessage
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.topology import indexer_partitions
+from cqrskit.infra.tracing_hooks import relayed_to
 
 
 class EventsNotConfirmed(Exception):
@@ -39,9 +40,10 @@ class RabbitmqOutlet:
         ``mandatory``: a message no queue is bound for is confirmed too (nobody subscribed to it,
         which is no failure)."""
         with self._reset_on_error():
+            headers = relayed_to(self.settings.events_exchange) or None  # the relay span's traceparent
             report = self.publisher.publish_many(  # type: ignore[union-attr]
                 OutgoingMessage(body=m.model_dump_json().encode(), routing_key=m.routing_key(),
-                                message_id=m.event_id) for m in messages)
+                                message_id=m.event_id, headers=headers) for m in messages)
             failed = report.failed
             if failed:
                 raise EventsNotConfirmed(f"{len(failed)} of {len(messages)} events not confirmed, "

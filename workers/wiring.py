@@ -9,7 +9,7 @@ import dramatiq
 from cqrskit.infra.broker import make_broker
 from cqrskit.workers.actors import declare_command_actor, declare_indexer_actors
 from cqrskit.workers.metrics import COMMANDS, INDEXER, worker_metrics
-from cqrskit.workers.middleware import DeadOutcomes, LogContext
+from cqrskit.workers.middleware import DeadOutcomes, LogContext, Tracing
 from cqrskit.workers.runtime import Runtime
 
 
@@ -17,7 +17,7 @@ def build_command_worker(runtime: Runtime, metrics_server: Callable[[], int] | N
     """The broker of a command worker process, with its middleware and the command actor.
     ``metrics_server``: the fork that serves the group's metrics (see ``worker_metrics``)."""
     metrics = worker_metrics(runtime.settings, runtime, COMMANDS, metrics_server)
-    broker = make_broker(runtime.settings, extra_middleware=[*metrics, LogContext(), DeadOutcomes(runtime)])
+    broker = make_broker(runtime.settings, extra_middleware=[*metrics, Tracing(), LogContext(), DeadOutcomes(runtime)])
     declare_command_actor(broker, runtime)
     return broker
 
@@ -25,6 +25,6 @@ def build_command_worker(runtime: Runtime, metrics_server: Callable[[], int] | N
 def build_indexer_worker(runtime: Runtime, metrics_server: Callable[[], int] | None = None) -> dramatiq.Broker:
     """The broker of an indexer process, with its middleware and the indexer actor."""
     metrics = worker_metrics(runtime.settings, runtime, INDEXER, metrics_server)
-    broker = make_broker(runtime.settings, extra_middleware=[*metrics, LogContext()])
+    broker = make_broker(runtime.settings, extra_middleware=[*metrics, Tracing(), LogContext()])
     declare_indexer_actors(broker, runtime)
     return broker
