@@ -18,6 +18,7 @@ import dramatiq
 from cqrskit.app.declaration import App
 from cqrskit.infra import tracing
 from cqrskit.infra.settings import Settings
+from cqrskit.read_models.model import declaration_problems
 from cqrskit.workers.runtime import Runtime
 from cqrskit.workers.wiring import build_command_worker, build_indexer_worker
 
@@ -59,6 +60,10 @@ def load_app(spec: str) -> App:
         found.searchable  # noqa: B018 - derive the declared queries now: a mistake is the app's, said once
     except ValueError as exc:
         raise AppError(f"app {spec!r}: {exc}") from None
+    declared = [problem for model in found.read_models for problem in declaration_problems(model)]
+    if declared:
+        more = f" (and {len(declared) - 1} more)" if len(declared) > 1 else ""
+        raise AppError(f"app {spec!r}: {declared[0]}{more}")
     return found
 
 

@@ -140,11 +140,11 @@ class TasksModel:
         return touched
 
     def build(self, source: WriteStoreSource, ids: list[str]) -> dict[str, Document]:
-        """Fresh documents from the write store. The version is the sum of the versions of the
-        streams a document is computed from (here one: the task's), listed in ``streams``."""
+        """Fresh documents from the write store. ``Document(id, source=...)`` takes the version
+        from ``streams`` (the streams a document is computed from, here the task's): their sum."""
         tasks = {i: t for i, t in source.aggregates(Task, ids).items() if t.state.added}
         added = source.event_times("task", tasks, first_only=True)
-        return {i: Document(i, t.version, {
+        return {i: Document(i, source={
             "task_id": i, "title": t.state.title, "tags": t.state.tags, "done": t.state.done,
             "added_at": iso(added[i].get("TaskAdded")),
             "streams": streams_of(t),

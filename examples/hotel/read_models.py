@@ -126,7 +126,7 @@ class BookingsModel:
             "nights": nights, "total_cents": nights * s.rate_cents, "booked_at": iso(booked_at),
             "streams": streams_of(booking, room),
         }
-        return Document(booking.id, booking.version + (room.version if room else 0), source)
+        return Document(booking.id, source=source)  # its version: the sum of its streams'
 
 
 class RoomsModel:
@@ -169,7 +169,7 @@ class RoomsModel:
             mine = sorted((bookings[b] for b in booking_ids.get(i, []) if b in bookings), key=lambda b: b.id)
             holding = [b for b in mine if b.state.status in HOLDING]
             inside = next((b for b in mine if b.state.status == "checked_in"), None)
-            docs[i] = Document(i, room.version + sum(b.version for b in mine), {
+            docs[i] = Document(i, source={
                 "room_id": i, "number": room.state.number, "type": room.state.room_type,
                 "rate_cents": room.state.rate_cents, "bookings": len(holding),
                 "nights_booked": sum(len(b.state.nights) for b in holding), "occupied": inside is not None,

@@ -161,7 +161,7 @@ class OrdersModel:
             "updated_at": iso(max(times.values())) if times else None,
             "streams": streams_of(order, customer),
         }
-        return Document(order.id, order.version + (customer.version if customer else 0), source)
+        return Document(order.id, source=source)  # its version: the sum of its streams'
 
 
 class ProductsModel:
@@ -197,7 +197,7 @@ class ProductsModel:
     def build(self, source: WriteStoreSource, ids: list[str]) -> dict[str, Document]:
         products = {i: p for i, p in source.aggregates(Product, ids).items() if p.state.added}
         added = source.event_times("product", products, first_only=True)
-        return {i: Document(i, p.version, {
+        return {i: Document(i, source={
             "product_id": i, "sku": p.state.sku, "name": p.state.name, "description": p.state.description,
             "price_cents": p.state.price_cents, "stock": p.state.stock, "units_sold": p.state.units_sold,
             "added_at": iso(added[i].get("ProductAdded")), "streams": streams_of(p),
@@ -250,7 +250,7 @@ class CustomersModel:
         for i, customer in customers.items():
             mine = [orders[o] for o in order_ids.get(i, []) if o in orders]
             value = sum(o.state.total_cents for o in mine if o.state.status in ("paid", "shipped"))
-            docs[i] = Document(i, customer.version + sum(o.version for o in mine), {
+            docs[i] = Document(i, source={
                 "customer_id": i, "name": customer.state.name, "email": customer.state.email,
                 "order_count": len(mine), "lifetime_value_cents": value,
                 "registered_at": iso(registered[i].get("CustomerRegistered")),
