@@ -7,7 +7,8 @@ leaves it only on purpose.
 - the domain: ``Aggregate``, ``Command``, ``Event``, ``RuleViolation``, ``Registry`` and
   ``merged``, ``HandlerContext`` (what a handler may ask of the store), ``ConcurrencyConflict``;
   what a handler will read, declared ahead (``StreamRead``, ``ClaimRead``, ``FromTarget``,
-  ``Read``);
+  ``Read``); a domain that evolves (``UnregisteredEvent``, ``UpcastError``,
+  ``check_golden_events``: docs/evolving.md);
 - the read side: ``ReadModel`` (the protocol: every attribute cqrskit reads), ``Document``,
   ``STREAMS`` and ``streams_of``, ``positions_by_stream``, ``text_keyword``, ``iso``,
   ``WriteStoreSource``; the query declarations (``Queries``, ``Term``, ``Range``, ``Flag``,
@@ -24,10 +25,11 @@ from __future__ import annotations
 
 from cqrskit.app.declaration import App, DemoLoad
 from cqrskit.app.testing import Harness, Sent
-from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation
+from cqrskit.domain.evolution import check_golden_events
+from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation, UnregisteredEvent
 from cqrskit.domain.ports import ConcurrencyConflict, HandlerContext
 from cqrskit.domain.reads import ClaimRead, FromTarget, Read, StreamRead
-from cqrskit.domain.registry import Registry, merged
+from cqrskit.domain.registry import Registry, UpcastError, merged
 from cqrskit.domain.testing import InMemoryStore, Scenario
 from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.tokens import ConsistencyToken
@@ -44,6 +46,8 @@ __all__ = [
     # the domain
     "Aggregate", "ClaimRead", "Command", "ConcurrencyConflict", "Event", "FromTarget", "HandlerContext", "Read",
     "Registry", "RuleViolation", "StreamRead", "merged",
+    # a domain that evolves (docs/evolving.md)
+    "UnregisteredEvent", "UpcastError", "check_golden_events",
     # the read side
     "FRESH", "HELD", "STREAMS", "Awaited", "Cents", "Document", "Facet", "Flag", "Metric", "Queries", "QueryError",
     "QueryFunction", "QueryModel", "Range", "ReadModel", "Searchable", "Term", "View", "When", "WriteStoreSource",

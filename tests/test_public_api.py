@@ -17,6 +17,7 @@ SURFACE = {
     "App", "DemoLoad",
     "Aggregate", "ClaimRead", "Command", "ConcurrencyConflict", "Event", "FromTarget", "HandlerContext", "Read",
     "Registry", "RuleViolation", "StreamRead", "merged",
+    "UnregisteredEvent", "UpcastError", "check_golden_events",
     "FRESH", "HELD", "STREAMS", "Awaited", "Cents", "Document", "Facet", "Flag", "Metric", "Queries", "QueryError",
     "QueryFunction", "QueryModel", "Range", "ReadModel", "Searchable", "Term", "View", "When", "WriteStoreSource",
     "alias", "bool_query", "bounded_int", "iso", "positions_by_stream", "searchable", "streams_of", "text_keyword",
