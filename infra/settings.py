@@ -97,9 +97,9 @@ class Settings(BaseSettings):
     )
     relay_linger_ms: float = Field(
         default=40.0, ge=0, le=1000,
-        description="After a relay batch that was not full, the relay may wait up to this long for the next one while "
-                    "events come at a moderate rate (batches, confirm rounds and bulk requests then carry more "
-                    "commands); none under a backlog or when events come too rarely (0: never).",
+        description="While events come, the relay reads every this many ms (sooner when a batch would fill up "
+                    "before), so batches, confirm rounds and bulk requests carry what committed meanwhile; a full "
+                    "batch is followed at once (a backlog); 0: every 25 ms.",
     )
     relay_idle_poll_ms: float = Field(
         default=1000.0, ge=25, le=10_000,

@@ -31,12 +31,13 @@ One active relay: the ``leases`` row ``relay`` names a holder until ``expires_at
 clock on PostgreSQL, so the clocks of the relays' hosts do not matter). The holder renews it every
 third of ``relay_lease_seconds``; a standby polls and takes it once it has expired.
 
-Pacing (``cqrskit.workers.pacing``): after a full batch the relay reads again at once (a backlog);
-after a batch that was not full it waits for the next one as long as the events' rate makes worth
-it, at most ``relay_linger_ms`` (the fixed cost of a batch, its confirm rounds, its indexer windows
-and bulk requests, is then shared by more commands), else 25 ms on PostgreSQL, 50 ms on SQLite; 20 ms
-while a committed event is held back by an older running transaction; and once it found nothing for
-2 s its polls back off (x1.5 each) to ``relay_idle_poll_ms``, so that an idle relay costs next to nothing.
+Pacing (``cqrskit.workers.pacing``): after a full batch the relay reads again at once (a backlog).
+While events came in the last 2 s it reads every ``relay_linger_ms`` (sooner when the batch would
+fill up before: the rate is measured), so that each batch, its confirm rounds, its checkpoint and
+the indexer windows and bulk requests it feeds carry what committed meanwhile instead of one command
+each (0: every 25 ms, 50 ms on SQLite); every 20 ms while a committed event is held back by an older
+running transaction; and once it found nothing for 2 s its polls back off (x1.5 each) to
+``relay_idle_poll_ms``, so that an idle relay costs next to nothing.
 It does not LISTEN: a NOTIFY at commit takes a database-wide lock until the commit is flushed, which
 serialises every command's commit (measured: 16 connections fell from 4,106 to 1,256 tx/s).
 """
@@ -65,7 +66,7 @@ from cqrskit.infra.tracing_hooks import in_current_context, relaying
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import StoredEvent
 from cqrskit.infra.utc import as_utc
-from cqrskit.workers.pacing import Arrivals, IdleBackoff, linger
+from cqrskit.workers.pacing import Arrivals, IdleBackoff
 from cqrskit.workers.relay_outlet import EventsNotConfirmed, RabbitmqOutlet
 
 log = structlog.get_logger("cqrskit.relay")
@@ -185,9 +186,11 @@ class EventRelay:
             return 0.0
         if held_back:
             return HELD_BACK_POLL
-        if not count:
-            return self.idle.next()
-        return linger(self.arrivals.rate(), 0, self.batch_size, self.linger) or self.idle.first
+        pace = self.idle.next()  # the first poll interval while events came lately, then backing off
+        if pace > self.idle.first or not self.linger:
+            return pace
+        rate = self.arrivals.rate()  # events come: the next batch as full as the bound allows
+        return min(self.linger, self.batch_size / rate) if rate else self.linger
 
     def _overlapped(self) -> tuple[int, bool]:
         """Read the next batch while the one before is being published and checkpointed, then hand
