@@ -43,7 +43,7 @@ def status(
     """The endpoints checked; rates (commands, events appended and published, new documents per
     second, over 2 s or between refreshes); queue depths, dead letters, unpublished events, lag
     and parked documents per read model, live workers and outcomes. Exit 1 when a component
-    cannot be reached.
+    cannot be reached or a read model's live mapping is older than its declaration.
 
     Example: cqrskit status --watch 2
     """
@@ -116,6 +116,7 @@ def render_status(s: PipelineStatus) -> Group:
         models.add_row(escape(name), index, _n(m.documents), f"[red]{m.parked}[/]" if m.parked else _n(m.parked), lag,
                        _n(m.lag_seconds))
     parts += [_rates_line(s), relay, models]
+    parts += [f"[red]{escape(m.mapping_drift)}[/]" for m in s.read_models.values() if m.mapping_drift]
     if s.outcomes is not None:
         outcomes = Table(*s.outcomes, title="outcomes", title_justify="left")
         outcomes.add_row(*(str(n) for n in s.outcomes.values()))

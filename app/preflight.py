@@ -168,10 +168,12 @@ def _exists(connection: pika.BlockingConnection, kind: str, name: str) -> bool:
 # -- the search server ----------------------------------------------------------------------------
 def _indices(settings: Settings, aliases: bool) -> None:
     """The search server answers (``GET /``: the operator's processes, whose role holds the
-    cluster's ``monitor``), or every read model's alias exists (``HEAD /_alias/<name>``: what the
-    indexer's and the query side's roles may ask, ``view_index_metadata`` on their aliases)."""
+    cluster's ``monitor``), or every read model's alias exists with the mapping the app declares
+    (``HEAD /_alias/<name>``, ``GET /<alias>/_mapping``: what the indexer's and the query side's
+    roles may ask, ``view_index_metadata`` on their aliases). A drifted mapping stops the process
+    before it parks every document it touches: ``cqrskit rebuild NAME`` first."""
     from cqrskit.app import bootstrap
-    from cqrskit.read_models.indices import alias
+    from cqrskit.read_models.indices import alias, drift_line, mapping_drift
     from cqrskit.read_models.search import search_client
 
     es = search_client(settings, timeout=TIMEOUT)
@@ -182,5 +184,8 @@ def _indices(settings: Settings, aliases: bool) -> None:
             name = alias(settings.index_prefix, model.name)
             if not es.indices.exists_alias(name=name):
                 raise Problem(SEARCH, settings.elasticsearch_url, f"the read model {name!r} has no index", SETUP)
+            if drift := mapping_drift(es, settings.index_prefix, model):
+                problem, _, fix = drift_line(settings.index_prefix, model.name, drift).rpartition("; ")
+                raise Problem(SEARCH, settings.elasticsearch_url, problem, fix)
     finally:
         es.close()

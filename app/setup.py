@@ -37,7 +37,7 @@ def setup_all(settings: Settings, say: Callable[[str], None] = print) -> None:
 
 
 def _ensure_indices(settings: Settings, engine, say: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
-    from cqrskit.read_models.indices import alias, ensure
+    from cqrskit.read_models.indices import alias, drift_line, ensure, mapping_drift
     from cqrskit.read_models.search import replicas_of, search_client
     from cqrskit.app import bootstrap
 
@@ -45,7 +45,11 @@ def _ensure_indices(settings: Settings, engine, say: Callable[[str], None]) -> N
     try:
         for model in bootstrap.app_of(settings).read_models:
             created = ensure(es, engine, settings.index_prefix, model, replicas=replicas_of(settings))
-            say(f"read model {alias(settings.index_prefix, model.name)}: " + (f"created {created}" if created else "exists"))
+            drift = [] if created else mapping_drift(es, settings.index_prefix, model)
+            if drift:
+                say(drift_line(settings.index_prefix, model.name, drift))
+            else:
+                say(f"read model {alias(settings.index_prefix, model.name)}: " + (f"created {created}" if created else "exists"))
     finally:
         es.close()
 

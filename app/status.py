@@ -92,6 +92,8 @@ class ReadModelState(BaseModel):
     lag_seconds: float | None = None
     lag_exact: bool | None = None
     lag_window: int = LAG_WINDOW
+    mapping_drift: str | None = Field(default=None, description="The live index's mapping lacks what the read model "
+                                      "declares: the line naming the fix (cqrskit rebuild NAME).")
 
 
 class Workers(BaseModel):
@@ -126,7 +128,8 @@ class PipelineStatus(BaseModel):
 
     @property
     def healthy(self) -> bool:
-        return all(c.reachable for c in self.components.values())
+        return all(c.reachable for c in self.components.values()) and not any(
+            m.mapping_drift for m in self.read_models.values())
 
     def totals(self) -> dict[str, int | None]:
         """The counters that ``with_rates`` differentiates."""
@@ -168,7 +171,7 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
                 status.components["search"] = Component(reachable=False, error="embedded search server: it "
                                                         "lives inside `cqrskit demo`; set CQRSKIT_ELASTICSEARCH_URL")
             else:
-                _gather_documents(es, status)
+                _gather_documents(es, status, models, settings.index_prefix)
             if store_ok and es is not None and status.components["search"].reachable:
                 _gather_lag(engine, es, models, lag_window, status)
     endpoints = {"broker": settings.broker_url, "write_store": settings.database_url,
@@ -321,12 +324,17 @@ def _search(settings: Settings) -> Iterator[Elasticsearch | None]:
         es.close()
 
 
-def _gather_documents(es: Elasticsearch, status: PipelineStatus) -> None:
+def _gather_documents(es: Elasticsearch, status: PipelineStatus, models: Sequence[ReadModel], prefix: str) -> None:
+    from cqrskit.read_models.indices import drift_line, mapping_drift
+
     try:
-        for state in status.read_models.values():
+        for model in models:
+            state = status.read_models[model.name]
             if es.indices.exists_alias(name=state.alias):
                 state.indices = sorted(es.indices.get_alias(name=state.alias))
                 state.documents = es.count(index=state.alias)["count"]
+                drift = mapping_drift(es, prefix, model)
+                state.mapping_drift = drift_line(prefix, model.name, drift) if drift else None
     except (ApiError, TransportError) as exc:
         status.components["search"] = Component(reachable=False, error=_error(exc))
         return

@@ -11,6 +11,7 @@ The write store's ``read_model_indices`` table records which physical index play
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from elasticsearch import ApiError, Elasticsearch
@@ -86,6 +87,45 @@ def error_type(exc: ApiError) -> str | None:
     body = exc.body
     error = body.get("error") if isinstance(body, dict) else None
     return error.get("type") if isinstance(error, dict) else None
+
+
+def mapping_drift(es: Elasticsearch, prefix: str, model: ReadModel) -> list[str]:
+    """How the live index's mapping falls short of what ``model`` declares: each declared field
+    it lacks, or holds with another type (a field added to a read model: every document with it
+    would be refused, ``strict_dynamic_mapping_exception``). Empty: no drift, or no live index.
+    Fields the index has and the model no longer declares do no harm and are not reported."""
+    live = es.indices.get_mapping(index=alias(prefix, model.name), ignore_unavailable=True, allow_no_indices=True)
+    if not live:
+        return []
+    declared = field_types(model.mappings.get("properties", {}))
+    found: list[str] = []
+    for index in sorted(live):
+        have = field_types(live[index]["mappings"].get("properties", {}))
+        for path, kind in declared.items():
+            if path not in have:
+                found.append(f"field {path!r} ({kind}) missing")
+            elif have[path] != kind:
+                found.append(f"field {path!r} is {have[path]}, declared {kind}")
+    return sorted(set(found))
+
+
+def drift_line(prefix: str, model: str, drift: list[str]) -> str:
+    """The one line that names a drifted read model and its fix."""
+    more = f" (and {len(drift) - 2} more)" if len(drift) > 2 else ""
+    return (f"read model {model}: the live index {alias(prefix, model)!r} has an older mapping than the app declares "
+            f"({'; '.join(drift[:2])}{more}); run cqrskit rebuild {model}")
+
+
+def field_types(properties: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Every field path of a mapping (sub-fields as ``name.keyword``) with its type; an object
+    with properties is ``object`` whether or not the mapping says so (Elasticsearch leaves it out)."""
+    found: dict[str, str] = {}
+    for name, spec in properties.items():
+        path = prefix + name
+        found[path] = spec.get("type", "object" if "properties" in spec else "object")
+        found |= field_types(spec.get("properties", {}), path + ".")
+        found |= field_types(spec.get("fields", {}), path + ".")
+    return found
 
 
 def begin_build(es: Elasticsearch, engine: Engine, prefix: str, model: ReadModel, *, replicas: int | None = None) -> str:
