@@ -72,11 +72,17 @@ def app_of(settings: Settings) -> App:
     return load_app(settings.app)
 
 
-def runtime(settings: Settings, *, pool_size: int = 8, search_url: str | None = None) -> Runtime:
-    """The resources of one process running the app of ``settings`` (made lazily, released by
-    ``Runtime.close``). Raises AppError."""
-    app = app_of(settings)
+def build_runtime(settings: Settings, app: App, *, pool_size: int = 8, search_url: str | None = None) -> Runtime:
+    """THE builder of a process's resources from one ``Settings`` and the ``App``: its engine,
+    write store, command executor, indexer and search client (made lazily, released by
+    ``Runtime.close``). Every command worker and indexer, the local pipeline of the demo and the
+    ``Harness`` take theirs from here, so they run the same executor with the same settings."""
     return Runtime(settings, app.registry, app.read_models, pool_size=pool_size, search_url=search_url)
+
+
+def runtime(settings: Settings, *, pool_size: int = 8, search_url: str | None = None) -> Runtime:
+    """``build_runtime`` for the app ``settings`` select. Raises AppError."""
+    return build_runtime(settings, app_of(settings), pool_size=pool_size, search_url=search_url)
 
 
 COMMAND_POOL = 8  # connections of a command worker process beyond 2 (and as many again in overflow)

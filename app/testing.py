@@ -4,7 +4,8 @@
         done = pipeline.send("BookRoom", "b1", {...})
         page = pipeline.search("bookings", consistent_with=done.token, text="ada")
 
-The same executor, indexer and queries as the deployed processes, without a broker, threads or
+The same executor, indexer and queries as the deployed processes (built by the same function,
+``cqrskit.app.bootstrap.build_runtime``, from the same settings), without a broker, threads or
 sleeps: ``send`` decides a command synchronously (``CommandExecutor``: validation, rules,
 optimistic concurrency, outcome); ``drain`` hands every committed event to the indexer, as the
 relay would, and refreshes the indices; a query given a consistency token drains until the read
@@ -19,8 +20,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from cqrskit.app import bootstrap
 from cqrskit.app.declaration import App
-from cqrskit.infra.db import make_engine
 from cqrskit.infra.event_wire import EventMessage
 from cqrskit.infra.migrate import upgrade
 from cqrskit.infra.outcomes import Outcome
@@ -31,7 +32,7 @@ from cqrskit.producers.commands import new_command
 from cqrskit.read_models.indexer import Indexer
 from cqrskit.read_models.indices import alias, ensure
 from cqrskit.read_models.queryable import Searchable
-from cqrskit.read_models.search import EmbeddedSearch, make_client
+from cqrskit.read_models.search import EmbeddedSearch
 from cqrskit.read_models.verify import VerifyReport, verify
 from cqrskit.workers.execution import CommandExecutor
 
@@ -63,12 +64,12 @@ class Harness:
 
     def __enter__(self) -> Harness:
         self._search = EmbeddedSearch(self.settings).__enter__()
-        self.es = make_client(self._search.url)
-        self.engine = make_engine(self.settings.database_url, pool_size=2)
+        self.runtime = bootstrap.build_runtime(self.settings, self.app, pool_size=2, search_url=self._search.url)
+        self.es, self.engine = self.runtime.search, self.runtime.engine
         upgrade(self.engine)
-        self.store = EventStore(self.engine, self.app.registry)
-        self.executor = CommandExecutor(self.store, self.app.registry, max_bytes=self.settings.max_command_bytes)
-        self.indexer = Indexer(self.engine, self.app.registry, self.es, self.prefix, self.app.read_models)
+        self.store: EventStore = self.runtime.store
+        self.executor: CommandExecutor = self.runtime.executor  # the deployed worker's, from the same builder
+        self.indexer: Indexer = self.runtime.indexer
         for model in self.app.read_models:
             ensure(self.es, self.engine, self.prefix, model)
         return self
@@ -79,8 +80,7 @@ class Harness:
             if names:
                 self.es.indices.delete(index=",".join(names), ignore_unavailable=True)
         finally:
-            self.es.close()
-            self.engine.dispose()
+            self.runtime.close()
             self._search.__exit__()
 
     @property

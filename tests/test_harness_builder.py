@@ -1,0 +1,37 @@
+"""The Harness is the deployed wiring, not a copy: its executor comes from the builder that makes
+every command worker's (``cqrskit.app.bootstrap.build_runtime``), with the same settings: the
+same group commit, waits, retries, size limit and producer gate. So what an app's tests see of
+outcomes (G3), exactly-once effect (G2) and conflicts (G4) is what its workers do."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from cqrskit.app import bootstrap
+from cqrskit.app.api import Harness
+from cqrskit.examples.hotel import app as hotel
+from cqrskit.workers.execution import CommandExecutor
+
+
+def _configuration(executor: CommandExecutor) -> dict[str, object]:
+    """What decides how an executor runs commands: every field but the store and the registry
+    (process resources), plus the store's lock waits and whether it batches."""
+    values = {f.name: getattr(executor, f.name) for f in fields(executor) if f.name not in ("store", "registry", "gate")}
+    return {**values, "gate": (executor.gate.enforce, type(executor.gate.grants).__name__),
+            "waits": executor.store.waits, "batches": executor.store.batches,
+            "group": None if executor.group is None else (executor.group.max_batch, executor.group.leaders)}
+
+
+def test_the_harness_runs_the_deployed_workers_executor(pg_url: str, search_url: str) -> None:
+    """G2, G3, G4: the Harness decides commands with a command worker's executor and settings."""
+    with Harness(hotel, pg_url, search_url) as harness:
+        _broker, deployed = bootstrap.command_worker(harness.settings.model_copy(update={"app": "cqrskit.examples.hotel:app"}))
+        try:
+            assert type(harness.executor) is type(deployed.executor)
+            assert _configuration(harness.executor) == _configuration(deployed.executor)
+            assert harness.executor.max_batch == harness.settings.group_commit_max  # the one default: Settings'
+            assert harness.executor.group is not None  # group commit, as on a deployed PostgreSQL worker
+            done = harness.send("AddRoom", "r1", {"number": "101", "room_type": "double", "rate_cents": 12000})
+            assert done.status == "succeeded", done.outcome
+        finally:
+            deployed.close()
