@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -26,12 +27,21 @@ TRACING_CPU = "worker CPU per command, tracing on (100 % sampled) vs off"
 TRACING_OFF = "tracing hooks of one command, tracing off"
 
 
+@dataclass
+class Received:
+    exports: int = 0
+    bytes: int = 0
+
+
 @contextmanager
-def otlp_sink() -> Iterator[str]:
-    """An OTLP/HTTP endpoint on 127.0.0.1 that accepts and drops every export."""
+def otlp_sink() -> Iterator[tuple[str, Received]]:
+    """An OTLP/HTTP endpoint on 127.0.0.1 that accepts and drops every export (and counts them)."""
+    received = Received()
+
     class Sink(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers.get("content-length", "0")))
+            received.bytes += len(self.rfile.read(int(self.headers.get("content-length", "0"))))
+            received.exports += 1
             self.send_response(200)
             self.send_header("content-type", "application/x-protobuf")
             self.send_header("content-length", "0")
@@ -44,7 +54,7 @@ def otlp_sink() -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
     finally:
         server.shutdown()
         server.server_close()
@@ -56,7 +66,7 @@ def measure_tracing(pool: Any, count: int, runs: int, drain_once: Callable[..., 
     """Rows of the tracing cost; ``pool``: the bench's ``Workers`` (its database and queue set up)."""
     from cqrskit.producers.commands import CommandProducer, new_command
 
-    with otlp_sink() as endpoint:
+    with otlp_sink() as (endpoint, received):
         on_env = (("OTEL_TRACES_EXPORTER", "otlp"), ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
                   ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"), ("OTEL_TRACES_SAMPLER", "always_on"))
         pools = {"off": pool, "on": dataclasses.replace(pool, extra_env=on_env, py_spy_dir=None)}
@@ -82,7 +92,8 @@ def measure_tracing(pool: Any, count: int, runs: int, drain_once: Callable[..., 
     return [row(TRACING_CPU, 1 / on, "the same workers and commands, tracing off: commands per worker CPU-s", 1 / off,
                 None, f"{count} RegisterCustomer x {runs} rounds, P={pool.processes} T={pool.threads}: "
                 f"{on * 1000:.2f} ms on vs {off * 1000:.2f} ms off per command "
-                f"(+{(on - off) * 1000:.2f} ms, {on / off - 1:+.0%}); spans exported over OTLP/HTTP"),
+                f"(+{(on - off) * 1000:.2f} ms, {on / off - 1:+.0%}); spans exported over OTLP/HTTP: "
+                f"{received.exports} exports, {received.bytes / runs / count:,.0f} bytes per command"),
             row(TRACING_OFF, 1 / hooks, "worker CPU of one command, tracing off (the row above)", 1 / off, None,
                 f"{hooks * 1e6:.2f} µs per command for every hook a command passes through, "
                 f"{hooks / off:.2%} of its {off * 1000:.2f} ms")]

@@ -24,9 +24,13 @@ class InvalidToken(ValueError):
 @dataclass(frozen=True)
 class ConsistencyToken:
     streams: tuple[tuple[str, int], ...]  # (stream id, version), e.g. ("order:o-1", 3)
+    trace: str | None = None  # the W3C traceparent of the command that wrote them (when tracing is on)
 
     def encode(self, secret: str) -> str:
-        payload = _b64(json.dumps({"v": 1, "s": [list(s) for s in self.streams]}, separators=(",", ":")).encode())
+        data: dict[str, object] = {"v": 1, "s": [list(s) for s in self.streams]}
+        if self.trace:
+            data["t"] = self.trace
+        payload = _b64(json.dumps(data, separators=(",", ":")).encode())
         return f"{payload}.{_sign(secret, payload)}"
 
     @classmethod
@@ -43,9 +47,14 @@ class ConsistencyToken:
             streams = tuple(_stream(s, v) for s, v in data["s"])
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise InvalidToken(f"malformed consistency token: {str(exc)[:200]}") from None
-        if data.get("v") != 1 or len(streams) > MAX_STREAMS:
+        trace = data.get("t")
+        if data.get("v") != 1 or len(streams) > MAX_STREAMS or not (trace is None or _is_trace(trace)):
             raise InvalidToken("unsupported consistency token")
-        return cls(streams)
+        return cls(streams, trace)
+
+
+def _is_trace(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 128 and value.isascii() and value.isprintable()
 
 
 def _stream(stream_id: object, version: object) -> tuple[str, int]:

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry.trace import SpanKind
@@ -41,13 +41,16 @@ def _with_headers(message: Any, headers: dict[str, str]) -> Any:
     return dataclasses.replace(message, headers={**(message.headers or {}), **headers})
 
 
-@contextmanager
-def publishing(messages: list[Any], exchange: str) -> Iterator[list[Any]]:
+def publishing(messages: list[Any], exchange: str) -> AbstractContextManager[list[Any]]:
     """A producer span for sending ``messages`` (``OutgoingMessage``s) to ``exchange``; yields
     them with its ``traceparent`` in their headers (the very list when tracing is off)."""
     if not tracing.enabled() or not messages:
-        yield messages
-        return
+        return nullcontext(messages)
+    return _publishing(messages, exchange)
+
+
+@contextmanager
+def _publishing(messages: list[Any], exchange: str) -> Iterator[list[Any]]:
     attributes = {**RABBITMQ, "messaging.operation.type": "send", "messaging.operation.name": "publish",
                   "messaging.destination.name": exchange, "messaging.batch.message_count": len(messages)}
     if len(messages) == 1:
@@ -218,15 +221,42 @@ def index_window(project: Callable[[list[Any]], Any]) -> Callable[[list[Any]], A
 
 
 # -- the query API ----------------------------------------------------------------------------
+def command_trace(conn: Any, positions: list[int]) -> str | None:
+    """The ``traceparent`` of the command that wrote the event at ``positions[0]`` (None when
+    tracing is off or none was recorded): a consistency token carries it, so that the query
+    API's wait for that write links to the command's span."""
+    if not tracing.enabled() or not positions:
+        return None
+    import sqlalchemy as sa
+
+    from cqrskit.infra.schema import events
+
+    metadata = conn.execute(sa.select(events.c.metadata).where(events.c.position == positions[0])).scalar()
+    context = tracing.context_of(metadata)
+    return None if context is None else tracing.headers(context).get("traceparent")
+
+
+def _token_links(side: Any, params: Any) -> list[Any]:
+    from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
+
+    try:
+        token = ConsistencyToken.decode(params.consistent_with, side.secret)
+    except InvalidToken:
+        return []
+    return tracing.links_of([{"traceparent": token.trace}]) if token.trace else []
+
+
 def consistency_wait(wait: Callable[..., Any]) -> Callable[..., Any]:
     """An async read-your-writes wait ``wait(side, model, params)`` in a span saying the read
-    model, how long it waited and whether it timed out (no span when ``params`` asks for none)."""
+    model, how long it waited and whether it timed out (no span when ``params`` asks for none),
+    linked to the span of the command that made the token (``command_trace``)."""
     @functools.wraps(wait)
     async def traced(side: Any, model: Any, params: Any) -> Any:
         if not tracing.enabled() or getattr(params, "consistent_with", None) is None:
             return await wait(side, model, params)
         started, reflected = time.monotonic(), False
-        with tracing.active("consistency wait", attributes={"cqrskit.read_model": model.name}):
+        with tracing.active("consistency wait", links=_token_links(side, params),
+                            attributes={"cqrskit.read_model": model.name}):
             try:
                 result = await wait(side, model, params)
                 reflected = True

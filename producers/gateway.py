@@ -45,7 +45,7 @@ from cqrskit.infra.envelope import IDENTIFIER
 from cqrskit.infra.http_auth import Authenticate, Authentication, current_key, declare_security, server_limits
 from cqrskit.infra.problems import Problem, ProblemError, add_problem_handlers, problem_response, problem_type
 from cqrskit.infra.http_observe import observe
-from cqrskit.infra.tracing_hooks import publishing
+from cqrskit.infra.tracing_hooks import command_trace, publishing
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import read_outcome, stream_versions
 from cqrskit.infra.tokens import ConsistencyToken
@@ -126,7 +126,7 @@ class Gateway:
     def _token(self, conn: sa.Connection, positions: list[int]) -> str:
         """The newest version of every stream the command wrote, signed."""
         streams = stream_versions(conn, positions)
-        return ConsistencyToken(streams).encode(self.settings.token_secret)
+        return ConsistencyToken(streams, command_trace(conn, positions)).encode(self.settings.token_secret)
 
 
 def read_only_engine(url: str) -> Engine:

@@ -197,3 +197,21 @@ def test_a_group_commit_links_to_every_command_and_keeps_each_context_with_its_e
     for event in pg_store.read_all(0):
         span = command_spans[event.metadata["command_id"]]
         assert event.metadata["traceparent"] == _traceparent(span)
+
+
+def test_a_consistency_token_carries_the_commands_trace_and_refuses_a_bad_one() -> None:
+    """G12 and G8: the token of a traced command names its trace (the query API's wait links to
+    it); a token without one, as before, still decodes; a signed token whose trace is not text
+    is refused like any malformed token."""
+    import base64
+
+    from cqrskit.infra.tokens import ConsistencyToken, InvalidToken, _sign
+
+    traced = ConsistencyToken((("customer:c1", 1),), VALID)
+    assert ConsistencyToken.decode(traced.encode("s3cret"), "s3cret") == traced
+    plain = ConsistencyToken((("customer:c1", 1),))
+    assert ConsistencyToken.decode(plain.encode("s3cret"), "s3cret").trace is None
+    payload = base64.urlsafe_b64encode(json.dumps({"v": 1, "s": [["customer:c1", 1]], "t": ["x"]}).encode())
+    payload = payload.rstrip(b"=").decode()
+    with pytest.raises(InvalidToken):
+        ConsistencyToken.decode(f"{payload}.{_sign('s3cret', payload)}", "s3cret")

@@ -210,6 +210,7 @@ def assert_one_trace(receiver: OtlpReceiver, settings: Settings, client: ClientT
     assert under(wait, found["query"].span_id)
     assert wait.attributes["cqrskit.read_model"] == "customers" and wait.attributes["cqrskit.consistency.reflected"]
     assert wait.attributes["cqrskit.consistency.wait_seconds"] >= 0
+    assert (command.trace_id, command.span_id) in wait.links  # the token carried the command's context
 
 
 def assert_logged_with_trace(log: Path, command_id: str, trace_id: str) -> None:
