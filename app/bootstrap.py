@@ -16,7 +16,7 @@ from typing import Any
 import dramatiq
 
 from cqrskit.app.declaration import App
-from cqrskit.infra import tracing
+from cqrskit.infra import defaults, tracing
 from cqrskit.infra.settings import Settings
 from cqrskit.read_models.model import declaration_problems
 from cqrskit.workers.runtime import Runtime
@@ -88,7 +88,7 @@ def runtime(settings: Settings, *, pool_size: int = 8, search_url: str | None = 
 COMMAND_POOL = 8  # connections of a command worker process beyond 2 (and as many again in overflow)
 
 
-def command_worker(settings: Settings, threads: int = 32,
+def command_worker(settings: Settings, threads: int = defaults.COMMAND_THREADS,
                    metrics_server: Callable[[], int] | None = None) -> tuple[dramatiq.Broker, Runtime]:
     """A command worker process: its runtime and its broker (set as the process's broker).
     ``metrics_server``: the Dramatiq fork that serves the group's metrics, when they are on.
@@ -99,7 +99,7 @@ def command_worker(settings: Settings, threads: int = 32,
     return build_command_worker(rt, metrics_server), rt
 
 
-def indexer_worker(settings: Settings, threads: int = 8,
+def indexer_worker(settings: Settings, threads: int = defaults.INDEXER_THREADS,
                    metrics_server: Callable[[], int] | None = None) -> tuple[dramatiq.Broker, Runtime]:
     """An indexer process: its runtime and its broker (set as the process's broker)."""
     tracing.configure("cqrskit-indexer")

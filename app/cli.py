@@ -14,6 +14,7 @@ from rich.table import Table
 
 from cqrskit.app.errors import CliGroup, unknown_variables
 from cqrskit.app.preflight import preflight
+from cqrskit.infra import defaults
 from cqrskit.infra.logs import configure_logging
 from cqrskit.infra.tracing import TracingError, exporter_names
 from cqrskit.infra.settings import DEFAULT_APP, LogFormat, Settings, load_settings
@@ -160,7 +161,7 @@ def outcome(
 def worker(
     ctx: typer.Context,
     processes: Annotated[int, typer.Option("--processes", "-p", help="Worker processes.")] = 1,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process: the commands they hold at once are decided and committed together.")] = 64,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process: the commands they hold at once are decided and committed together.")] = defaults.COMMAND_THREADS,
 ) -> None:
     """Run command workers on the commands queue (Dramatiq), until interrupted.
 

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cqrskit.app.preflight import preflight
+from cqrskit.infra import defaults
 from cqrskit.infra.settings import EMBEDDED_SEARCH, LogFormat, Settings
 
 console = Console()
@@ -72,7 +73,7 @@ def relay(ctx: typer.Context) -> None:
 def indexer(
     ctx: typer.Context,
     processes: Annotated[int, typer.Option("--processes", "-p", help="Indexer processes.")] = 1,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process (they share coalesced windows).")] = 8,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="Threads per process (they share coalesced windows).")] = defaults.INDEXER_THREADS,
     partition: Annotated[Optional[list[int]], typer.Option(
         "--partition", help="Consume only this partition's queue (repeatable; default: every partition, "
                             "of CQRSKIT_INDEXER_PARTITIONS).")] = None,

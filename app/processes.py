@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from cqrskit.app import bootstrap
+from cqrskit.infra import defaults
 from cqrskit.infra.http_auth import server_limits
 from cqrskit.infra.logs import configure_logging
 from cqrskit.infra.settings import Settings, load_settings
@@ -32,12 +33,12 @@ def _threads(default: int) -> int:
 
 def command_worker() -> None:
     """Dramatiq factory: a command worker process (sets the process's broker)."""
-    bootstrap.command_worker(_settings(), threads=_threads(64), metrics_server=worker_metrics_server)
+    bootstrap.command_worker(_settings(), threads=_threads(defaults.COMMAND_THREADS), metrics_server=worker_metrics_server)
 
 
 def indexer_worker() -> None:
     """Dramatiq factory: an indexer process (sets the process's broker)."""
-    bootstrap.indexer_worker(_settings(), threads=_threads(8), metrics_server=worker_metrics_server)
+    bootstrap.indexer_worker(_settings(), threads=_threads(defaults.INDEXER_THREADS), metrics_server=worker_metrics_server)
 
 
 def worker_metrics_server() -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cqrskit.infra import defaults
+
 EMBEDDED_BROKER = "memory://"
 DEFAULT_APP = "cqrskit.examples.shop:app"  # an import string only: the core imports no example
 EMBEDDED_SEARCH = "embedded"
@@ -75,7 +77,7 @@ class Settings(BaseSettings):
         description="number_of_replicas of the read models' indices (unset: 1 on a search server by URL, "
                     "0 embedded).",
     )
-    max_command_bytes: int = Field(default=64 * 1024, gt=0, description="Largest command body accepted.")
+    max_command_bytes: int = Field(default=defaults.MAX_COMMAND_BYTES, gt=0, description="Largest command body accepted.")
     log_format: LogFormat = LogFormat.auto
     log_level: str = "INFO"
 
@@ -124,17 +126,17 @@ class Settings(BaseSettings):
     max_retries: int = Field(default=5, ge=0, description="Retries for infrastructure failures.")
     min_backoff_ms: int = Field(default=500, ge=0)
     max_backoff_ms: int = Field(default=30_000, ge=0)
-    conflict_retries: int = Field(default=30, ge=0, description="In-worker retries on version conflicts.")
+    conflict_retries: int = Field(default=defaults.CONFLICT_RETRIES, ge=0, description="In-worker retries on version conflicts.")
     group_commit_max: int = Field(
-        default=64, ge=1, le=256,
+        default=defaults.GROUP_COMMIT_MAX, ge=1, le=256,
         description="PostgreSQL: most commands a worker process decides and commits in one transaction (1: none).",
     )
     group_commit_leaders: int = Field(
-        default=1, ge=1, description="PostgreSQL: group-commit transactions a worker process runs at once (1: its "
+        default=defaults.GROUP_COMMIT_LEADERS, ge=1, description="PostgreSQL: group-commit transactions a worker process runs at once (1: its "
         "batches never wait for each other's locks; 2 overlaps one batch's commit with the next when commands rarely share aggregates).",
     )
     group_commit_linger_ms: float = Field(
-        default=0.0, ge=0, le=1000,
+        default=defaults.GROUP_COMMIT_LINGER_MS, ge=0, le=1000,
         description="PostgreSQL: how long a batch may wait to fill up before it starts (0: it never waits).",
     )
     group_commit_adaptive_linger_ms: float = Field(

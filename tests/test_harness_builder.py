@@ -35,3 +35,27 @@ def test_the_harness_runs_the_deployed_workers_executor(pg_url: str, search_url:
             assert done.status == "succeeded", done.outcome
         finally:
             deployed.close()
+
+
+def test_each_default_is_written_once() -> None:
+    """G4 and G1 tunables (retries, batch size) mean the same built by hand or by the root: an
+    executor made without Settings takes Settings' defaults, and every entry point takes the
+    same thread counts (cqrskit.infra.defaults)."""
+    import inspect
+
+    from cqrskit.app import processes
+    from cqrskit.infra import defaults
+    from cqrskit.infra.settings import Settings
+
+    settings = Settings()
+    executor_defaults = {f.name: f.default for f in fields(CommandExecutor)}
+    assert executor_defaults["max_bytes"] == settings.max_command_bytes
+    assert executor_defaults["conflict_retries"] == settings.conflict_retries
+    assert executor_defaults["max_batch"] == settings.group_commit_max
+    assert executor_defaults["leaders"] == settings.group_commit_leaders
+    assert executor_defaults["linger"] == settings.group_commit_linger_ms / 1000
+    for entry, default in ((bootstrap.command_worker, defaults.COMMAND_THREADS),
+                           (bootstrap.indexer_worker, defaults.INDEXER_THREADS)):
+        assert inspect.signature(entry).parameters["threads"].default == default
+    assert "defaults.COMMAND_THREADS" in inspect.getsource(processes.command_worker)
+    assert "defaults.INDEXER_THREADS" in inspect.getsource(processes.indexer_worker)

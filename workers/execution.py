@@ -29,6 +29,7 @@ import structlog
 from cqrskit.domain.model import RuleViolation
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.registry import Registry
+from cqrskit.infra import defaults
 from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
@@ -73,11 +74,11 @@ class CommandExecutor:
 
     store: WriteStore
     registry: Registry
-    max_bytes: int = 64 * 1024
-    conflict_retries: int = 30
-    max_batch: int = 32
-    leaders: int = 1
-    linger: float = 0.0
+    max_bytes: int = defaults.MAX_COMMAND_BYTES
+    conflict_retries: int = defaults.CONFLICT_RETRIES
+    max_batch: int = defaults.GROUP_COMMIT_MAX
+    leaders: int = defaults.GROUP_COMMIT_LEADERS
+    linger: float = defaults.GROUP_COMMIT_LINGER_MS / 1000
     adaptive_linger: float = 0.0  # group commit: the bound of its adaptive linger (cqrskit.workers.pacing)
     gate: Gate = field(default_factory=Gate)
 
