@@ -174,9 +174,12 @@ def _exchange_bodies_wrapped(deliveries: Iterator[tuple[Any, Any, Any]], command
         yield method, properties, body
 
 
-def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] | None = None) -> dramatiq.Broker:
+def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] | None = None, *,
+                install: bool = True) -> dramatiq.Broker:
     """The broker for ``settings`` (RabbitMQ with publisher confirms, or the in-process stub),
-    installed as Dramatiq's global broker and encoder. Connects lazily, on first use.
+    installed as Dramatiq's global broker and encoder (``install=False``: the encoder only, for a
+    process that only declares and publishes through this broker, like the relay, and runs no
+    actor). Connects lazily, on first use.
     ``extra_middleware`` goes first: Dramatiq runs ``after_*`` hooks in reverse order, so theirs
     run after Retries has decided whether a message failed."""
     middleware = [
@@ -207,7 +210,8 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
         encoder.brokers.add(broker)
     else:
         dramatiq.set_encoder(CommandEncoder(settings.commands_queue, broker, max_delay_ms=settings.max_backoff_ms + 60_000))
-    dramatiq.set_broker(broker)
+    if install:
+        dramatiq.set_broker(broker)
     return broker
 
 

@@ -59,3 +59,22 @@ def test_each_default_is_written_once() -> None:
         assert inspect.signature(entry).parameters["threads"].default == default
     assert "defaults.COMMAND_THREADS" in inspect.getsource(processes.command_worker)
     assert "defaults.INDEXER_THREADS" in inspect.getsource(processes.indexer_worker)
+
+
+def test_the_relays_broker_leaves_the_process_broker_alone(amqp_settings) -> None:  # type: ignore[no-untyped-def]
+    """G5: the relay declares and publishes through a broker of its own; making it installs no
+    global Dramatiq broker (an actor declared in the same process keeps the broker it was given)."""
+    import dramatiq
+    from dramatiq.brokers.stub import StubBroker
+
+    from cqrskit.workers.relay_outlet import RabbitmqOutlet
+
+    mine = StubBroker()
+    dramatiq.set_broker(mine)
+    outlet = RabbitmqOutlet(amqp_settings)
+    try:
+        outlet._declare()  # the relay's first use: its broker made, queues and exchange declared
+        assert outlet.broker is not None and outlet.broker is not mine
+        assert dramatiq.get_broker() is mine
+    finally:
+        outlet.close()

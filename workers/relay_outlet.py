@@ -75,7 +75,7 @@ class RabbitmqOutlet:
 
     def _declare_locked(self) -> None:
         if self.broker is None:
-            self.broker = make_broker(self.settings)
+            self.broker = make_broker(self.settings, install=False)  # the process's global broker stays its own
         try:
             for partition in indexer_partitions(self.settings):
                 self.broker.declare_queue(partition.queue, ensure=True)
