@@ -17,8 +17,10 @@ leaves it only on purpose.
   ``Awaited``, ``QueryError``);
 - commands from outside: ``CommandEnvelope``, ``new_command``, ``CommandProducer``,
   ``ConsistencyToken``;
-- testing: ``Scenario`` and ``InMemoryStore`` (handlers, no database), ``Harness`` and ``Sent``
-  (the whole pipeline in process).
+- workflows: ``ProcessManager`` and ``Reaction`` (events in, commands and timers out:
+  docs/process-managers.md);
+- testing: ``Scenario`` and ``InMemoryStore`` (handlers, no database), ``ProcessScenario`` (a
+  process manager, no database), ``Harness`` and ``Sent`` (the whole pipeline in process).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cqrskit.app.testing import Harness, Sent
 from cqrskit.domain.evolution import check_golden_events
 from cqrskit.domain.model import Aggregate, Command, Event, RuleViolation, UnregisteredEvent
 from cqrskit.domain.ports import ConcurrencyConflict, HandlerContext
+from cqrskit.domain.process import ProcessManager, ProcessScenario, Reaction
 from cqrskit.domain.reads import ClaimRead, FromTarget, Read, StreamRead
 from cqrskit.domain.registry import Registry, UpcastError, merged
 from cqrskit.domain.testing import InMemoryStore, Scenario
@@ -54,6 +57,8 @@ __all__ = [
     "alias", "bool_query", "bounded_int", "iso", "positions_by_stream", "searchable", "streams_of", "text_keyword",
     # commands from outside
     "CommandEnvelope", "CommandProducer", "ConsistencyToken", "new_command",
+    # workflows (docs/process-managers.md)
+    "ProcessManager", "Reaction",
     # testing
-    "Harness", "InMemoryStore", "Scenario", "Sent",
+    "Harness", "InMemoryStore", "ProcessScenario", "Scenario", "Sent",
 ]

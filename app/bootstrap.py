@@ -77,7 +77,8 @@ def build_runtime(settings: Settings, app: App, *, pool_size: int = 8, search_ur
     write store, command executor, indexer and search client (made lazily, released by
     ``Runtime.close``). Every command worker and indexer, the local pipeline of the demo and the
     ``Harness`` take theirs from here, so they run the same executor with the same settings."""
-    return Runtime(settings, app.registry, app.read_models, pool_size=pool_size, search_url=search_url)
+    return Runtime(settings, app.registry, app.read_models, pool_size=pool_size, search_url=search_url,
+                   process_managers=app.process_managers)
 
 
 def runtime(settings: Settings, *, pool_size: int = 8, search_url: str | None = None) -> Runtime:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cqrskit.domain.process import ProcessManager
 from cqrskit.domain.registry import Registry
 from cqrskit.read_models.model import ReadModel
 
@@ -52,11 +53,21 @@ class App:
     demo: Callable[[int, int], DemoLoad] | None = None
     showcase: Showcase | None = None
     description: str = ""
+    process_managers: Sequence[ProcessManager] = ()  # workflows: events in, commands and timers out
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.read_models]
         if len(set(names)) != len(names):
             raise ValueError(f"app {self.name!r}: two read models share a name ({names})")
+        managers = [m.name for m in self.process_managers]
+        if len(set(managers)) != len(managers):
+            raise ValueError(f"app {self.name!r}: two process managers share a name ({managers})")
+        for manager in self.process_managers:
+            unknown = sorted(set(manager.handlers) - set(self.registry.events))
+            if unknown:
+                raise ValueError(f"app {self.name!r}: process manager {manager.name!r} handles {unknown}, "
+                                 f"which the registry does not know")
+        object.__setattr__(self, "process_managers", tuple(self.process_managers))
         object.__setattr__(self, "read_models", tuple(self.read_models))
         object.__setattr__(self, "queries", tuple(self.queries))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cqrskit.app import bootstrap
@@ -28,6 +29,8 @@ from cqrskit.infra.outcomes import Outcome
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.infra.store import EventStore
 from cqrskit.infra.tokens import ConsistencyToken
+from cqrskit.infra.write_store.port import StoredEvent
+from cqrskit.infra.write_store.reactions import Fired, ReactionStore
 from cqrskit.producers.commands import new_command
 from cqrskit.read_models.indexer import Indexer
 from cqrskit.read_models.indices import alias, ensure
@@ -56,11 +59,14 @@ class Harness:
     prefix, and runs the pipeline step by step (see the module docstring)."""
 
     def __init__(self, app: App, database_url: str, search_url: str = EMBEDDED_SEARCH,
-                 prefix: str | None = None) -> None:
+                 prefix: str | None = None, now: datetime | None = None) -> None:
         self.app = app
         self.settings = Settings(database_url=database_url, elasticsearch_url=search_url,
                                  index_prefix=prefix or f"h{uuid.uuid4().hex[:10]}", token_secret=SECRET)
         self.position = 0
+        self.reacted = 0  # the position the process managers have reacted up to
+        self.now = now or datetime.now(UTC)  # the process managers' clock: moved by ``advance`` only
+        self.fired: list[Fired] = []
 
     def __enter__(self) -> Harness:
         self._search = EmbeddedSearch(self.settings).__enter__()
@@ -70,6 +76,7 @@ class Harness:
         self.store: EventStore = self.runtime.store
         self.executor: CommandExecutor = self.runtime.executor  # the deployed worker's, from the same builder
         self.indexer: Indexer = self.runtime.indexer
+        self.reactions: ReactionStore = self.runtime.reactions  # the process managers' write-store side
         for model in self.app.read_models:
             ensure(self.es, self.engine, self.prefix, model)
         return self
@@ -89,18 +96,62 @@ class Harness:
 
     # -- the command side ------------------------------------------------------------------------
     def send(self, type: str, aggregate_id: str, payload: dict[str, Any], **envelope: Any) -> Sent:
-        """Decide one command now; its outcome (any status) and, when it succeeded, its token."""
+        """Decide one command now; its outcome (any status) and, when it succeeded, its token. The
+        process managers then react to its events at the Harness's clock (``react``)."""
         command = new_command(type, aggregate_id, payload, **envelope)
         outcome = self.executor.execute(command.to_json())
+        self.react()
         token = None
         if outcome.status.value == "succeeded":
             token = ConsistencyToken(self.store.stream_versions(outcome.positions)).encode(SECRET)
         return Sent(outcome, token)
 
+    def events(self, sent: Sent) -> list[StoredEvent]:
+        """The events a command recorded, in order ([] unless it succeeded)."""
+        positions = sent.outcome.positions or []
+        if not positions:
+            return []
+        return [e for e in self.store.read_all(min(positions) - 1, len(positions) * 4 + 100) if e.position in positions]
+
+    # -- the process managers ------------------------------------------------------------------
+    def advance(self, delay: timedelta | float) -> list[Fired]:
+        """Move the process managers' clock forward (seconds, or a timedelta) and run them: the
+        timers then due fire, their commands are decided. No sleep. Returns the timers fired."""
+        self.now += delay if isinstance(delay, timedelta) else timedelta(seconds=delay)
+        before = len(self.fired)
+        self.react()
+        return self.fired[before:]
+
+    def react(self) -> int:
+        """Run the process managers until they are quiet: each new event to the managers that
+        handle it, the timers due at ``now`` fired, the commands sent decided (their events
+        are reacted to in turn). Returns how many commands the managers sent."""
+        sent = 0
+        while True:
+            for event in self._unreacted():
+                for manager in self.reactions.handles(event.type):
+                    self.reactions.react(manager, event, self.now)
+            self.fired += self.reactions.fire_due(self.now)
+            with self.reactions.take_unpublished() as commands:
+                taken = list(commands)
+            for command in taken:
+                self.executor.execute(command.envelope.to_json())
+            sent += len(taken)
+            if not taken and self.reacted >= self.store.last_position():
+                return sent
+
+    def _unreacted(self) -> list[StoredEvent]:
+        found = []
+        while events := self.store.read_all(self.reacted, 500):
+            found += events
+            self.reacted = events[-1].position
+        return found
+
     # -- the read side ---------------------------------------------------------------------------
     def drain(self, batch: int = 500) -> int:
-        """Index every event committed since the last drain; make the documents searchable.
-        Returns how many events were indexed."""
+        """Run the process managers (``react``), then index every event committed since the last
+        drain and make the documents searchable. Returns how many events were indexed."""
+        self.react()
         indexed = 0
         while events := self.store.read_all(self.position, batch):
             self.indexer.index_events([EventMessage.from_stored(e).model_dump(mode="json") for e in events])

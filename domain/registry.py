@@ -37,6 +37,7 @@ class Registry:
         self.handlers: dict[str, Handler] = {}
         self.reads: dict[str, Reads] = {}
         self.upcasters: dict[tuple[str, int], Upcaster] = {}
+        self.internal: set[str] = set()  # command types only process managers send
 
     def event(self, cls: E) -> E:
         """Class decorator: register an event type under ``cls.type``. Only registered event types
@@ -48,15 +49,19 @@ class Registry:
         type.__setattr__(cls, "__cqrskit_registered__", True)
         return cls
 
-    def command(self, handler: Handler, *, reads: Reads | None = None) -> Callable[[C], C]:
+    def command(self, handler: Handler, *, reads: Reads | None = None, internal: bool = False) -> Callable[[C], C]:
         """Class decorator: register a command type and the handler that decides it. ``reads``
-        (optional): what the handler will read, declared ahead (``cqrskit.domain.reads``)."""
+        (optional): what the handler will read, declared ahead (``cqrskit.domain.reads``).
+        ``internal``: only the app's process managers send it; the gateway and the AMQP entry
+        refuse it from producers (``invalid``, "internal command")."""
 
         def register(cls: C) -> C:
             _register(self.commands, cls.type, cls)
             self.handlers[cls.type] = handler
             if reads is not None:
                 self.reads[cls.type] = reads
+            if internal:
+                self.internal.add(cls.type)
             return cls
 
         return register
@@ -144,7 +149,7 @@ def merged(*parts: Registry) -> Registry:
         for cls in part.events.values():
             registry.event(cls)
         for name, cls in part.commands.items():
-            registry.command(part.handlers[name], reads=part.reads.get(name))(cls)
+            registry.command(part.handlers[name], reads=part.reads.get(name), internal=name in part.internal)(cls)
         for (event_type, version), fn in part.upcasters.items():
             registry.upcaster(event_type, version)(fn)
     return registry

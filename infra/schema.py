@@ -150,3 +150,57 @@ api_keys = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("revoked_at", Timestamp, nullable=True),
 )
+
+# -- process managers (revision 0006, G13) -----------------------------------------------------
+# process_instances: each instance's state, versioned (a reaction moves it from the version it
+# read). process_handled: the events each manager has reacted to (the guard: a redelivered event
+# changes nothing). process_outbox: the commands reactions sent, with their derived ids, until the
+# publisher has them confirmed by the broker. process_timers: one row per pending timer (a timer
+# set again replaces its row; fired or cancelled, it is deleted). All written in the reaction's
+# one transaction. The event consumers' checkpoints are rows of relay_checkpoints.
+process_instances = sa.Table(
+    "process_instances",
+    metadata,
+    sa.Column("manager", sa.String(100), primary_key=True),
+    sa.Column("instance_key", sa.String(300), primary_key=True),
+    sa.Column("state", Json, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+process_handled = sa.Table(
+    "process_handled",
+    metadata,
+    sa.Column("manager", sa.String(100), primary_key=True),
+    sa.Column("event_id", sa.String(64), primary_key=True),
+    sa.Column("handled_at", Timestamp, nullable=False),
+)
+
+process_outbox = sa.Table(
+    "process_outbox",
+    metadata,
+    sa.Column("command_id", sa.String(128), primary_key=True),
+    sa.Column("manager", sa.String(100), nullable=False),
+    sa.Column("instance_key", sa.String(300), nullable=False),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("aggregate_id", sa.String(200), nullable=False),
+    sa.Column("payload", Json, nullable=False),
+    sa.Column("correlation_id", sa.String(128), nullable=True),
+    sa.Column("causation_id", sa.String(128), nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("published_at", Timestamp, nullable=True),
+    sa.Index("ix_process_outbox_published_at", "published_at"),
+)
+
+process_timers = sa.Table(
+    "process_timers",
+    metadata,
+    sa.Column("manager", sa.String(100), primary_key=True),
+    sa.Column("instance_key", sa.String(300), primary_key=True),
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("timer_id", sa.String(64), nullable=False),
+    sa.Column("due_at", Timestamp, nullable=False),
+    sa.Column("set_at", Timestamp, nullable=False),
+    sa.Column("correlation_id", sa.String(128), nullable=True),
+    sa.Index("ix_process_timers_due_at", "due_at"),
+)

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cqrskit.domain.process import COMMAND_ID_PREFIX
 from cqrskit.domain.registry import Registry, UnknownType
 from cqrskit.infra.envelope import CommandEnvelope
 
@@ -79,6 +80,11 @@ class InvalidCommand(Exception):
         self.reason, self.errors, self.envelope, self.document = reason, errors, envelope, document
 
 
+class ReservedCommandId(InvalidCommand):
+    """A command id of the process managers' own (``pm:...``) on a command no reaction sent: never
+    recorded (its outcome would take the id from the command a reaction will send), dead-lettered."""
+
+
 class CommandTooLarge(InvalidCommand):
     def __init__(self, size: int | str, limit: int) -> None:
         reason = f"command of {size} bytes exceeds CQRSKIT_MAX_COMMAND_BYTES={limit}"
@@ -91,8 +97,12 @@ class ValidCommand:
     command: BaseModel
 
 
-def validate_command(body: bytes, registry: Registry, max_bytes: int) -> ValidCommand:
-    """``body`` checked as a command of ``registry``: the envelope and the command, or InvalidCommand."""
+def validate_command(body: bytes, registry: Registry, max_bytes: int,
+                     sent_internally: Callable[[CommandEnvelope], bool] | None = None) -> ValidCommand:
+    """``body`` checked as a command of ``registry``: the envelope and the command, or InvalidCommand.
+    An internal command type (``Registry.command(..., internal=True)``), or a command id with the
+    process managers' prefix, passes only when ``sent_internally`` vouches for the envelope (a
+    reaction sent it: the command workers ask the outbox; the gateway vouches for nothing)."""
     if len(body) > max_bytes:
         raise CommandTooLarge(len(body), max_bytes)
     try:
@@ -117,7 +127,22 @@ def validate_command(body: bytes, registry: Registry, max_bytes: int) -> ValidCo
     except ValidationError as exc:
         errors = field_errors(exc, ["payload"], pointer=True)
         raise InvalidCommand(f"invalid payload for {envelope.type}", errors, envelope=envelope) from None
+    _refuse_internal(envelope, registry, sent_internally)
     return ValidCommand(envelope, command)
+
+
+def _refuse_internal(envelope: CommandEnvelope, registry: Registry,
+                     sent_internally: Callable[[CommandEnvelope], bool] | None) -> None:
+    reserved = envelope.command_id.startswith(COMMAND_ID_PREFIX)
+    if not reserved and envelope.type not in registry.internal:
+        return
+    if sent_internally is not None and sent_internally(envelope):
+        return
+    if reserved:
+        reason = f"command ids starting with {COMMAND_ID_PREFIX!r} are the process managers' own"
+        raise ReservedCommandId(reason, [FieldError.at(["command_id"], reason, "reserved_id", pointer=True)])
+    reason = f"internal command: {envelope.type} is sent only by the app's process managers"
+    raise InvalidCommand(reason, [FieldError.at(["type"], reason, "internal_command", pointer=True)], envelope=envelope)
 
 
 def lone_surrogate_errors(body: bytes) -> list[FieldError]:

@@ -97,19 +97,21 @@ def request_body(ref: str) -> dict[str, Any]:
 
 def document(app: FastAPI, registry: Registry) -> dict[str, Any]:
     """The OpenAPI document: the request body is one of the registry's command types, each the
-    envelope's own JSON Schema with that type and its payload's schema."""
+    envelope's own JSON Schema with that type and its payload's schema. Internal command types
+    (sent only by process managers) are left out: the gateway refuses them."""
     if app.openapi_schema is None:
+        public = {name: model for name, model in registry.commands.items() if name not in registry.internal}
         spec = get_openapi(title=app.title, version=app.version, description=app.description,
                            routes=app.routes)
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
         models = {"CommandEnvelope": CommandEnvelope, "Problem": GatewayProblem,
-                  **{model.__name__: model for model in registry.commands.values()}}
+                  **{model.__name__: model for model in public.values()}}
         for name, model in models.items():
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
             schemas[name] = schema
         mapping = {}
-        for name, model in sorted(registry.commands.items()):
+        for name, model in sorted(public.items()):
             variant = copy.deepcopy(schemas["CommandEnvelope"])
             variant["title"] = f"{name} command"
             variant["properties"]["type"] = {"const": name, "type": "string"}

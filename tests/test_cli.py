@@ -82,7 +82,7 @@ def test_setup_is_idempotent_and_send_file_is_confirmed_by_rabbitmq(amqp_setting
     for _ in range(2):
         result = invoke("setup", env=env)
         assert result.exit_code == 0, result.output
-        assert "write store at revision 0005" in result.output
+        assert "write store at revision 0006" in result.output
     file = tmp_path / "commands.jsonl"
     envelopes = [new_command("RenameCustomer", f"c{i}", {"name": f"N{i}"}) for i in range(300)]
     file.write_text("".join(e.to_json().decode() + "\n" for e in envelopes))

@@ -58,8 +58,9 @@ def test_registry_holds_every_shop_type() -> None:
     assert set(registry.commands) == {
         "RegisterCustomer", "RenameCustomer", "ChangeCustomerEmail",
         "AddProduct", "ChangeProductPrice", "RestockProduct",
-        "PlaceOrder", "PayOrder", "ShipOrder", "CancelOrder",
+        "PlaceOrder", "PayOrder", "ShipOrder", "CancelOrder", "CancelUnpaidOrder",
     }  # fmt: skip
+    assert registry.internal == {"CancelUnpaidOrder"}  # sent only by the payment deadline
     assert set(registry.events) == {
         "CustomerRegistered", "CustomerRenamed", "CustomerEmailChanged",
         "ProductAdded", "ProductPriceChanged", "ProductRestocked", "StockReserved", "StockReleased",

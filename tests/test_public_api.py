@@ -22,7 +22,8 @@ SURFACE = {
     "QueryFunction", "QueryModel", "Range", "ReadModel", "Searchable", "Term", "View", "When", "WriteStoreSource",
     "alias", "bool_query", "bounded_int", "iso", "positions_by_stream", "searchable", "streams_of", "text_keyword",
     "CommandEnvelope", "CommandProducer", "ConsistencyToken", "new_command",
-    "Harness", "InMemoryStore", "Scenario", "Sent",
+    "ProcessManager", "Reaction",
+    "Harness", "InMemoryStore", "ProcessScenario", "Scenario", "Sent",
 }
 
 

@@ -21,6 +21,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,8 @@ from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.tracing_hooks import group_commit, traced_metadata
-from cqrskit.infra.validation import CommandTooLarge, InvalidCommand, ValidCommand, safe_text, validate_command
+from cqrskit.infra.validation import (CommandTooLarge, InvalidCommand, ReservedCommandId, ValidCommand, safe_text,
+                                     validate_command)
 from cqrskit.infra.write_store.port import Decision, UnitOfWork, WriteStore
 from cqrskit.workers.admission import Gate
 from cqrskit.workers.group_commit import GroupCommit, Pending
@@ -81,6 +83,7 @@ class CommandExecutor:
     linger: float = defaults.GROUP_COMMIT_LINGER_MS / 1000
     adaptive_linger: float = 0.0  # group commit: the bound of its adaptive linger (cqrskit.workers.pacing)
     gate: Gate = field(default_factory=Gate)
+    sent_internally: Callable[[CommandEnvelope], bool] | None = None  # process managers' commands (the outbox)
 
     def __post_init__(self) -> None:
         grouped = self.store.batches and self.max_batch > 1
@@ -108,7 +111,9 @@ class CommandExecutor:
     # -- reading the body -------------------------------------------------------------------
     def _parse(self, body: bytes) -> Outcome | ValidCommand:
         try:
-            return validate_command(body, self.registry, self.max_bytes)
+            return validate_command(body, self.registry, self.max_bytes, self.sent_internally)
+        except ReservedCommandId as exc:
+            raise BadCommand(exc.reason) from None
         except InvalidCommand as exc:
             errors = [error.record() for error in exc.errors]
             if exc.envelope is not None:

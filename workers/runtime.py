@@ -9,11 +9,13 @@ from functools import cached_property
 from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
+from cqrskit.domain.process import ProcessManager
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.grants import ProducerGrants
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import EventStore, Waits
+from cqrskit.infra.write_store.reactions import ReactionStore
 from cqrskit.read_models.indexer import Indexer
 from cqrskit.read_models.model import ReadModel
 from cqrskit.read_models.search import make_client
@@ -32,6 +34,7 @@ class Runtime:
     read_models: Sequence[ReadModel]
     pool_size: int = 8
     search_url: str | None = None  # where the embedded search server listens, when there is one
+    process_managers: Sequence[ProcessManager] = ()
 
     @cached_property
     def engine(self) -> Engine:
@@ -55,7 +58,13 @@ class Runtime:
             adaptive_linger=self.settings.group_commit_adaptive_linger_ms / 1000,
             gate=Gate(ProducerGrants(self.engine, ttl=self.settings.grants_ttl_seconds),
                       enforce=self.settings.producer_grants),
+            sent_internally=self.reactions.sent_internally,  # internal commands: only from the outbox
         )
+
+    @cached_property
+    def reactions(self) -> ReactionStore:
+        """The process managers' side of the write store (state, handled events, outbox, timers)."""
+        return ReactionStore(self.engine, self.registry, self.process_managers)
 
     @cached_property
     def search(self) -> Elasticsearch:

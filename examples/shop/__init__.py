@@ -9,6 +9,7 @@ from __future__ import annotations
 from cqrskit.app.api import App
 from cqrskit.examples.shop.domain import registry
 from cqrskit.examples.shop.load import ShopLoad
+from cqrskit.examples.shop.payments import payment_deadline
 from cqrskit.examples.shop.queries import FUNCTIONS
 from cqrskit.examples.shop.read_models import SHOP_READ_MODELS
 from cqrskit.examples.shop.showcase import showcase
@@ -19,5 +20,6 @@ def demo_load(size: int, seed: int) -> ShopLoad:
 
 
 app = App("shop", registry, read_models=SHOP_READ_MODELS, queries=FUNCTIONS, demo=demo_load,
-          showcase=showcase, description="A small shop: customers, products, orders.")
+          showcase=showcase, description="A small shop: customers, products, orders.",
+          process_managers=(payment_deadline,))
 

@@ -13,6 +13,9 @@ Rules:
   concurrency (G4). One order names a sku at most once (refused at validation).
 - CancelOrder records OrderCancelled and gives each line's reservation back with StockReleased
   on the product's stream. A paid order may be cancelled; refunds are outside this domain.
+- CancelUnpaidOrder (internal: only the payment deadline, ``cqrskit.examples.shop.payments``,
+  sends it) does the same to an order still unpaid, and is rejected once the order was paid,
+  shipped or cancelled: a payment that won the race is never undone.
 """
 
 from __future__ import annotations
@@ -165,8 +168,19 @@ def ship_order(command: ShipOrder, order_id: str, ctx: HandlerContext) -> None:
 def cancel_order(command: CancelOrder, order_id: str, ctx: HandlerContext) -> None:
     order = ctx.load(Order, order_id)
     order.cancel(command.reason)
+    _release_stock(ctx, order)
+
+
+def cancel_unpaid_order(command: CancelUnpaidOrder, order_id: str, ctx: HandlerContext) -> None:
+    order = ctx.load(Order, order_id)
+    order.require_status("cancel unpaid", "placed")
+    order.cancel(command.reason)
+    _release_stock(ctx, order)
+
+
+def _release_stock(ctx: HandlerContext, order: Order) -> None:
     for line in order.state.lines:
-        ctx.load(Product, line.product_id).release(order_id, line.quantity)
+        ctx.load(Product, line.product_id).release(order.id, line.quantity)
 
 
 class RequestedLine(BaseModel):
@@ -216,3 +230,10 @@ class CancelOrder(Command):
     type = "CancelOrder"
     aggregate = Order
     reason: Annotated[MultiLine, Field(max_length=500)] = ""
+
+
+@registry.command(cancel_unpaid_order, reads=cancel_order_reads, internal=True)
+class CancelUnpaidOrder(Command):
+    type = "CancelUnpaidOrder"
+    aggregate = Order
+    reason: Annotated[MultiLine, Field(max_length=500)] = "not paid in time"
