@@ -16,8 +16,11 @@ from cqrskit.workers.execution import CommandExecutor
 def _configuration(executor: CommandExecutor) -> dict[str, object]:
     """What decides how an executor runs commands: every field but the store and the registry
     (process resources), plus the store's lock waits and whether it batches."""
-    values = {f.name: getattr(executor, f.name) for f in fields(executor) if f.name not in ("store", "registry", "gate")}
+    resources = ("store", "registry", "gate", "sent_internally")
+    values = {f.name: getattr(executor, f.name) for f in fields(executor) if f.name not in resources}
+    vouch = executor.sent_internally
     return {**values, "gate": (executor.gate.enforce, type(executor.gate.grants).__name__),
+            "sent_internally": None if vouch is None else vouch.__qualname__,  # internal commands: the outbox's word
             "waits": executor.store.waits, "batches": executor.store.batches,
             "group": None if executor.group is None else (executor.group.max_batch, executor.group.leaders)}
 
