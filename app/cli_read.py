@@ -161,21 +161,50 @@ def _print_snapshots(reports: list, show: int) -> None:  # type: ignore[type-arg
 
 def rebuild(
     ctx: typer.Context,
-    read_model: Annotated[str, typer.Argument(help="A read model of the app (cqrskit status lists them).")],
+    read_model: Annotated[Optional[str], typer.Argument(  # noqa: UP007 - typer reads Optional
+        help="A read model of the app (cqrskit status lists them); none: list the drifted ones.")] = None,
+    drifted: Annotated[bool, typer.Option("--drifted", help="Rebuild every read model whose live index differs "
+                                                            "from its declaration (mapping, projection_version).")] = False,
 ) -> None:
     """Build a new index from the write store while live indexing goes on, then swap the alias.
+    Without a name, list the read models whose mapping or projection_version changed since their
+    index was built, with the command that fixes each.
 
     Example: cqrskit rebuild bookings
     """
+    from cqrskit.read_models.indices import mapping_drift, projection_drift
+
+    if read_model is not None and drifted:
+        raise typer.BadParameter("give a read model or --drifted, not both")
+    with read_side(ctx.obj, "rebuild") as rt:
+        if read_model is not None:
+            return _rebuild_one(ctx.obj, rt, _model(ctx.obj, read_model))
+        drift = {m.name: mapping_drift(rt.search, ctx.obj.index_prefix, m)
+                 + projection_drift(rt.search, ctx.obj.index_prefix, m) for m in rt.read_models}
+        if drifted:
+            for model in rt.read_models:
+                if drift[model.name]:
+                    _rebuild_one(ctx.obj, rt, model)
+            return None
+    table = Table("read model", "live index", "fix")
+    for name, found in drift.items():
+        table.add_row(escape(name), escape("; ".join(found)) or "as declared",
+                      f"cqrskit rebuild {escape(name)}" if found else "")
+    console.print(table)
+    if any(drift.values()):
+        console.print("cqrskit rebuild --drifted rebuilds each of them")
+    return None
+
+
+def _rebuild_one(settings: Settings, rt, model) -> None:  # type: ignore[no-untyped-def]
     from cqrskit.read_models.rebuild import rebuild as run_rebuild
     from cqrskit.read_models.search import replicas_of
 
-    model = _model(ctx.obj, read_model)
-    columns = (TextColumn(f"rebuilding {read_model}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with read_side(ctx.obj, "rebuild") as rt, Progress(*columns, console=console) as progress:
+    columns = (TextColumn(f"rebuilding {model.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
         task = progress.add_task("rebuild", total=None)
-        report = run_rebuild(rt.engine, rt.registry, rt.search, ctx.obj.index_prefix, model,
-                             replicas=replicas_of(ctx.obj), on_total=lambda n: progress.update(task, total=n),
+        report = run_rebuild(rt.engine, rt.registry, rt.search, settings.index_prefix, model,
+                             replicas=replicas_of(settings), on_total=lambda n: progress.update(task, total=n),
                              on_progress=lambda n: progress.advance(task, n))
     console.print(f"{report.read_model}: {report.documents} documents into {report.index} in {report.seconds:.1f} s; "
                   f"alias swapped, replaced {', '.join(report.replaced) or 'nothing'}"

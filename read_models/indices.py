@@ -79,7 +79,16 @@ def create_index(es: Elasticsearch, index: str, model: ReadModel, aliases: dict,
     """The index with the model's mappings, and ``aliases``, in one request. ``replicas``:
     ``number_of_replicas`` (default: that of ``model.SETTINGS``, 0)."""
     settings = SETTINGS if replicas is None else {**SETTINGS, "number_of_replicas": replicas}
-    es.indices.create(index=index, mappings=model.mappings, settings=settings, aliases=aliases)
+    meta = {**model.mappings.get("_meta", {}), "cqrskit": {"projection_version": projection_version(model)}}
+    es.indices.create(index=index, mappings={**model.mappings, "_meta": meta}, settings=settings, aliases=aliases)
+
+
+def projection_version(model: ReadModel) -> int:
+    """The model's ``projection_version`` (default 1). Raises ValueError unless it is an int >= 1."""
+    version = getattr(model, "projection_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"read model {model.name!r}: projection_version must be an int >= 1, got {version!r}")
+    return version
 
 
 def error_type(exc: ApiError) -> str | None:
@@ -107,6 +116,16 @@ def mapping_drift(es: Elasticsearch, prefix: str, model: ReadModel) -> list[str]
             elif have[path] != kind:
                 found.append(f"field {path!r} is {have[path]}, declared {kind}")
     return sorted(set(found))
+
+
+def projection_drift(es: Elasticsearch, prefix: str, model: ReadModel) -> list[str]:
+    """The live index was built by another ``projection_version`` than ``model`` declares (its
+    documents are valid but computed the old way; a rebuild computes them anew). An index made
+    before versions were recorded counts as version 1. Empty: same version, or no live index."""
+    live = es.indices.get_mapping(index=alias(prefix, model.name), ignore_unavailable=True, allow_no_indices=True)
+    declared = projection_version(model)
+    built = {m["mappings"].get("_meta", {}).get("cqrskit", {}).get("projection_version", 1) for m in live.values()}
+    return [f"built by projection_version {v}, declared {declared}" for v in sorted(built) if v != declared]
 
 
 def drift_line(prefix: str, model: str, drift: list[str]) -> str:

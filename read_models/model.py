@@ -47,7 +47,9 @@ class ReadModel(Protocol):
     ``mappings``, ``affected`` and ``build`` (required), and the optional declarations
     ``queries`` (``cqrskit.read_models.queryable.Queries``: its searches, the query API's routes),
     ``reflects`` (stream type -> ``HELD`` or ``FRESH``, for read-your-writes; default: it holds
-    its own stream type) and ``lookups`` (``(stream type, state field)`` pairs that its fan-out
+    its own stream type), ``projection_version`` (an int, default 1: bump it when ``build``
+    computes other documents from the same events; the live index records the version it was
+    built with, and a difference is drift that ``cqrskit rebuild`` offers to fix) and ``lookups`` (``(stream type, state field)`` pairs that its fan-out
     finds aggregates by: ``cqrskit setup`` indexes them). Any other public, non-callable class
     attribute is refused when the app is resolved (a misspelt ``querys`` is one line at start-up,
     not a declaration silently ignored): see ``declaration_problems``."""
@@ -59,6 +61,7 @@ class ReadModel(Protocol):
     queries: ClassVar[Any]  # a cqrskit.read_models.queryable.Queries, or None
     reflects: ClassVar[dict[str, str]]
     lookups: ClassVar[Sequence[tuple[str, str]]]
+    projection_version: ClassVar[int]
 
     def affected(self, source: WriteStoreSource, events: list[dict[str, Any]]) -> dict[str, list[int]]:
         """Document ids touched by ``events`` (wire-format dicts), each with the positions that touched it."""
@@ -70,7 +73,7 @@ class ReadModel(Protocol):
 
 
 REQUIRED = ("name", "stream_type", "id_field", "mappings", "affected", "build")
-OPTIONAL = ("queries", "reflects", "lookups")
+OPTIONAL = ("queries", "reflects", "lookups", "projection_version")
 
 
 def declaration_problems(model: Any) -> list[str]:
