@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import json
+import re
 import secrets
 import ssl
 import subprocess
@@ -106,8 +107,8 @@ class EsFront:
     request forwarded). Use as a context manager; ``url`` is where to connect."""
 
     def __init__(self, upstream: str, *, certificates: Certificates | None = None,
-                 roles: dict[str, dict[str, Any]] | None = None) -> None:
-        self.upstream, self.roles = upstream.rstrip("/"), roles
+                 roles: dict[str, dict[str, Any]] | None = None, major: int | None = None) -> None:
+        self.upstream, self.roles, self.major = upstream.rstrip("/"), roles, major
         self.keys: dict[str, tuple[str, str, str]] = {}  # id -> (secret, role, name)
         self.users: dict[str, tuple[str, str]] = {}  # user -> (password, role)
         self.records: list[Recorded] = []
@@ -150,6 +151,22 @@ class EsFront:
                 if fault.times > 0 and fault.matches(method, path):
                     fault.times -= 1
                     return fault
+        return None
+
+    def media_type_error(self, headers: dict[str, str]) -> dict[str, Any] | None:
+        """As a cluster of major ``self.major`` answers a ``compatible-with`` it does not speak (an
+        8.x cluster and a 9.x client's default headers)."""
+        for name in ("accept", "content-type"):
+            found = re.search(r"compatible-with=(\d+)", headers.get(name, ""))
+            if self.major is not None and found and int(found[1]) not in (self.major, self.major - 1):
+                reason = (f"{'Accept' if name == 'accept' else 'Content-Type'} version must be either version "
+                          f"{self.major} or {self.major - 1}, but found {found[1]}. "
+                          f"{'Accept' if name == 'accept' else 'Content-Type'}={headers[name]}")
+                cause = {"type": "media_type_header_exception", "reason": "Invalid media-type value on headers "
+                         f"[{name.title()}]"}
+                return {"error": {"root_cause": [cause], "type": "media_type_header_exception",
+                                  "reason": cause["reason"], "caused_by": {"type": "status_exception",
+                                                                           "reason": reason}}, "status": 400}
         return None
 
     # -- security ----------------------------------------------------------------------------
@@ -281,6 +298,9 @@ def _handler(front: EsFront) -> type[BaseHTTPRequestHandler]:
                               {k.lower(): v for k, v in self.headers.items()}, body, None)
             with front._lock:
                 front.records.append(record)
+            refused = front.media_type_error(record.headers)
+            if refused is not None:
+                return self.answer(record, 400, refused)
             principal, role = front.authenticate(self.headers.get("authorization"))
             record.principal = principal
             if principal is None:
