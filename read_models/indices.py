@@ -158,15 +158,18 @@ def begin_build(es: Elasticsearch, engine: Engine, prefix: str, model: ReadModel
 
 
 def finish_build(es: Elasticsearch, engine: Engine, prefix: str, model: str, index: str) -> list[str]:
-    """Swap the live alias to ``index`` in one atomic alias update, then delete the old indices.
-    Returns the deleted index names."""
+    """Swap the live alias to ``index`` in one atomic alias update that reads nothing first (the
+    alias leaves every generation of the model, whichever holds it at that instant, and joins
+    ``index``), then delete the generations no alias points at any more. Returns the deleted names."""
     live = alias(prefix, model)
-    old = [name for name in es.indices.get_alias(name=live, ignore_unavailable=True)] if es.indices.exists_alias(
-        name=live) else []
-    actions = [{"remove": {"index": name, "alias": live}} for name in old]
-    actions += [{"add": {"index": index, "alias": live}}, {"remove": {"index": index, "alias": next_alias(prefix, model)}}]
-    es.indices.update_aliases(actions=actions)
+    es.indices.update_aliases(actions=[
+        {"remove": {"index": f"{live}-v*", "alias": live, "must_exist": False}},
+        {"add": {"index": index, "alias": live}},
+        {"remove": {"index": index, "alias": next_alias(prefix, model)}}])
     _record(engine, model, {index: LIVE}, replace=True)
+    generations = es.indices.get_alias(index=f"{live}-v*", ignore_unavailable=True, allow_no_indices=True)
+    old = sorted(name for name, entry in generations.items() if name != index and not entry.get("aliases")
+                 and name.rsplit("-v", 1)[-1].isdigit())
     for name in old:
         es.indices.delete(index=name, ignore_unavailable=True)
     return old
