@@ -138,6 +138,36 @@ def run_relay(settings: Settings) -> None:
         tracing.shutdown()  # the last spans are exported
 
 
+def run_process_managers(settings: Settings, partition: int = 0, partitions: int = 1) -> None:
+    """Run the app's process managers (``cqrskit process-managers``) until SIGTERM or SIGINT: this
+    partition's events, every due timer, the outbox. Needs RabbitMQ (the commands go to the
+    commands exchange); never migrates the write store. Raises ValueError for a bad partition."""
+    import signal
+    import threading
+
+    from cqrskit.read_models.partitions import Partition
+    from cqrskit.workers.process_managers import CommandOutlet, ProcessManagers
+
+    if settings.embedded_broker:
+        raise ValueError("the process-managers process needs a real broker: set CQRSKIT_BROKER_URL=amqp://...")
+    chosen = Partition(partition, partitions)
+    app = app_of(settings)
+    if not app.process_managers:
+        raise ValueError(f"the app {app.name!r} declares no process managers (App(..., process_managers=(...)))")
+    rt = build_runtime(settings, app, pool_size=4)
+    outlet = CommandOutlet(settings.broker_url, settings.commands_exchange)
+    process = ProcessManagers(rt.engine, rt.reactions, outlet, chosen)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        process.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        outlet.close()
+        rt.close()
+
+
 def gateway_app(settings: Settings) -> Any:
     """The HTTP command gateway of ``settings``, authenticated as ``app.security`` decides (raises
     ``Insecure`` when it would serve real services without authentication)."""

@@ -330,3 +330,4 @@ register_ops(app)
 register_dev(app)
 register_events(app)
 register_security(app)
+from cqrskit.app.cli_flow import register as register_flow; register_flow(app)  # noqa: E402, E702

@@ -351,9 +351,10 @@ class Lease:
 
 
 # -- reading the write store -----------------------------------------------------------------
-def read_checkpoint(conn: Connection) -> tuple[int, int]:
+def read_checkpoint(conn: Connection, name: str = NAME) -> tuple[int, int]:
+    """The checkpoint row ``name`` (the relay's; the process managers' partitions keep theirs here too)."""
     row = conn.execute(sa.select(relay_checkpoints.c.tx_id, relay_checkpoints.c.position)
-                       .where(relay_checkpoints.c.name == NAME)).first()
+                       .where(relay_checkpoints.c.name == name)).first()
     return (0, 0) if row is None else (row.tx_id, row.position)
 
 

@@ -73,13 +73,18 @@ class ReactionStore:
         return [m for m in self.managers.values() if event_type in m.handlers]
 
     # -- reacting to an event ---------------------------------------------------------------
+    def instance_key(self, manager: ProcessManager, stored: StoredEvent) -> str:
+        """The key of the instance of ``manager`` that ``stored`` belongs to."""
+        event = self.registry.decode_event(stored.type, stored.schema_version, stored.data)
+        return manager.key_of(event, stored.stream_id.partition(":")[2])
+
     def react(self, manager: ProcessManager, stored: StoredEvent, now: datetime | None = None) -> bool:
         """``manager``'s reaction to ``stored``, committed with its handled record. False when
         that event was handled already (nothing written). Raises ConcurrencyConflict (the
         instance moved meanwhile: react again) and whatever the handler raises (nothing written)."""
         now = now or datetime.now(UTC)
         event = self.registry.decode_event(stored.type, stored.schema_version, stored.data)
-        key = manager.key_of(event, stored.stream_id.partition(":")[2])
+        key = manager.key_of(event, stored.stream_id.partition(":")[2])  # as instance_key says
         correlation = (stored.metadata or {}).get("correlation_id")
         with self._begin() as conn:
             if not self._mark_handled(conn, manager.name, stored.event_id, now):
