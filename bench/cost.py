@@ -211,10 +211,15 @@ def search_cost(stack: Any, index: str, order_ids: list[str], osmem_pid: int, co
     return used_seconds(before, snapshot({"osmem": [osmem_pid]}, ""))["osmem"] * 1000 / count
 
 
-def drain(stack: Any, watcher: Watcher, orders: Orders, count: int) -> list[Sent]:
+def drain(stack: Any, watcher: Watcher, orders: Orders, count: int, out: dict[str, Any]) -> list[Sent]:
+    """``count`` orders published at once; ``out["committed"]``: commands/s from the first publish
+    until every outcome was recorded (the command drain, beside the one-row commit rate)."""
     commands = [orders.place() for _ in range(count)]
+    started = time.monotonic()
     for start_at in range(0, count, 1000):
         send(stack, watcher, commands[start_at:start_at + 1000])
+    stack.write_store.wait_for_outcomes([s.command_id for _, s in commands], timeout=600)
+    out["committed"] = count / (time.monotonic() - started)
     return [s for _, s in commands]
 
 
@@ -269,7 +274,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 out["points"].append(point)
                 console.log(f"cost: {_point_text(point)}")
                 time.sleep(1.0)
-            point = measure(stack, watcher, lambda: drain(stack, watcher, orders, args.drain), 0.0, roots, database,
+            point = measure(stack, watcher, lambda: drain(stack, watcher, orders, args.drain, out), 0.0, roots, database,
                             per_search=per_search)
             out["points"].append(point)
             console.log(f"cost: {_point_text(point)}")
@@ -341,8 +346,11 @@ def verdict(out: dict[str, Any]) -> Table:
         table.add_row("the same without RabbitMQ (shared) and the bench's searches", f"{at50.ours:.2f}",
                       f"drain {drained.ours:.2f}", f"{at50.ours / drained.ours:.2f}x", "<= 2x")
         table.add_row("publish -> searchable p50 at 50/s", f"{at50.p50 * 1000:,.0f} ms", "", "", "<= 100 ms")
-    table.add_row("drain commands/s", f"{drained.achieved:,.0f}", f"one-row PostgreSQL commits {out['raw_pg']:,.0f}/s "
-                  f"(load {out['raw_load']:.1f})", f"{drained.achieved / out['raw_pg']:.3f}x", ">= 0.09x")
+    limit = f"one-row PostgreSQL commits {out['raw_pg']:,.0f}/s (load {out['raw_load']:.1f})"
+    table.add_row("drain: commands/s committed", f"{out['committed']:,.0f}", limit,
+                  f"{out['committed'] / out['raw_pg']:.3f}x", ">= 0.09x")
+    table.add_row("drain: commands/s searchable", f"{drained.achieved:,.0f}", limit,
+                  f"{drained.achieved / out['raw_pg']:.3f}x", "")
     worst = max(at_rest(out[w][0]) for w in ("idle_before", "idle_after"))
     table.add_row("idle stack, % of a core (processes, osmem, the database's backends)", f"{worst:.2f}", "", "",
                   "< 1 %")
