@@ -12,10 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 import dramatiq
-import sqlalchemy as sa
 
 from cqrskit.infra.migrate import upgrade
-from cqrskit.infra.schema import command_outcomes
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import EventStore
 from cqrskit.producers.commands import CommandProducer
@@ -77,7 +75,7 @@ class LocalPipeline:
         deadline = time.monotonic() + timeout
         done = 0
         while True:
-            now_done = count_outcomes(self.store, command_ids)
+            now_done = self.store.count_outcomes(command_ids)
             if on_progress and now_done > done:
                 on_progress(now_done - done)
             done = now_done
@@ -111,13 +109,3 @@ class LocalPipeline:
         self.relay.close()
         self.runtime.close()
         self.search.__exit__()
-
-
-def count_outcomes(store: EventStore, command_ids: Sequence[str]) -> int:
-    total = 0
-    with store.engine.connect() as conn:
-        for start in range(0, len(command_ids), 500):
-            chunk = list(command_ids[start : start + 500])
-            query = sa.select(sa.func.count()).where(command_outcomes.c.command_id.in_(chunk))
-            total += conn.execute(query).scalar_one()
-    return total

@@ -113,6 +113,16 @@ class EventStore:
             stored = read_outcome(conn, outcome.command_id)
         return (stored or outcome).as_duplicate()
 
+    def count_outcomes(self, command_ids: Sequence[str]) -> int:
+        """How many of ``command_ids`` have an outcome (read 500 at a time)."""
+        total = 0
+        with self.engine.connect() as conn:
+            for start in range(0, len(command_ids), 500):
+                chunk = list(command_ids[start : start + 500])
+                query = sa.select(sa.func.count()).where(command_outcomes.c.command_id.in_(chunk))
+                total += conn.execute(query).scalar_one()
+        return total
+
     def delete_dead_outcome(self, command_id: str) -> Outcome | None:
         """Delete the outcome of ``command_id`` if it is ``dead`` (so that the command can run
         again); returns the deleted outcome, or None when there was no dead one."""

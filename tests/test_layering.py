@@ -130,6 +130,76 @@ def _imported_names(source: str) -> set[str]:
     return names
 
 
+# Explicit dependencies below the root: only cqrskit.app imports Settings or reads the environment;
+# everything below receives the values it uses. The modules that still do are listed, each a debt
+# to pay (a module leaves the list when it is fixed: the test says so).
+SETTINGS_BELOW_ROOT = {
+    "cqrskit.infra.broker", "cqrskit.infra.deadletters", "cqrskit.infra.http_auth", "cqrskit.infra.logs",
+    "cqrskit.infra.topology", "cqrskit.producers.commands", "cqrskit.producers.gateway", "cqrskit.read_models.api",
+    "cqrskit.read_models.search", "cqrskit.workers.metrics", "cqrskit.workers.relay", "cqrskit.workers.relay_outlet",
+    "cqrskit.workers.runtime",
+}
+ENVIRON_BELOW_ROOT = {"cqrskit.infra.tracing", "cqrskit.producers.gateway", "cqrskit.workers.metrics"}
+ENVIRON = re.compile(r"\bos\.(environ|getenv)\b|\bgetenv\(")
+
+
+def _below_root() -> dict[str, Path]:
+    return {name: path for name, path in MODULES.items()
+            if _layer(name) != "app" and name not in ("cqrskit.infra.settings", "cqrskit.infra.defaults")}
+
+
+def test_below_the_root_nothing_imports_settings() -> None:
+    """Components receive values, not the settings object (the composition root reads it)."""
+    importing = {name for name in _below_root() if "cqrskit.infra.settings" in GRAPH[name]}
+    assert not importing - SETTINGS_BELOW_ROOT, f"new modules below the root import Settings: {sorted(importing - SETTINGS_BELOW_ROOT)}"
+    assert not SETTINGS_BELOW_ROOT - importing, f"no longer import Settings (strike them off): {sorted(SETTINGS_BELOW_ROOT - importing)}"
+
+
+def test_below_the_root_nothing_reads_the_environment() -> None:
+    """Only the composition root reads ``os.environ`` (Settings are read there, once)."""
+    reading = {name for name, path in _below_root().items() if ENVIRON.search(path.read_text())}
+    assert not reading - ENVIRON_BELOW_ROOT, f"new modules below the root read the environment: {sorted(reading - ENVIRON_BELOW_ROOT)}"
+    assert not ENVIRON_BELOW_ROOT - reading, f"no longer read the environment (strike them off): {sorted(ENVIRON_BELOW_ROOT - reading)}"
+
+
+# Tables have one owner: the write store's tables are imported only by the write-store package;
+# each other table by the module that keeps it. Today's exceptions are listed (debts, as above).
+WRITE_STORE = {"cqrskit.infra.store", "cqrskit.infra.pg_store", "cqrskit.infra.migrate", "cqrskit.infra.migrations.env"}
+WRITE_STORE_TABLES = {"events", "streams", "unique_claims", "command_outcomes"}
+TABLE_OWNERS = {"api_keys": "cqrskit.infra.api_keys", "producers": "cqrskit.infra.grants",
+                "producer_grants": "cqrskit.infra.grants", "parked_documents": "cqrskit.read_models.parking",
+                "read_model_indices": "cqrskit.read_models.indices", "leases": "cqrskit.workers.relay",
+                "relay_checkpoints": "cqrskit.workers.relay"}
+TABLES_ELSEWHERE = {
+    ("cqrskit.app.demo", "command_outcomes"), ("cqrskit.app.demo", "events"),
+    ("cqrskit.app.status", "command_outcomes"), ("cqrskit.app.status", "events"), ("cqrskit.app.status", "leases"),
+    ("cqrskit.app.status", "parked_documents"), ("cqrskit.app.status", "read_model_indices"),
+    ("cqrskit.app.status", "streams"), ("cqrskit.infra.tracing_hooks", "events"),
+    ("cqrskit.read_models.source", "events"), ("cqrskit.read_models.source", "streams"),
+    ("cqrskit.workers.metrics", "parked_documents"), ("cqrskit.workers.relay", "events"),
+}
+
+
+def _tables_imported() -> set[tuple[str, str]]:
+    found = set()
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "cqrskit.infra.schema":
+                found.update((name, a.name) for a in node.names if a.name != "metadata")
+    return found
+
+
+def test_every_table_has_one_owner() -> None:
+    def owned(module: str, table: str) -> bool:
+        if table in WRITE_STORE_TABLES:
+            return module in WRITE_STORE or module.startswith("cqrskit.infra.write_store.")
+        return TABLE_OWNERS.get(table) == module
+
+    foreign = {pair for pair in _tables_imported() if not owned(*pair)}
+    assert not foreign - TABLES_ELSEWHERE, f"tables imported outside their owner: {sorted(foreign - TABLES_ELSEWHERE)}"
+    assert not TABLES_ELSEWHERE - foreign, f"no longer imported outside their owner (strike them off): {sorted(TABLES_ELSEWHERE - foreign)}"
+
+
 def test_the_core_imports_no_example_app() -> None:
     importing = {name: sorted(t for t in GRAPH[name] if t.startswith("cqrskit.examples"))
                  for name in MODULES}

@@ -84,6 +84,7 @@ class CommandExecutor:
     adaptive_linger: float = 0.0  # group commit: the bound of its adaptive linger (cqrskit.workers.pacing)
     gate: Gate = field(default_factory=Gate)
     sent_internally: Callable[[CommandEnvelope], bool] | None = None  # process managers' commands (the outbox)
+    observers: list[Callable[[Outcome], None]] = field(default_factory=list)  # told every outcome returned (metrics)
 
     def __post_init__(self) -> None:
         grouped = self.store.batches and self.max_batch > 1
@@ -91,7 +92,14 @@ class CommandExecutor:
                                   adaptive=self.adaptive_linger) if grouped else None)
 
     def execute(self, body: bytes, delivery: Delivery | None = None) -> Outcome:
-        """``delivery``: what the broker said about the body (None: a direct, trusted call)."""
+        """``delivery``: what the broker said about the body (None: a direct, trusted call). Each
+        of ``observers`` is told the outcome before it is returned."""
+        outcome = self._execute(body, delivery)
+        for observe in self.observers:
+            observe(outcome)
+        return outcome
+
+    def _execute(self, body: bytes, delivery: Delivery | None) -> Outcome:
         parsed = self._parse(body)
         if isinstance(parsed, Outcome):
             return self._record_final(parsed)

@@ -48,7 +48,6 @@ import dramatiq
 import structlog
 from dramatiq.middleware import prometheus as dramatiq_prometheus
 
-from cqrskit.infra.outcomes import Outcome
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.broker import COMMAND_ACTOR
 
@@ -84,8 +83,8 @@ def _base_directory(settings: Settings) -> Path:
 
 class WorkerMetrics(dramatiq_prometheus.Prometheus):
     """Dramatiq's Prometheus middleware with a directory and a port per process group, plus the
-    cqrskit counters (module docstring). At process boot it wraps ``runtime.executor`` (commands)
-    or ``runtime.indexer`` (indexer) so that every outcome or index report is counted; the actors
+    cqrskit counters (module docstring). At process boot it observes ``runtime.executor`` (commands:
+    every outcome it returns is counted) or wraps ``runtime.indexer`` (indexer: every index report); the actors
     are unchanged. Must come before Retries (first in ``extra_middleware``): ``dead`` is counted
     in ``after_process_message`` once Retries has decided that a message failed."""
 
@@ -113,7 +112,9 @@ class WorkerMetrics(dramatiq_prometheus.Prometheus):
         if self.kind == COMMANDS:
             self.commands = prom.Counter("cqrskit_commands", "Commands by outcome status (duplicate: an outcome "
                                          "was there already; dead: given up, dead-lettered).", ["status"], registry=None)
-            self.runtime.executor = MeasuredExecutor(self.runtime.executor, self.commands)
+            commands = self.commands
+            self.runtime.executor.observers.append(
+                lambda outcome: commands.labels("duplicate" if outcome.duplicate else outcome.status.value).inc())
         else:
             events = prom.Counter("cqrskit_indexer_events", "Events projected by the indexer.", registry=None)
             documents = prom.Counter("cqrskit_indexer_documents", "Documents computed, by what became of them.",
@@ -124,21 +125,6 @@ class WorkerMetrics(dramatiq_prometheus.Prometheus):
         super().after_process_message(broker, message, result=result, exception=exception)
         if exception is not None and message.failed and message.actor_name == COMMAND_ACTOR:
             self.commands.labels("dead").inc()
-
-
-class MeasuredExecutor:
-    """A command executor that counts every outcome it returns (same contract as CommandExecutor)."""
-
-    def __init__(self, executor: Any, counter: Any) -> None:
-        self.executor, self.counter = executor, counter
-
-    def execute(self, body: bytes, delivery: Any = None) -> Outcome:
-        outcome: Outcome = self.executor.execute(body, delivery)
-        self.counter.labels("duplicate" if outcome.duplicate else outcome.status.value).inc()
-        return outcome
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.executor, name)
 
 
 class MeasuredIndexer:

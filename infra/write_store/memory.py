@@ -52,6 +52,9 @@ class MemoryStore(InMemoryStore):
     def outcome(self, command_id: str) -> Outcome | None:
         return self.outcomes.get(command_id)
 
+    def count_outcomes(self, command_ids: Sequence[str]) -> int:
+        return sum(1 for command_id in command_ids if command_id in self.outcomes)
+
     def delete_dead_outcome(self, command_id: str) -> Outcome | None:
         with self.lock:
             if command_id in self.outcomes and self.outcomes[command_id].status is Status.dead:
