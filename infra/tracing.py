@@ -119,6 +119,13 @@ def enabled() -> bool:
     return _tracer is not None
 
 
+def flush(timeout_ms: int = 10_000) -> None:
+    """Export every span ended so far (a process about to exit without running ``atexit``:
+    Dramatiq's worker processes end through multiprocessing's ``os._exit``)."""
+    if _provider is not None:
+        _provider.force_flush(timeout_ms)
+
+
 def shutdown() -> None:
     """Flush and stop this process's tracing (it is off afterwards)."""
     global _tracer, _provider

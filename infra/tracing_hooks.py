@@ -102,6 +102,11 @@ def message_ended(exception: BaseException | None = None) -> None:
     tracing.finish(exception)
 
 
+def worker_stopped() -> None:
+    """A worker process stops: its last spans are exported now (it exits without ``atexit``)."""
+    tracing.flush()
+
+
 def command_outcome(outcome: Any) -> Any:
     """Say ``outcome`` (a command's ``Outcome``) on the current span; returns it."""
     if tracing.enabled() and outcome is not None:

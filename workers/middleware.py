@@ -43,6 +43,9 @@ class Tracing(dramatiq.Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         tracing_hooks.message_ended()
 
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        tracing_hooks.worker_stopped()
+
 
 class DeadOutcomes(dramatiq.Middleware):
     """When a command message is given up (retries exhausted, or unreadable), record outcome
