@@ -98,9 +98,19 @@ def configure(service: str, environ: Mapping[str, str] = os.environ, *, exporter
     for name in names if exporter is None else []:
         provider.add_span_processor(BatchSpanProcessor(_exporter(name, environ)))
     _provider, _tracer = provider, provider.get_tracer("cqrskit")
+    _flush_at_exit(provider)
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         trace.set_tracer_provider(provider)  # the app's own spans join ours (settable once per process)
     return True
+
+
+def _flush_at_exit(provider: Any) -> None:
+    """Export what is left when the process ends: ``atexit`` (the provider's own) for most, and
+    multiprocessing's exit finalizers for Dramatiq's worker processes, which end through
+    ``os._exit`` (a stop, or a second SIGTERM that kills them at once)."""
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(provider, provider.force_flush, args=(5_000,), exitpriority=10)
 
 
 def _exporter(name: str, environ: Mapping[str, str]) -> Any:

@@ -107,6 +107,25 @@ def test_one_trace_holds_every_process_of_a_command_sent_over_http_and_over_amqp
             honcho.stop()
 
 
+@pytest.mark.timeout(240)
+def test_a_worker_that_stops_exports_its_last_spans(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """G12: a command worker stopped by SIGTERM exports the spans it still holds (Dramatiq's
+    worker processes exit without running atexit), even with a batch delay of ten minutes."""
+    with OtlpReceiver() as receiver:
+        for name, value in {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                            "OTEL_BSP_SCHEDULE_DELAY": "600000"}.items():
+            monkeypatch.setenv(name, value)  # the worker's environment (the test process sets nothing up)
+        worker = stack.start_worker(threads=2)
+        tag = uuid.uuid4().hex[:10]
+        envelope = new_command("RegisterCustomer", f"c-{tag}", {"name": "Ada", "email": f"{tag}@example.com"})
+        stack.send_and_wait([envelope], timeout=120)
+        assert not [s for s in receiver.spans if s.attributes.get("cqrskit.command.id") == envelope.command_id]
+        stack.stop(worker)
+        spans = [s for s in receiver.spans if s.attributes.get("cqrskit.command.id") == envelope.command_id]
+        assert [(s.service, s.kind, s.attributes["cqrskit.command.outcome"]) for s in spans] == [
+            ("cqrskit-commands", "consumer", "succeeded")], worker.log_path.read_text()[-3000:]
+
+
 def _register(tag: str) -> bytes:
     return new_command("RegisterCustomer", f"c-{tag}", {"name": f"Ada {tag}", "email": f"{tag}@example.com"},
                        command_id=f"traced-{tag}").to_json()
