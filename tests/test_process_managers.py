@@ -168,3 +168,57 @@ def _outcomes(pipeline: Harness) -> list[Any]:
 
     with pipeline.engine.connect() as conn:
         return [Outcome.from_row(r._mapping) for r in conn.execute(sa.select(command_outcomes))]
+
+
+def test_the_gateway_refuses_internal_commands_and_leaves_them_out_of_its_openapi() -> None:
+    """G13, G11, G10: the gateway's check (the one the workers make) refuses an internal command
+    type (400, "internal command") and a command id in the process managers' namespace; its
+    OpenAPI lists every other command type and not the internal ones."""
+    import json
+
+    from cqrskit.infra.settings import Settings
+    from cqrskit.producers.gateway import check_command, create_app
+    from cqrskit.infra.problems import ProblemError
+
+    def body(**fields: Any) -> bytes:
+        return json.dumps({"command_id": "k1", "type": "CancelUnpaidOrder", "aggregate_id": "o1",
+                           "payload": {}, **fields}).encode()
+
+    with pytest.raises(ProblemError) as refused:
+        check_command(body(), shop.registry, 65536)
+    assert (refused.value.status, refused.value.detail) == (
+        400, "internal command: CancelUnpaidOrder is sent only by the app's process managers")
+    with pytest.raises(ProblemError, match="process managers' own"):
+        check_command(body(type="PayOrder", command_id="pm:0f1e"), shop.registry, 65536)
+    nowhere = Settings(broker_url="amqp://guest:guest@127.0.0.1:1/%2F",
+                       database_url="postgresql+psycopg://nobody@127.0.0.1:1/nothing")
+    mapping = create_app(nowhere, registry=shop.registry).openapi()["components"]["schemas"]["Command"]
+    assert set(mapping["discriminator"]["mapping"]) == set(shop.registry.commands) - {"CancelUnpaidOrder"}
+
+
+def test_the_hotels_no_show_frees_the_nights_of_a_guest_who_never_came(search_url: str, tmp_path: Path) -> None:
+    """G13, G4: a booking not checked in by noon of the day after arrival becomes a no-show (its
+    nights free again: the room books once more); a checked-in guest's booking is left alone."""
+    from cqrskit.examples.hotel import app as hotel
+
+    now = datetime.now(UTC)
+    today = now.date()
+    stay = {"guest_email": "ada@example.com", "check_in": today.isoformat(),
+            "check_out": (today + timedelta(days=2)).isoformat()}
+    with Harness(hotel, f"sqlite:///{tmp_path / 'hotel.db'}", search_url, now=now) as pipeline:
+        for room, number in (("r1", "101"), ("r2", "102")):
+            pipeline.send("AddRoom", room, {"number": number, "room_type": "double", "rate_cents": 9000})
+        assert pipeline.send("BookRoom", "b1", {**stay, "room_id": "r1", "guest_name": "Ada"}).status == "succeeded"
+        assert pipeline.send("BookRoom", "b2", {**stay, "room_id": "r2", "guest_name": "Grace"}).status == "succeeded"
+        assert pipeline.send("CheckIn", "b2", {}).status == "succeeded"
+        noon_after = datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC) + timedelta(hours=12)
+        pipeline.advance(noon_after - pipeline.now - timedelta(seconds=1))
+        assert pipeline.get("bookings", "b1").status == "booked"
+        fired = pipeline.advance(timedelta(seconds=1))
+        assert [(f.key, f.commands) for f in fired] == [("b1", 1)]
+        assert [e.data.get("reason") for e in pipeline.store.read_stream("booking:b1")][-1] == "no-show"
+        assert pipeline.get("bookings", "b1").status == "cancelled"
+        assert pipeline.get("bookings", "b2").status == "checked_in"
+        again = pipeline.send("BookRoom", "b3", {**stay, "room_id": "r1", "guest_name": "Alan"})
+        assert again.status == "succeeded", again.outcome.reason
+        assert all(r.ok for r in pipeline.verify())

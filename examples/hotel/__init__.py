@@ -8,6 +8,7 @@ from __future__ import annotations
 from cqrskit.app.api import App
 from cqrskit.examples.hotel.domain import registry
 from cqrskit.examples.hotel.load import HotelLoad
+from cqrskit.examples.hotel.no_show import no_show
 from cqrskit.examples.hotel.queries import FUNCTIONS
 from cqrskit.examples.hotel.read_models import HOTEL_READ_MODELS
 from cqrskit.examples.hotel.showcase import showcase
@@ -18,4 +19,4 @@ def demo_load(size: int, seed: int) -> HotelLoad:
 
 
 app = App("hotel", registry, read_models=HOTEL_READ_MODELS, queries=FUNCTIONS, demo=demo_load, showcase=showcase,
-          description="Hotel reservations: rooms, bookings, check-in and check-out.")
+          process_managers=(no_show,), description="Hotel reservations: rooms, bookings, check-in and check-out.")

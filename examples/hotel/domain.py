@@ -258,3 +258,19 @@ class CheckIn(Command):
 class CheckOut(Command):
     type = "CheckOut"
     aggregate = Booking
+
+
+def mark_no_show(command: MarkNoShow, booking_id: str, ctx: HandlerContext) -> None:
+    """A booking still not checked in when its no-show deadline came: its nights are freed (as a
+    cancellation with the reason ``no-show``); rejected once the guest checked in or cancelled."""
+    booking = ctx.load(Booking, booking_id)
+    booking.require_status("booked", "mark as no-show")
+    for night in booking.state.nights:
+        ctx.release(NIGHT_SCOPE, _night(booking.state.room_id, night), owner=booking_id)
+    booking.record(BookingCancelled(reason="no-show"))
+
+
+@registry.command(mark_no_show, reads=cancel_booking_reads, internal=True)  # sent only by the no-show deadline
+class MarkNoShow(Command):
+    type = "MarkNoShow"
+    aggregate = Booking
