@@ -10,7 +10,8 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import dramatiq
@@ -18,6 +19,8 @@ import dramatiq
 from cqrskit.app.declaration import App
 from cqrskit.infra import defaults, tracing
 from cqrskit.infra.settings import Settings
+from cqrskit.infra.write_store.opening import open_store
+from cqrskit.infra.write_store.port import WriteStore
 from cqrskit.read_models.model import declaration_problems
 from cqrskit.workers.runtime import Runtime
 from cqrskit.workers.wiring import build_command_worker, build_indexer_worker
@@ -79,6 +82,17 @@ def build_runtime(settings: Settings, app: App, *, pool_size: int = 8, search_ur
     ``Harness`` take theirs from here, so they run the same executor with the same settings."""
     return Runtime(settings, app.registry, app.read_models, pool_size=pool_size, search_url=search_url,
                    process_managers=app.process_managers)
+
+
+@contextmanager
+def write_store(settings: Settings, *, pool_size: int = 2) -> Iterator[WriteStore]:
+    """A CLI verb's write store, for the app ``settings`` select (opened by ``open_store``, the
+    one place that picks the adapter from the URL), closed when the block ends. Raises AppError."""
+    store = open_store(settings.database_url, app_of(settings).registry, pool_size=pool_size)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def runtime(settings: Settings, *, pool_size: int = 8, search_url: str | None = None) -> Runtime:

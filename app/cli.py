@@ -137,17 +137,15 @@ def outcome(
 
     Example: cqrskit outcome 3f2c0c6e-5d1a-4b8e-9a57-0c1d2e3f4a5b --json
     """
-    from cqrskit.infra.db import make_engine
-    from cqrskit.infra.store import EventStore
     from cqrskit.app import bootstrap
 
     preflight(ctx.obj, "outcome")
-    store = EventStore(make_engine(ctx.obj.database_url), bootstrap.app_of(ctx.obj).registry)
     deadline = time.monotonic() + wait
-    found = store.outcome(command_id)
-    while found is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with bootstrap.write_store(ctx.obj, pool_size=1) as store:
         found = store.outcome(command_id)
+        while found is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = store.outcome(command_id)
     if found is None:
         err.print(f"no outcome for {escape(command_id)} (yet)")
         raise typer.Exit(3)

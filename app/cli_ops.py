@@ -290,16 +290,12 @@ def dlq_purge(
 
 @contextmanager
 def _store(settings: Settings) -> Iterator[EventStore]:
-    from cqrskit.infra.db import make_engine
-
-    engine = make_engine(settings.database_url, pool_size=1)
     try:
-        yield EventStore(engine, bootstrap.app_of(settings).registry)
+        with bootstrap.write_store(settings, pool_size=1) as store:
+            yield store  # type: ignore[misc]
     except sa.exc.SQLAlchemyError as exc:  # messages taken and not acknowledged are back in place
         err.print(f"[red]write store error:[/red] {exc}")
         raise typer.Exit(2) from None
-    finally:
-        engine.dispose()
 
 
 def register(app: typer.Typer) -> None:

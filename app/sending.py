@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.outcomes import Outcome
 from cqrskit.infra.settings import Settings
-from cqrskit.infra.store import EventStore
+from cqrskit.infra.write_store.port import WriteStore
 from cqrskit.producers.commands import CommandProducer, new_command
 
 
@@ -65,11 +65,10 @@ def send_envelopes(settings: Settings, envelopes: list[CommandEnvelope], *, wait
         report = _publish(producer, envelopes, console)
     if wait <= 0:
         return report.confirmed, report.failed, []
-    from cqrskit.infra.db import make_engine
     from cqrskit.app import bootstrap
 
-    store = EventStore(make_engine(settings.database_url), bootstrap.app_of(settings).registry)
-    return report.confirmed, report.failed, _outcomes(store, envelopes, wait)
+    with bootstrap.write_store(settings) as store:
+        return report.confirmed, report.failed, _outcomes(store, envelopes, wait)
 
 
 def _publish(producer: CommandProducer, envelopes: list[CommandEnvelope], console: Console):  # type: ignore[no-untyped-def]
@@ -81,7 +80,7 @@ def _publish(producer: CommandProducer, envelopes: list[CommandEnvelope], consol
         return producer.send_many(envelopes, on_confirmed=lambda n: progress.advance(task, n))
 
 
-def _outcomes(store: EventStore, envelopes: list[CommandEnvelope], wait: float) -> list[Outcome]:
+def _outcomes(store: WriteStore, envelopes: list[CommandEnvelope], wait: float) -> list[Outcome]:
     if len(envelopes) > 50:
         return []
     deadline = time.monotonic() + wait

@@ -150,6 +150,10 @@ class EventStore:
         with self.engine.connect() as conn:
             return stream_versions(conn, positions)
 
+    def close(self) -> None:
+        """Release the engine's connections."""
+        self.engine.dispose()
+
     def last_position(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.position), 0))).scalar_one()

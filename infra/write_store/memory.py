@@ -74,6 +74,9 @@ class MemoryStore(InMemoryStore):
                 newest[event.stream_id] = max(newest.get(event.stream_id, 0), event.version)
         return tuple(sorted(newest.items()))
 
+    def close(self) -> None:
+        pass
+
     def last_position(self) -> int:
         return self.events[-1].position if self.events else 0
 

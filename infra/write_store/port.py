@@ -113,6 +113,10 @@ class WriteStore(Protocol):
 
     def last_position(self) -> int: ...
 
+    def close(self) -> None:
+        """Release the store's connections (it may not be used afterwards)."""
+        ...
+
 
 def decide_alone(store: WriteStore, decision: Decision) -> Outcome:
     """``decision`` in a transaction of its own (a store that does not batch): its outcome, the
