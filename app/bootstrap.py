@@ -168,6 +168,7 @@ def run_process_managers(settings: Settings, partition: int = 0, partitions: int
     app = app_of(settings)
     if not app.process_managers:
         raise ValueError(f"the app {app.name!r} declares no process managers (App(..., process_managers=(...)))")
+    tracing.configure("cqrskit-process-managers")
     rt = build_runtime(settings, app, pool_size=4)
     outlet = CommandOutlet(settings.broker_url, settings.commands_exchange)
     process = ProcessManagers(rt.engine, rt.reactions, outlet, chosen)
@@ -180,6 +181,7 @@ def run_process_managers(settings: Settings, partition: int = 0, partitions: int
             signal.signal(sig, handler)
         outlet.close()
         rt.close()
+        tracing.shutdown()  # the last spans are exported
 
 
 def gateway_app(settings: Settings) -> Any:

@@ -169,6 +169,21 @@ def relayed_to(exchange: str) -> dict[str, str]:
     return tracing.headers()
 
 
+def reacting(react: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
+    """A process manager's reaction ``react(self, manager, stored_event)`` in a span, a child of
+    the trace of the command that wrote the event (its metadata holds the context)."""
+    @functools.wraps(react)
+    def traced(process: Any, manager: Any, stored: Any) -> None:
+        if not tracing.enabled():
+            return react(process, manager, stored)
+        attributes = {"cqrskit.process_manager": getattr(manager, "name", "?"), "cqrskit.event.id": stored.event_id,
+                      "cqrskit.event.type": stored.type, "cqrskit.event.position": stored.position}
+        with tracing.active(f"react {getattr(manager, 'name', '?')}", context=tracing.context_of(stored.metadata),
+                            attributes=attributes):
+            return react(process, manager, stored)
+    return traced
+
+
 def in_current_context(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function``, run in the caller's trace context wherever it runs (another thread's pool)."""
     if not tracing.enabled():

@@ -215,3 +215,20 @@ def test_a_consistency_token_carries_the_commands_trace_and_refuses_a_bad_one() 
     payload = payload.rstrip(b"=").decode()
     with pytest.raises(InvalidToken):
         ConsistencyToken.decode(f"{payload}.{_sign('s3cret', payload)}", "s3cret")
+
+
+def test_a_process_managers_reaction_continues_the_trace_that_wrote_the_event(spans: InMemorySpanExporter) -> None:
+    """G12 (G13's reactions): a process manager's reaction to an event is a span in the trace of
+    the command that wrote it (the event's metadata carries the context)."""
+    from types import SimpleNamespace
+
+    reacted = []
+    react = tracing_hooks.reacting(lambda process, manager, stored: reacted.append(stored.event_id))
+    stored = SimpleNamespace(event_id="e-1", type="OrderPlaced", position=7,
+                             metadata={"command_id": "c-1", "traceparent": VALID})
+    react(object(), SimpleNamespace(name="shop.payment-deadline"), stored)
+    (span,) = spans.get_finished_spans()
+    assert reacted == ["e-1"] and span.name == "react shop.payment-deadline"
+    assert f"{span.context.trace_id:032x}" == VALID.split("-")[1]
+    assert f"{span.parent.span_id:016x}" == VALID.split("-")[2]
+    assert span.attributes["cqrskit.event.type"] == "OrderPlaced"

@@ -39,6 +39,7 @@ from cqrskit.domain.process import ProcessManager
 from cqrskit.infra.db import upsert_insert
 from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.schema import events, relay_checkpoints
+from cqrskit.infra.tracing_hooks import reacting
 from cqrskit.infra.write_store.port import StoredEvent
 from cqrskit.infra.write_store.reactions import Fired, ReactionStore
 from cqrskit.read_models.partitions import Partition
@@ -108,6 +109,7 @@ class ProcessManagers:
                          command_ids=[c.envelope.command_id for c in commands])
         return len(commands)
 
+    @reacting  # a span in the trace of the command that wrote the event
     def _react(self, manager: ProcessManager, stored: StoredEvent) -> None:
         for attempt in range(20):
             try:
