@@ -146,3 +146,33 @@ def test_an_idle_relay_backs_off_and_still_relays_the_next_event(relay_settings:
         stop.set()
         thread.join(timeout=10)
         relay.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_relay_at_a_moderate_rate_batches_what_committed_while_it_lingered(
+        relay_settings: Settings, engine: Engine) -> None:
+    """G5 with the linger: events committed one by one every few milliseconds go out in batches of
+    several (what committed during CQRSKIT_RELAY_LINGER_MS), every one published once, in relay
+    order, the checkpoint never past an unpublished event."""
+    settings = relay_settings.model_copy(update={"relay_linger_ms": 500})
+    batches: list[list[int]] = []
+
+    def publish(messages: list[EventMessage]) -> None:
+        batches.append([m.position for m in messages])
+        relay.published.update(m.position for m in messages)
+
+    relay = Overlapping(settings, engine, publish)
+    store = EventStore(engine, registry)
+    stop, thread = run_in_thread(relay)
+    try:
+        for _ in range(40):
+            register(store, 1)
+            time.sleep(0.01)  # the producer's pace: a moderate, steady rate
+        wait_for(lambda: sum(len(b) for b in batches) == 40, 30)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        relay.close()
+    assert [p for b in batches for p in b] == list(range(1, 41))
+    assert len(batches) <= 20, f"{len(batches)} batches for 40 events: {batches}"
+    assert relay.checkpoints == sorted(relay.checkpoints)
