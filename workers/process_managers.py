@@ -30,20 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import sqlalchemy as sa
 import structlog
 from sqlalchemy import Engine
 
 from cqrskit.domain.ports import ConcurrencyConflict
 from cqrskit.domain.process import ProcessManager
-from cqrskit.infra.db import upsert_insert
 from cqrskit.infra.envelope import CommandEnvelope
-from cqrskit.infra.schema import events, relay_checkpoints
 from cqrskit.infra.tracing_hooks import reacting
 from cqrskit.infra.write_store.port import StoredEvent
 from cqrskit.infra.write_store.reactions import Fired, ReactionStore
 from cqrskit.read_models.partitions import Partition
-from cqrskit.workers.relay import read_batch, read_checkpoint
+from cqrskit.workers.relay import read_batch, read_checkpoint, write_checkpoint
 
 log = structlog.get_logger("cqrskit.process_managers")
 Publish = Callable[[list[CommandEnvelope]], None]  # returns once the broker confirmed every one, else raises
@@ -125,11 +122,7 @@ class ProcessManagers:
 
     def _advance(self, tx_id: int, position: int) -> None:
         with self.engine.begin() as conn:
-            insert = upsert_insert(conn, relay_checkpoints).values(
-                name=self.checkpoint_name, tx_id=tx_id, position=position, updated_at=datetime.now(UTC))
-            conn.execute(insert.on_conflict_do_update(
-                index_elements=[relay_checkpoints.c.name],
-                set_={c: insert.excluded[c] for c in ("tx_id", "position", "updated_at")}))
+            write_checkpoint(conn, self.checkpoint_name, tx_id, position)
 
     # -- the process ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -150,8 +143,8 @@ class ProcessManagers:
     def lag(self) -> int:
         """Committed events after this partition's checkpoint."""
         with self.engine.connect() as conn:
-            _, position = read_checkpoint(conn, self.checkpoint_name)
-            return conn.execute(sa.select(sa.func.count()).where(events.c.position > position)).scalar_one()
+            checkpoint = read_checkpoint(conn, self.checkpoint_name)
+        return self.reactions.events_after(checkpoint[1])
 
 
 def _loop(name: str, step: Callable[[], bool], stop: threading.Event) -> None:

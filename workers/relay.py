@@ -265,11 +265,7 @@ class EventRelay:
     def _advance(self, last: StoredEvent) -> None:
         with self.engine.begin() as conn:
             self.lease.fence(conn)
-            insert = upsert_insert(conn, relay_checkpoints).values(
-                name=NAME, tx_id=last.tx_id or 0, position=last.position, updated_at=datetime.now(UTC))
-            conn.execute(insert.on_conflict_do_update(
-                index_elements=[relay_checkpoints.c.name],
-                set_={c: insert.excluded[c] for c in ("tx_id", "position", "updated_at")}))
+            write_checkpoint(conn, NAME, last.tx_id or 0, last.position)
 
 
 class Lease:
@@ -356,6 +352,14 @@ def read_checkpoint(conn: Connection, name: str = NAME) -> tuple[int, int]:
     row = conn.execute(sa.select(relay_checkpoints.c.tx_id, relay_checkpoints.c.position)
                        .where(relay_checkpoints.c.name == name)).first()
     return (0, 0) if row is None else (row.tx_id, row.position)
+
+
+def write_checkpoint(conn: Connection, name: str, tx_id: int, position: int) -> None:
+    """Move the checkpoint row ``name``: the relay's (fenced by its lease first), a process-managers partition's."""
+    insert = upsert_insert(conn, relay_checkpoints).values(name=name, tx_id=tx_id, position=position,
+                                                           updated_at=datetime.now(UTC))
+    conn.execute(insert.on_conflict_do_update(index_elements=[relay_checkpoints.c.name],
+                                              set_={c: insert.excluded[c] for c in ("tx_id", "position", "updated_at")}))
 
 
 def read_batch(conn: Connection, checkpoint: tuple[int, int], limit: int) -> list[StoredEvent]:

@@ -35,7 +35,7 @@ from cqrskit.domain.process import ProcessManager, Reaction
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.db import upsert_insert
 from cqrskit.infra.envelope import CommandEnvelope
-from cqrskit.infra.schema import process_handled, process_instances, process_outbox, process_timers
+from cqrskit.infra.schema import events, process_handled, process_instances, process_outbox, process_timers
 from cqrskit.infra.utc import as_utc
 from cqrskit.infra.write_store.port import StoredEvent
 
@@ -143,6 +143,11 @@ class ReactionStore:
         """An instance's state and version (its manager's initial state and 0 when it has none)."""
         with self.engine.connect() as conn:
             return self._load(conn, self.managers[manager], key)
+
+    def events_after(self, position: int) -> int:
+        """Committed events after ``position`` (a consumer's lag)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).where(events.c.position > position)).scalar_one()
 
     # -- the outbox -------------------------------------------------------------------------
     @contextmanager
