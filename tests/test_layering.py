@@ -177,7 +177,6 @@ TABLES_ELSEWHERE = {
     ("cqrskit.app.status", "streams"), ("cqrskit.infra.tracing_hooks", "events"),
     ("cqrskit.read_models.source", "events"), ("cqrskit.read_models.source", "streams"),
     ("cqrskit.workers.metrics", "parked_documents"), ("cqrskit.workers.relay", "events"),
-    ("cqrskit.workers.process_managers", "events"), ("cqrskit.workers.process_managers", "relay_checkpoints"),
 }
 
 
