@@ -18,12 +18,15 @@ import dramatiq
 
 from cqrskit.app.declaration import App
 from cqrskit.infra import defaults, tracing
+from cqrskit.infra.broker import make_broker
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.write_store.opening import open_store
 from cqrskit.infra.write_store.port import WriteStore
 from cqrskit.read_models.model import declaration_problems
+from cqrskit.workers.actors import declare_command_actor, declare_indexer_actors
+from cqrskit.workers.metrics import COMMANDS, INDEXER, worker_metrics
+from cqrskit.workers.middleware import DeadOutcomes, LogContext, Tracing
 from cqrskit.workers.runtime import Runtime
-from cqrskit.workers.wiring import build_command_worker, build_indexer_worker
 
 
 class AppError(ValueError):
@@ -111,7 +114,10 @@ def command_worker(settings: Settings, threads: int = defaults.COMMAND_THREADS,
     takes one connection, so the pool is capped well below the thread count (``COMMAND_POOL``)."""
     tracing.configure("cqrskit-commands")
     rt = runtime(settings, pool_size=min(threads, COMMAND_POOL) + 2)
-    return build_command_worker(rt, metrics_server), rt
+    metrics = worker_metrics(settings, rt, COMMANDS, metrics_server)
+    broker = make_broker(settings, extra_middleware=[*metrics, Tracing(), LogContext(), DeadOutcomes(rt)])
+    declare_command_actor(broker, rt)
+    return broker, rt
 
 
 def indexer_worker(settings: Settings, threads: int = defaults.INDEXER_THREADS,
@@ -119,7 +125,10 @@ def indexer_worker(settings: Settings, threads: int = defaults.INDEXER_THREADS,
     """An indexer process: its runtime and its broker (set as the process's broker)."""
     tracing.configure("cqrskit-indexer")
     rt = runtime(settings, pool_size=threads + 2)
-    return build_indexer_worker(rt, metrics_server), rt
+    metrics = worker_metrics(settings, rt, INDEXER, metrics_server)
+    broker = make_broker(settings, extra_middleware=[*metrics, Tracing(), LogContext()])
+    declare_indexer_actors(broker, rt)
+    return broker, rt
 
 
 def run_relay(settings: Settings) -> None:

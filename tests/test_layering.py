@@ -162,6 +162,18 @@ def test_below_the_root_nothing_reads_the_environment() -> None:
     assert not ENVIRON_BELOW_ROOT - reading, f"no longer read the environment (strike them off): {sorted(ENVIRON_BELOW_ROOT - reading)}"
 
 
+# Only the composition root creates a broker (and with it Dramatiq's global one); the relay's
+# outlet still makes its own (without installing it: make_broker(install=False)), a listed debt.
+BROKERS_BELOW_ROOT = {"cqrskit.workers.relay_outlet"}
+
+
+def test_only_the_root_creates_a_broker() -> None:
+    making = {name for name, path in _below_root().items()
+              if name != "cqrskit.infra.broker" and re.search(r"\bmake_broker\(", path.read_text())}
+    assert not making - BROKERS_BELOW_ROOT, f"new modules below the root create a broker: {sorted(making - BROKERS_BELOW_ROOT)}"
+    assert not BROKERS_BELOW_ROOT - making, f"no longer create a broker (strike them off): {sorted(BROKERS_BELOW_ROOT - making)}"
+
+
 # Tables have one owner: the write store's tables are imported only by the write-store package;
 # each other table by the module that keeps it. Today's exceptions are listed (debts, as above).
 WRITE_STORE = {"cqrskit.infra.store", "cqrskit.infra.pg_store", "cqrskit.infra.migrate", "cqrskit.infra.migrations.env"}
