@@ -43,7 +43,9 @@ def status(
     """The endpoints checked; rates (commands, events appended and published, new documents per
     second, over 2 s or between refreshes); queue depths, dead letters, unpublished events, lag
     and parked documents per read model, live workers and outcomes. Exit 1 when a component
-    cannot be reached or a read model's live mapping is older than its declaration.
+    cannot be reached or a read model's live mapping is older than its declaration (a broker
+    cluster with a node down still serves: its nodes are listed, the down ones in red, and the
+    exit status is 0).
 
     Example: cqrskit status --watch 2
     """
@@ -94,6 +96,8 @@ def render_status(s: PipelineStatus) -> Group:
         f"{name}: " + ("[green]up[/]" if c.reachable else "[red]down[/]") for name, c in s.components.items())]
     parts += [f"  {name} [dim]{escape(c.endpoint or '')}[/]" + ("" if c.reachable else f": [red]{escape(c.error or '')}[/]")
               for name, c in s.components.items()]
+    parts += [f"    node [dim]{escape(n.endpoint)}[/]: " + ("[green]up[/]" if n.reachable else f"[red]down[/]: {escape(n.error or '')}")
+              for n in s.broker_nodes if len(s.broker_nodes) > 1]  # a cluster: which nodes serve
     queues = Table("queue", "name", "ready", "consumers", title="queues", title_justify="left")
     for role, q in s.queues.items():
         style = "red" if role.endswith(".XQ") and q.ready else ""

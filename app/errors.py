@@ -44,7 +44,10 @@ class Problem(Exception):
 
 
 def mask(value: str) -> str:
-    """``value`` with the password of a URL replaced by ``***``."""
+    """``value`` with the password of a URL replaced by ``***`` (of each URL of a comma-separated
+    list: a cluster's broker nodes)."""
+    if "," in value and "://" in value:
+        return ",".join(mask(part) for part in value.split(","))
     try:
         parts = urlsplit(value)
     except ValueError:
@@ -226,6 +229,8 @@ def _setup_missing(setting: str, value: str | None, problem: str) -> Problem:
 
 
 def _host_port(url: str | None, default_port: int) -> str:
+    if url and "," in url:  # a cluster's nodes
+        return " or ".join(_host_port(part, default_port) for part in url.split(","))
     try:
         parts = urlsplit(url or "")
         return f"{parts.hostname or '127.0.0.1'}:{parts.port or default_port}"

@@ -135,9 +135,10 @@ def _schema_current(settings: Settings, revision: str | None) -> None:
 
 # -- the broker -----------------------------------------------------------------------------------
 def _topology(settings: Settings, exchanges: Iterable[str], queues: Iterable[str]) -> None:
-    from cqrskit.infra.broker import amqp_parameters
+    from cqrskit.infra.broker import amqp_nodes
 
-    connection = pika.BlockingConnection(amqp_parameters(settings.broker_url, TIMEOUT))
+    # The first node of a cluster that answers: a cluster with a node down still serves.
+    connection = pika.BlockingConnection(amqp_nodes(settings, TIMEOUT))
     try:
         for kind, names in (("exchange", exchanges), ("queue", queues)):
             for name in names:

@@ -148,7 +148,7 @@ def _dsn(url: str) -> str:
 
 # -- RabbitMQ -----------------------------------------------------------------------------------
 def provision_rabbitmq(settings: Settings, prefix: str, producers: Sequence[str], say: Say) -> dict[str, str]:
-    vhost = unquote(urlsplit(settings.broker_url).path[1:] or "/") or "/"
+    vhost = unquote(urlsplit(settings.broker_urls[0]).path[1:] or "/") or "/"
     permissions = rabbitmq_permissions(settings)
     users = {f"{prefix}-{role}": p for role, p in permissions.items()}
     users |= {name: permissions["gateway"] for name in producers}  # a producer: publish commands, nothing else

@@ -1,5 +1,7 @@
 """``cqrskit setup``: everything a deployment needs to exist, made idempotently: the write
-store's schema (alembic), the broker's exchanges and queues, the read models' indices."""
+store's schema (alembic), the broker's exchanges and queues (on the first node of a cluster
+that answers; a classic dead-letter queue of an older cqrskit moved to a quorum one,
+``cqrskit.infra.deadletter_queues``), the read models' indices."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ def setup_all(settings: Settings, say: Callable[[str], None] = print) -> None:
         upgrade(engine)
         say(f"write store at revision {current_revision(engine)}")
         _ensure_lookups(settings, engine, say)
+        _dead_letter_queues(settings, say)
         broker = make_broker(settings)
         declare_command_topology(broker, settings)
         declare_read_side_topology(broker, settings)
@@ -60,3 +63,29 @@ def _ensure_lookups(settings: Settings, engine, say: Callable[[str], None]) -> N
 
     for name in ensure_lookup_indexes(engine, bootstrap.app_of(settings).read_models):
         say(f"write store: made index {name} (a read model's fan-out lookup)")
+
+
+def _dead_letter_queues(settings: Settings, say: Callable[[str], None]) -> None:
+    """Every ``.XQ`` a quorum queue (with quorum queues), moving the messages of a classic one."""
+    import pika
+
+    from cqrskit.app.errors import BROKER, Problem
+    from cqrskit.infra.broker import amqp_nodes
+    from cqrskit.infra.deadletter_queues import QueueInUse, move_to_quorum
+    from cqrskit.infra.settings import QueueType
+    from cqrskit.infra.topology import indexer_partitions
+
+    if settings.embedded_broker or settings.queue_type is not QueueType.quorum:
+        return
+    connection = pika.BlockingConnection(amqp_nodes(settings))
+    try:
+        for queue in (settings.commands_queue, *(p.queue for p in indexer_partitions(settings))):
+            moved = move_to_quorum(connection, f"{queue}.XQ", [queue, f"{queue}.DQ"])
+            if moved is not None:
+                say(f"dead letters: {queue}.XQ is now a quorum queue ({moved} messages moved)")
+    except QueueInUse as exc:
+        raise Problem(BROKER, settings.broker_url, str(exc),
+                      "stop the command workers and indexers, then run cqrskit setup again") from exc
+    finally:
+        if connection.is_open:
+            connection.close()

@@ -40,37 +40,24 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-import pika
 import sqlalchemy as sa
 from elastic_transport import TransportError
 from elasticsearch import ApiError, Elasticsearch
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection, Engine
 
-from cqrskit.app.errors import explain, mask
+from cqrskit.app.errors import mask
+from cqrskit.app.status_broker import (  # noqa: F401  (queue_roles: part of this module's interface)
+    TIMEOUT, BrokerNode, Component, QueueState, consumers, error_text as _error, indexer_roles, inspect_broker,
+    queue_roles)
 from cqrskit.infra.schema import command_outcomes, events, leases, parked_documents, read_model_indices, streams
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
-from cqrskit.infra.topology import indexer_partitions
 from cqrskit.infra.utc import as_utc
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
 
 STATUSES = ("succeeded", "rejected", "invalid", "dead")
 LAG_WINDOW = 2000
-TIMEOUT = 5.0
-
-
-class Component(BaseModel):
-    reachable: bool
-    error: str | None = None
-    endpoint: str | None = Field(default=None, description="What was checked (a URL, password masked).")
-
-
-class QueueState(BaseModel):
-    name: str
-    exists: bool = True
-    ready: int | None = Field(default=None, description="Messages ready for delivery (unacknowledged ones excluded).")
-    consumers: int | None = None
 
 
 class RelayState(BaseModel):
@@ -118,6 +105,8 @@ class PipelineStatus(BaseModel):
 
     taken_at: datetime
     components: dict[str, Component]
+    broker_nodes: list[BrokerNode] = Field(default_factory=list, description="Each node of the broker URL: a "
+                                           "cluster serves (the broker is reachable) while one answers.")
     queues: dict[str, QueueState] = Field(default_factory=dict)
     dead_letters: dict[str, int | None] = Field(default_factory=dict)
     outcomes: dict[str, int] | None = None
@@ -128,8 +117,15 @@ class PipelineStatus(BaseModel):
 
     @property
     def healthy(self) -> bool:
+        """Every component answers and no read model's mapping drifted (a broker cluster with a node
+        down still serves: degraded, healthy)."""
         return all(c.reachable for c in self.components.values()) and not any(
             m.mapping_drift for m in self.read_models.values())
+
+    @property
+    def degraded(self) -> list[str]:
+        """The broker nodes that do not answer while the cluster serves."""
+        return [n.endpoint for n in self.broker_nodes if not n.reachable]
 
     def totals(self) -> dict[str, int | None]:
         """The counters that ``with_rates`` differentiates."""
@@ -163,7 +159,8 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
     status = PipelineStatus(taken_at=datetime.now(UTC), components={})
     status.read_models = {m.name: ReadModelState(alias=alias(settings.index_prefix, m.name), lag_window=lag_window)
                           for m in models}
-    _gather_broker(settings, status)
+    (status.components["broker"], status.broker_nodes, status.queues,
+     status.dead_letters) = inspect_broker(settings)
     with _write_store(settings.database_url) as engine:
         store_ok = _gather_write_store(engine, status, settings)
         with _search(settings) as es:
@@ -178,75 +175,9 @@ def gather_status(settings: Settings, models: Sequence[ReadModel] | None = None,
                  "search": settings.elasticsearch_url}
     for name, component in status.components.items():
         component.endpoint = mask(endpoints.get(name, ""))
-    status.workers = Workers(commands=_consumers(status, ["commands"]),
-                             indexer=_consumers(status, list(_indexer_roles(settings))), relay=status.relay.holder)
+    status.workers = Workers(commands=consumers(status.queues, ["commands"]),
+                             indexer=consumers(status.queues, list(indexer_roles(settings))), relay=status.relay.holder)
     return status
-
-
-# -- the broker -------------------------------------------------------------------------------
-def queue_roles(settings: Settings) -> dict[str, str]:
-    """Role (``commands``, ``commands.DQ``, ``indexer.p1.XQ``...) -> the queue's name under ``settings``."""
-    roles = {}
-    for role, name in (("commands", settings.commands_queue), *_indexer_roles(settings).items()):
-        roles.update({role: name, f"{role}.DQ": f"{name}.DQ", f"{role}.XQ": f"{name}.XQ"})
-    return roles
-
-
-def _indexer_roles(settings: Settings) -> dict[str, str]:
-    """Each indexer partition's role (``indexer``, then ``indexer.p1``...) -> its queue."""
-    return {"indexer" if p.index == 0 else f"indexer.p{p.index}": p.queue for p in indexer_partitions(settings)}
-
-
-def _gather_broker(settings: Settings, status: PipelineStatus) -> None:
-    if settings.embedded_broker:
-        status.components["broker"] = Component(reachable=False, error="embedded in-process broker: nothing to inspect")
-        return
-    from cqrskit.infra.broker import amqp_parameters
-
-    parameters = amqp_parameters(settings.broker_url, TIMEOUT)
-    try:
-        connection = pika.BlockingConnection(parameters)
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        where = f"{parameters.host}:{parameters.port}{parameters.virtual_host}"
-        status.components["broker"] = Component(reachable=False, error=f"cannot connect to {where}: {_error(exc)}")
-        return
-    try:
-        status.queues = {role: _queue_state(connection, name) for role, name in queue_roles(settings).items()}
-        status.components["broker"] = Component(reachable=True)
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        status.queues = {}
-        status.components["broker"] = Component(reachable=False, error=_error(exc))
-    finally:
-        if connection.is_open:
-            connection.close()
-    status.dead_letters = {"commands": _ready(status, ["commands.XQ"]),
-                           "indexer": _ready(status, [f"{role}.XQ" for role in _indexer_roles(settings)])}
-
-
-def _queue_state(connection: pika.BlockingConnection, name: str) -> QueueState:
-    channel = connection.channel()
-    try:
-        declared = channel.queue_declare(name, passive=True).method
-        return QueueState(name=name, ready=declared.message_count, consumers=declared.consumer_count)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code != 404:
-            raise
-        return QueueState(name=name, exists=False)
-    finally:
-        if channel.is_open:
-            channel.close()
-
-
-def _ready(status: PipelineStatus, roles: list[str]) -> int | None:
-    """Messages ready in the queues of ``roles``, summed (None when none was inspected)."""
-    queues = [status.queues[role] for role in roles if role in status.queues]
-    return None if not queues else sum(q.ready or 0 for q in queues)
-
-
-def _consumers(status: PipelineStatus, roles: list[str]) -> int | None:
-    """The consumers of the least-served queue of ``roles`` (None when none was inspected)."""
-    queues = [status.queues[role] for role in roles if role in status.queues]
-    return None if not queues else min(q.consumers or 0 for q in queues)
 
 
 # -- the write store --------------------------------------------------------------------------
@@ -388,9 +319,3 @@ def _reflected_versions(es: Elasticsearch, index: str, stream_of: dict[str, str]
     return versions
 
 
-def _error(exc: BaseException) -> str:
-    problem = explain(exc)
-    if problem is not None:
-        return f"{problem.problem}; {problem.fix}"
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}"[:300] if text else type(exc).__name__

@@ -5,6 +5,9 @@ Contract (G1, producer side): a message counts as published only once the broker
 broker, a confirm that does not arrive within ``confirm_timeout``, a connection lost beyond the reconnect
 budget, a close -- is reported as not confirmed. Messages unconfirmed when a connection drops are
 republished on the next connection, so delivery is at-least-once: consumers deduplicate by message id.
+Given the nodes of a cluster (several URLs), a publisher starts on a random one and, when its
+connection drops, connects to the next node at once: it waits (with backoff) only once every node
+has failed in a row.
 
 One IO thread per publisher owns the connection and all confirm bookkeeping; caller threads only append
 to an outbox, wake the IO loop and wait on their own batch. At most ``window`` messages per publisher are
@@ -14,10 +17,11 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import pika
@@ -55,20 +59,18 @@ class AmqpPublisher(ConfirmLoop):
     eventually settled exactly once: confirmed, or failed with a reason.
     """
 
-    def __init__(self, url: str, exchange: str, *, window: int = 1000, confirm_timeout: float = 30.0,
+    def __init__(self, url: str | Sequence[str], exchange: str, *, window: int = 1000, confirm_timeout: float = 30.0,
                  heartbeat: int = 5, blocked_connection_timeout: float = 30.0,
                  reconnect_attempts: int = 5, mandatory: bool = True) -> None:
         if window < 1 or confirm_timeout <= 0 or reconnect_attempts < 0:
             raise ValueError("window >= 1, confirm_timeout > 0 and reconnect_attempts >= 0 are required")
         self.exchange = exchange
         self.connection_name = f"cqrskit-publisher-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self._params = pika.URLParameters(url)
-        self._params.heartbeat = heartbeat
-        self._params.blocked_connection_timeout = blocked_connection_timeout
-        self._params.connection_attempts = 1  # retries are ours, counted against reconnect_attempts
-        self._params.client_properties = {"connection_name": self.connection_name}
+        urls = url.split(",") if isinstance(url, str) else list(url)
+        self._nodes = [self._node_parameters(u, heartbeat, blocked_connection_timeout, len(urls) > 1) for u in urls]
+        self._node = random.randrange(len(self._nodes))  # where this publisher connects first (spread)
         # RabbitMQ checks user_id against the connection's user, so consumers can trust it (G11).
-        self._user_id = self._params.credentials.username
+        self._user_id = self._nodes[0].credentials.username
         self.republished = 0  # messages requeued for republishing after a connection loss (observability)
         self._window, self._confirm_timeout = window, confirm_timeout
         self._reconnect_attempts = reconnect_attempts
@@ -87,6 +89,22 @@ class AmqpPublisher(ConfirmLoop):
         self._retry: collections.deque[Entry] = collections.deque()
         self._next_tag, self._low_tag, self._failures = 0, 1, 0
         self._reconnect_timer = None
+        self._confirmed_at = 0.0
+
+    def _node_parameters(self, url: str, heartbeat: int, blocked_timeout: float, cluster: bool) -> pika.URLParameters:
+        params = pika.URLParameters(url.strip())
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = blocked_timeout
+        params.connection_attempts = 1  # retries are ours, counted against reconnect_attempts
+        if cluster:  # a node that does not answer is passed over for the next one within seconds
+            params.socket_timeout, params.stack_timeout = 3.0, 6.0
+        params.client_properties = {"connection_name": self.connection_name}
+        return params
+
+    @property
+    def node(self) -> str:
+        """host:port of the node this publisher is connected (or connecting) to."""
+        return self._node_name()
 
     # ------------------------------------------------------------------ caller side
     def publish(self, message: OutgoingMessage) -> None:

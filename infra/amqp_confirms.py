@@ -21,6 +21,7 @@ from pika.adapters.select_connection import IOLoop
 
 log = structlog.get_logger("cqrskit.infra.amqp")
 
+STALL_SECONDS = 5.0  # on a cluster, no confirm for this long moves the publisher to the next node
 _FATAL_CONNECT_ERRORS = (pika_exc.ProbableAuthenticationError, pika_exc.AuthenticationError,
                          pika_exc.ProbableAccessDeniedError)  # retrying these cannot help
 
@@ -65,7 +66,8 @@ class ConfirmLoop:
     exchange: str
     connection_name: str
     republished: int
-    _params: pika.URLParameters
+    _nodes: list[pika.URLParameters]  # the cluster's nodes (one for a single broker)
+    _node: int  # the node connected to, or tried next
     _user_id: str | None
     _mandatory: bool
     _confirm_timeout: float
@@ -87,6 +89,7 @@ class ConfirmLoop:
     _low_tag: int
     _failures: int
     _reconnect_timer: Any
+    _confirmed_at: float  # when the broker last confirmed (or nacked) anything
 
     def _release_slots(self, n: int) -> None:
         with self._slots:
@@ -115,9 +118,11 @@ class ConfirmLoop:
             self._channel.add_on_close_callback(self._on_channel_closed)  # also covers a failed open
 
     def _connect(self) -> None:
-        log.info("amqp_publisher.connecting", connection_name=self.connection_name, failures=self._failures)
+        params = self._nodes[self._node]
+        log.info("amqp_publisher.connecting", connection_name=self.connection_name, failures=self._failures,
+                 node=f"{params.host}:{params.port}")
         self._connection = pika.SelectConnection(
-            self._params, on_open_callback=lambda _conn: self._ensure_link(),
+            params, on_open_callback=lambda _conn: self._ensure_link(),
             on_open_error_callback=self._on_link_down, on_close_callback=self._on_link_down,
             custom_ioloop=self._ioloop)
 
@@ -163,6 +168,7 @@ class ConfirmLoop:
         entries = [e for e in map(self._pending.pop, tags, itertools.repeat(None)) if e is not None]
         if method.multiple:
             self._low_tag = max(self._low_tag, tag + 1)
+        self._confirmed_at = time.monotonic()
         if ok:
             self._failures = 0  # progress: the reconnect budget starts afresh
         self._settle(entries, None if ok else "nacked by broker")
@@ -200,13 +206,16 @@ class ConfirmLoop:
             self._ensure_link()  # queued messages get a fresh channel
 
     def _on_link_down(self, conn, exc) -> None:
-        """Connection failed or dropped: requeue unconfirmed messages; reconnect with backoff or give up."""
+        """Connection failed or dropped: requeue unconfirmed messages; reconnect or give up. The
+        next attempt goes to the next node at once; only a whole round of failed nodes waits (a
+        backoff), and ``reconnect_attempts`` rounds give up."""
         if conn is not self._connection:
             return  # a stale callback from a connection already replaced
         self._connection, self._channel, self._ready = None, None, False
         if self._stopping:
             self._ioloop.stop()
             return
+        self._node = (self._node + 1) % len(self._nodes)  # never the lost node first
         returned = [e for e in self._pending.values() if e.failure is not None]
         requeue = [e for e in self._pending.values() if e.failure is None]
         self._retry.extendleft(reversed(requeue))
@@ -218,15 +227,21 @@ class ConfirmLoop:
             log.info("amqp_publisher.disconnected_idle", error=repr(exc))
             return
         self._failures += 1
-        if isinstance(exc, _FATAL_CONNECT_ERRORS) or self._failures > self._reconnect_attempts:
+        nodes = len(self._nodes)
+        if isinstance(exc, _FATAL_CONNECT_ERRORS) or self._failures > self._reconnect_attempts * nodes:
             attempts, self._failures = self._failures, 0
             log.error("amqp_publisher.gave_up", error=repr(exc), attempts=attempts)
             self._fail_all(f"connection lost and not re-established after {attempts} attempt(s): {exc!r}")
             return
-        delay = min(0.25 * 2 ** (self._failures - 1), 5.0)
-        log.warning("amqp_publisher.reconnecting", error=repr(exc), delay=delay,
+        rounds, other_nodes_left = divmod(self._failures, nodes)
+        delay = 0.0 if other_nodes_left else min(0.25 * 2 ** (rounds - 1), 5.0)
+        log.warning("amqp_publisher.reconnecting", error=repr(exc), delay=delay, node=self._node_name(),
                     requeued=len(self._retry), failures=self._failures)
         self._reconnect_timer = self._ioloop.call_later(delay, self._on_reconnect_timer)
+
+    def _node_name(self) -> str:
+        params = self._nodes[self._node]
+        return f"{params.host}:{params.port}"
 
     def _on_reconnect_timer(self) -> None:
         self._reconnect_timer = None
@@ -235,6 +250,7 @@ class ConfirmLoop:
     def _check_timeouts(self) -> None:
         if self._stopping:
             return
+        self._check_stall()
         deadline = time.monotonic() - self._confirm_timeout
         expired = [tag for tag, entry in self._pending.items() if entry.sent_at < deadline]
         if expired:
@@ -242,6 +258,20 @@ class ConfirmLoop:
             self._settle([self._pending.pop(t) for t in expired],
                          f"no confirm within {self._confirm_timeout}s")
         self._ioloop.call_later(self._tick, self._check_timeouts)
+
+    def _check_stall(self) -> None:
+        """On a cluster, confirms that stop coming (a quorum queue's leader died as the message
+        reached it: RabbitMQ 3.10 may then confirm it only much later, or never) move the
+        publisher to the next node: its unconfirmed messages are sent again there (at least once,
+        consumers deduplicate by message id) instead of waiting out ``confirm_timeout``."""
+        if len(self._nodes) < 2 or not self._pending or self._connection is None or not self._connection.is_open:
+            return
+        stalled_since = time.monotonic() - STALL_SECONDS
+        oldest = next(iter(self._pending.values()))
+        if oldest.sent_at < stalled_since and self._confirmed_at < stalled_since:
+            log.warning("amqp_publisher.confirms_stalled", node=self._node_name(), unconfirmed=len(self._pending),
+                        seconds=STALL_SECONDS)
+            self._connection.close()  # _on_link_down requeues them and connects to the next node
 
     def _settle(self, entries: list[Entry], reason: str | None) -> None:
         """Confirm entries (reason None and not returned) or fail them; release their window slots."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
+import random
 import time
 import uuid
 import weakref
@@ -22,13 +24,16 @@ import dramatiq
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.common import dq_name
+from dramatiq.common import dq_name, xq_name
+from dramatiq.errors import ConnectionClosed
 from dramatiq.encoder import JSONEncoder, MessageData
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
+from cqrskit.infra.deadletter_queues import declare_dead_letter_queue
 from cqrskit.infra.delivery import Delivery
+from cqrskit.infra.nodes import NodeList
+from cqrskit.infra.reconnect import ConsumeBackoff, quick_restarts
 from cqrskit.infra.tracing_hooks import current_options, trace_options
-from cqrskit.infra.reconnect import ConsumeBackoff
 from cqrskit.infra.settings import QueueType, Settings
 
 COMMAND_ACTOR = "execute_command"
@@ -127,15 +132,46 @@ def wrap_command(body: bytes, queue_name: str, delivery: Delivery | None = None,
 class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
     """Dramatiq's RabbitMQ broker with quorum queues (optional) and a delivery limit, so that a
     message that kills its worker process is parked instead of coming back forever; its
-    consumers back off together while the broker is down (``cqrskit.infra.reconnect``)."""
+    consumers back off together while the broker is down (``cqrskit.infra.reconnect``).
+
+    On a cluster (several node URLs) every connection of the broker tries the nodes in its
+    ``NodeList`` order: the process's random first node, and after a lost connection the next
+    node first, so that a dead node is tried last, never waited for. Its dead-letter queues
+    (``.XQ``) are quorum queues too, without Dramatiq's 7-day TTL, so that a dead letter outlives
+    a node and a week (G3); one declared classic by an older cqrskit is used as it is until
+    ``cqrskit setup`` moves it (``cqrskit.infra.deadletter_queues``)."""
 
     def __init__(self, *, queue_type: QueueType, delivery_limit: int, commands_queue: str = "", endpoint: str = "?",
-                 **kwargs: Any) -> None:
+                 nodes: NodeList | None = None, **kwargs: Any) -> None:
+        self.nodes = nodes
         super().__init__(**kwargs)
+        quick_restarts()
         self.endpoint = endpoint
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
         self.commands_queue = commands_queue
+
+    @property  # type: ignore[override]
+    def parameters(self) -> Any:
+        return self.nodes.ordered() if self.nodes is not None else self.__dict__["parameters"]
+
+    @parameters.setter
+    def parameters(self, value: Any) -> None:
+        self.__dict__["parameters"] = value  # Dramatiq's own list, used when no NodeList was given
+
+    @property  # type: ignore[override]
+    def connection(self) -> pika.BlockingConnection:
+        connection = RabbitmqBroker.connection.fget(self)  # type: ignore[attr-defined]
+        if self.nodes is not None:
+            self.nodes.reached(connection)
+        return connection
+
+    @connection.deleter
+    def connection(self) -> None:
+        current = getattr(self.state, "connection", None)
+        if self.nodes is not None and current is not None and not current.is_open:
+            self.nodes.lost(current)  # an error dropped it: the next connection starts elsewhere
+        RabbitmqBroker.connection.fdel(self)  # type: ignore[attr-defined]
 
     @property
     def consumer_class(self) -> type:
@@ -147,6 +183,11 @@ class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
             arguments["x-queue-type"] = "quorum"
             arguments["x-delivery-limit"] = self.delivery_limit
         return arguments
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        if self.queue_type is not QueueType.quorum:
+            return super()._declare_xq_queue(queue_name)
+        return declare_dead_letter_queue(self, xq_name(queue_name))
 
 
 class CommandsConsumer(_RabbitmqConsumer):  # type: ignore[misc]
@@ -160,9 +201,24 @@ class CommandsConsumer(_RabbitmqConsumer):  # type: ignore[misc]
 
     def __init__(self, broker: CqrsRabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)
+        self.consuming = False
+        if broker.nodes is not None:
+            broker.nodes.reached(self.connection)
         commands = broker.commands_queue
         if queue_name in (commands, dq_name(commands)):
             self.iterator = _exchange_bodies_wrapped(self.iterator, commands)
+
+    def __next__(self) -> Any:
+        try:
+            message = super().__next__()
+        except ConnectionClosed as exc:
+            if self.broker.nodes is not None:
+                self.broker.nodes.lost(self.connection)  # the restarted consumer tries another node first
+            if not self.consuming:  # lost before it consumed at all (a queue with no leader yet): back off
+                self.broker.consume_failed(exc)
+            raise
+        self.consuming = True
+        return message
 
 
 def _exchange_bodies_wrapped(deliveries: Iterator[tuple[Any, Any, Any]], commands_queue: str
@@ -196,12 +252,14 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
         broker = StubBroker(middleware=middleware)
     else:
         broker = CqrsRabbitmqBroker(
-            parameters=[connection_parameters(settings.broker_url)],
+            nodes=NodeList([connection_parameters(url, cluster=len(settings.broker_urls) > 1) | {
+                "client_properties": {"connection_name": f"cqrskit-dramatiq-{os.getpid()}"}}  # who, for rabbitmqctl
+                for url in settings.broker_urls]),
             confirm_delivery=True,
             middleware=middleware,
             queue_type=settings.queue_type,
             delivery_limit=settings.delivery_limit,
-            endpoint=_masked(settings.broker_url),
+            endpoint=",".join(_masked(url) for url in settings.broker_urls),
             commands_queue=settings.commands_queue,
         )
     # Retries wait at most max_backoff_ms; the rest allows for clocks that disagree between hosts.
@@ -215,9 +273,12 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
     return broker
 
 
-def connection_parameters(url: str) -> dict[str, Any]:
+def connection_parameters(url: str, cluster: bool = False) -> dict[str, Any]:
     """pika parameters from an amqp URL, with heartbeats and a blocked-connection timeout so a
-    dead or blackholed broker is noticed in seconds, not minutes."""
+    dead or blackholed broker is noticed in seconds, not minutes. A node of a cluster
+    (``cluster``) gets one quick attempt per round (pika tries every node of a list once per
+    round; 3 rounds, 1 s apart) and a short connect timeout: a node that does not answer is
+    passed over for the next one within 3 s."""
     params = pika.URLParameters(url)
     return {
         "host": params.host,
@@ -229,14 +290,28 @@ def connection_parameters(url: str) -> dict[str, Any]:
         "blocked_connection_timeout": 30,
         "connection_attempts": 3,
         "retry_delay": 1,
-    }
+    } | ({"socket_timeout": 3.0, "stack_timeout": 6.0} if cluster else {})
+
+
+def amqp_nodes(settings: Settings, timeout: float = 5.0) -> list[pika.ConnectionParameters]:
+    """Every node of ``settings.broker_url``, from a random one on, for one short-lived
+    connection: ``pika.BlockingConnection(amqp_nodes(settings))`` connects to the first node that
+    answers, one quick attempt each (an operator's command must not hang on a dead node)."""
+    urls = settings.broker_urls
+    start = random.randrange(len(urls))
+    return [pika.ConnectionParameters(**_quick(connection_parameters(url, cluster=len(urls) > 1), timeout))
+            for url in urls[start:] + urls[:start]]
+
+
+def _quick(params: dict[str, Any], timeout: float) -> dict[str, Any]:
+    return params | {"connection_attempts": 1, "socket_timeout": timeout, "stack_timeout": timeout * 2,
+                     "blocked_connection_timeout": timeout * 2}
 
 
 def amqp_parameters(url: str, timeout: float = 5.0) -> pika.ConnectionParameters:
-    """One quick connection attempt (an operator's command must not hang on a dead broker)."""
-    params = connection_parameters(url) | {"connection_attempts": 1, "socket_timeout": timeout,
-                                           "stack_timeout": timeout * 2, "blocked_connection_timeout": timeout * 2}
-    return pika.ConnectionParameters(**params)
+    """One quick connection attempt to the node at ``url`` (an operator's command must not hang
+    on a dead broker)."""
+    return pika.ConnectionParameters(**_quick(connection_parameters(url), timeout))
 
 
 def _masked(url: str) -> str:

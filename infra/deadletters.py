@@ -17,7 +17,7 @@ from typing import Any
 
 import pika
 
-from cqrskit.infra.broker import MESSAGE_KEYS, amqp_parameters
+from cqrskit.infra.broker import MESSAGE_KEYS, amqp_nodes
 from cqrskit.infra.delivery import ISSUER_HEADER, Delivery
 from cqrskit.infra.settings import Settings
 
@@ -101,7 +101,7 @@ class DeadLetterQueue:
         self.settings = settings
         self.command_id_of = command_id_of
         self.name = f"{settings.commands_queue}.XQ"
-        self.connection = pika.BlockingConnection(amqp_parameters(settings.broker_url))
+        self.connection = pika.BlockingConnection(amqp_nodes(settings))  # the first node that answers
         self.channel = self.connection.channel()
         self.publisher: Any = None
         self.taken = 0
@@ -134,7 +134,7 @@ class DeadLetterQueue:
             headers[ISSUER_HEADER] = issuer
         properties = pika.BasicProperties(delivery_mode=2, content_type="application/json",
                                           message_id=letter.command_id, headers=headers,
-                                          user_id=pika.URLParameters(self.settings.broker_url).credentials.username)
+                                          user_id=pika.URLParameters(self.settings.broker_urls[0]).credentials.username)
         self.publisher.basic_publish(self.settings.commands_exchange, letter.type or "dlq.retry", letter.body,
                                      properties, mandatory=True)
 

@@ -7,6 +7,7 @@ clients are made later, at start-up, by the process that needs them.
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
@@ -49,7 +50,8 @@ class Settings(BaseSettings):
     )
     broker_url: str = Field(
         default=EMBEDDED_BROKER,
-        description="amqp:// URL of RabbitMQ, or memory:// for the embedded in-process broker.",
+        description="amqp:// URL of RabbitMQ (several, comma-separated: the nodes of one cluster), or memory:// "
+                    "for the embedded in-process broker.",
     )
     elasticsearch_url: str = Field(
         default=EMBEDDED_SEARCH,
@@ -200,9 +202,22 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _broker_scheme(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://", EMBEDDED_BROKER)):
-            raise ValueError(f"broker_url must be amqp://, amqps:// or {EMBEDDED_BROKER}, got {masked(value)!r}")
-        return value
+        """One URL, or the comma-separated URLs of one cluster's nodes: each amqp:// or amqps://,
+        none twice, all with the same user and virtual host (RabbitMQ validates the ``user_id``
+        a publisher sets against its connection's user, on whichever node it is)."""
+        if value == EMBEDDED_BROKER:
+            return value
+        urls = [url.strip() for url in value.split(",")]
+        if "" in urls or not all(url.startswith(("amqp://", "amqps://")) for url in urls):
+            raise ValueError(f"broker_url must be amqp://, amqps:// (several, comma-separated: the nodes of one "
+                             f"cluster) or {EMBEDDED_BROKER}, got {masked(value)!r}")
+        nodes = [urlsplit(url) for url in urls]
+        if len({(n.hostname, n.port) for n in nodes}) < len(nodes):
+            raise ValueError(f"broker_url names one node twice: {masked(value)!r}")
+        if len({(n.username, n.path or "/") for n in nodes}) > 1:
+            raise ValueError(f"broker_url: the nodes of one cluster need the same user and virtual host, "
+                             f"got {masked(value)!r}")
+        return ",".join(urls)
 
     @field_validator("log_level")
     @classmethod
@@ -257,6 +272,11 @@ class Settings(BaseSettings):
         return self.broker_url == EMBEDDED_BROKER
 
     @property
+    def broker_urls(self) -> list[str]:
+        """The broker's node URLs, in the order given (one for a single broker)."""
+        return self.broker_url.split(",")
+
+    @property
     def real_services(self) -> bool:
         """Any of the write store, the broker or the search server is a real service."""
         return not (self.embedded_broker and self.elasticsearch_url == EMBEDDED_SEARCH
@@ -284,7 +304,7 @@ class Settings(BaseSettings):
 
 def masked(url: str) -> str:
     """``url`` with the password of its user info replaced by ``***`` (for any message or log)."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"(//[^/@:,]*:)[^/@,]*@", r"\1***@", url)
 
 
 def load_settings(**overrides: object) -> Settings:
