@@ -172,6 +172,11 @@ class ConfirmLoop:
         if ok:
             self._failures = 0  # progress: the reconnect budget starts afresh
         self._settle(entries, None if ok else "nacked by broker")
+        if not ok and len(self._nodes) > 1 and self._connection is not None and self._connection.is_open:
+            # A channel that published while a quorum queue changed leader can be nacked from then
+            # on (RabbitMQ 3.10): a fresh connection, on the next node, is not.
+            log.warning("amqp_publisher.nacked", node=self._node_name(), unconfirmed=len(self._pending))
+            self._connection.close()
 
     def _on_return(self, _channel, method, props, body) -> None:
         """Mark a returned message; RabbitMQ sends its ack after the return, which settles it as failed."""

@@ -46,6 +46,7 @@ from tests.bad_inputs import BAD_INPUTS
 from tests.processes import port_bands
 from tests.rabbit_cluster import Node, RabbitCluster
 from tests.stack import Stack, wait_until
+from tests.tcp_balancer import TcpBalancer
 
 RECOVERY_LIMIT = 10.0
 DEAD_BODIES = [(name, body("x")) for name, body, (fate, _why) in BAD_INPUTS if fate == "dead-letter"]
@@ -89,12 +90,29 @@ def whole_cluster(cluster: RabbitCluster) -> RabbitCluster:
 
 @pytest.fixture
 def cluster_stack(whole_cluster: RabbitCluster, pg_url: str, search_url: str, tmp_path: Path) -> Iterator[ClusterStack]:
+    """The stack on the three node URLs."""
+    yield from make_stack(whole_cluster, ",".join(whole_cluster.urls), pg_url, search_url, tmp_path)
+
+
+@pytest.fixture
+def balanced_stack(whole_cluster: RabbitCluster, pg_url: str, search_url: str, tmp_path: Path) -> Iterator[ClusterStack]:
+    """The stack on one URL: a TCP load balancer with health checks in front of the three nodes."""
+    balancer = TcpBalancer(whole_cluster.first_port + 30, [("127.0.0.1", n.amqp_port) for n in whole_cluster.nodes])
+    balancer.start()
+    try:
+        yield from make_stack(whole_cluster, balancer.url, pg_url, search_url, tmp_path)
+    finally:
+        balancer.close()
+
+
+def make_stack(cluster: RabbitCluster, broker_url: str, pg_url: str, search_url: str, tmp_path: Path
+               ) -> Iterator[ClusterStack]:
     tag = uuid.uuid4().hex[:10]
-    base = Settings(database_url=pg_url, broker_url=",".join(whole_cluster.urls),
+    base = Settings(database_url=pg_url, broker_url=broker_url,
                     commands_exchange=f"test.{tag}.commands", commands_queue=f"test.{tag}.commands",
                     events_exchange=f"test.{tag}.events", indexer_queue=f"test.{tag}.indexer",
                     index_prefix=f"t{tag}", queue_type=QueueType.quorum)
-    ClusterStack.cluster = whole_cluster
+    ClusterStack.cluster = cluster
     stack = ClusterStack.create(base, search_url, tmp_path)
     try:
         yield stack
@@ -106,12 +124,6 @@ def cluster_stack(whole_cluster: RabbitCluster, pg_url: str, search_url: str, tm
 @pytest.mark.timeout(900)
 def test_killing_the_node_the_stack_is_connected_to(cluster_stack: ClusterStack) -> None:
     """G1, G2, G3, G5, G6: kill -9 the node holding most of the stack's connections, mid-load."""
-    def busiest(stack: ClusterStack) -> Node:
-        held = connected_processes(stack)
-        name = max(held, key=lambda n: len(held[n]))
-        assert held[name], f"no process of the stack is connected to any node: {held}"
-        return stack.cluster.node_named(name)
-
     run_failover(cluster_stack, busiest, "connected node")
 
 
@@ -123,6 +135,22 @@ def test_killing_the_commands_queue_leader(cluster_stack: ClusterStack) -> None:
         return stack.cluster.node_named(stack.cluster.queue_table()[stack.settings.commands_queue]["leader"])
 
     run_failover(cluster_stack, leader, "commands queue leader")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killing_a_node_behind_a_tcp_load_balancer(balanced_stack: ClusterStack) -> None:
+    """G1, G2, G3, G5, G6: one broker URL, a health-checked TCP balancer in front of the nodes;
+    kill -9 the node holding most of the stack's connections, mid-load."""
+    run_failover(balanced_stack, busiest, "node behind the balancer")
+
+
+def busiest(stack: ClusterStack) -> Node:
+    """The node most of the stack's processes hold a connection on."""
+    held = connected_processes(stack)
+    name = max(held, key=lambda n: len(held[n]))
+    assert held[name], f"no process of the stack is connected to any node: {held}"
+    return stack.cluster.node_named(name)
 
 
 # -- the scenario ---------------------------------------------------------------------------------
