@@ -89,7 +89,7 @@ class AmqpPublisher(ConfirmLoop):
         self._retry: collections.deque[Entry] = collections.deque()
         self._next_tag, self._low_tag, self._failures = 0, 1, 0
         self._reconnect_timer = None
-        self._confirmed_at = 0.0
+        self._confirmed_at = self._nack_reconnect_at = 0.0
 
     def _node_parameters(self, url: str, heartbeat: int, blocked_timeout: float, cluster: bool) -> pika.URLParameters:
         params = pika.URLParameters(url.strip())

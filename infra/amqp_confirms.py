@@ -90,6 +90,7 @@ class ConfirmLoop:
     _failures: int
     _reconnect_timer: Any
     _confirmed_at: float  # when the broker last confirmed (or nacked) anything
+    _nack_reconnect_at: float  # when a nack last made the publisher reconnect
 
     def _release_slots(self, n: int) -> None:
         with self._slots:
@@ -172,11 +173,22 @@ class ConfirmLoop:
         if ok:
             self._failures = 0  # progress: the reconnect budget starts afresh
         self._settle(entries, None if ok else "nacked by broker")
-        if not ok and len(self._nodes) > 1 and self._connection is not None and self._connection.is_open:
-            # A channel that published while a quorum queue changed leader can be nacked from then
-            # on (RabbitMQ 3.10): a fresh connection, on the next node, is not.
-            log.warning("amqp_publisher.nacked", node=self._node_name(), unconfirmed=len(self._pending))
-            self._connection.close()
+        if not ok:
+            self._reconnect_after_nack()
+
+    def _reconnect_after_nack(self) -> None:
+        """After a quorum queue changed leader, RabbitMQ 3.10 may nack every message a connection
+        publishes from then on, for minutes: a fresh connection (to the next node of a cluster, or
+        through a load balancer to a live one) is not. At most one such reconnect per
+        ``STALL_SECONDS``, so that a queue that rightly refuses (``x-overflow: reject-publish``)
+        costs no storm of connections."""
+        now = time.monotonic()
+        conn = self._connection
+        if conn is None or not conn.is_open or now - self._nack_reconnect_at < STALL_SECONDS:
+            return
+        self._nack_reconnect_at = now
+        log.warning("amqp_publisher.nacked", node=self._node_name(), unconfirmed=len(self._pending))
+        conn.close()  # _on_link_down republishes the other unconfirmed messages on the new connection
 
     def _on_return(self, _channel, method, props, body) -> None:
         """Mark a returned message; RabbitMQ sends its ack after the return, which settles it as failed."""
