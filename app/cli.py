@@ -29,7 +29,7 @@ err = Console(stderr=True, soft_wrap=True)  # one line per message, however narr
 def main(
     ctx: typer.Context,
     database_url: Annotated[Optional[str], typer.Option(help="Write store URL (env CQRSKIT_DATABASE_URL).")] = None,
-    broker_url: Annotated[Optional[str], typer.Option(help="amqp:// URL or memory:// (env CQRSKIT_BROKER_URL).")] = None,
+    broker_url: Annotated[Optional[str], typer.Option(help="amqp:// URL (a cluster: its nodes' URLs, comma-separated) or memory:// (env CQRSKIT_BROKER_URL).")] = None,
     elasticsearch_url: Annotated[Optional[str], typer.Option(help="Search URL (env CQRSKIT_ELASTICSEARCH_URL).")] = None,
     log_format: Annotated[Optional[LogFormat], typer.Option(help="auto, json or console.")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING...")] = None,
