@@ -125,6 +125,11 @@ def render_status(s: PipelineStatus) -> Group:
         outcomes = Table(*s.outcomes, title="outcomes", title_justify="left")
         outcomes.add_row(*(str(n) for n in s.outcomes.values()))
         parts.append(outcomes)
+    if (pm := s.process_managers) is not None:
+        late = f"[red]{pm.timers_overdue} overdue (oldest {pm.oldest_overdue_seconds:g} s)[/]" \
+            if pm.timers_overdue else "0 overdue"
+        parts.append(f"process managers: {pm.instances} instances, timers {pm.timers_pending} pending, {late}, "
+                     f"outbox {pm.outbox_unpublished} unpublished")
     w = s.workers
     parts += [f"workers: commands {_n(w.commands)}, indexer {_n(w.indexer)}, "
               f"relay {w.relay or 'none'}   dead letters: "

@@ -53,6 +53,7 @@ from cqrskit.app.status_broker import (  # noqa: F401  (queue_roles: part of thi
 from cqrskit.infra.schema import command_outcomes, events, leases, parked_documents, read_model_indices, streams
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
 from cqrskit.infra.utc import as_utc
+from cqrskit.infra.write_store.reactions import ProcessManagersState, process_manager_state
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
 
@@ -114,6 +115,7 @@ class PipelineStatus(BaseModel):
     read_models: dict[str, ReadModelState] = Field(default_factory=dict)
     workers: Workers = Field(default_factory=Workers)
     rates: Rates | None = None
+    process_managers: ProcessManagersState | None = None
 
     @property
     def healthy(self) -> bool:
@@ -202,6 +204,7 @@ def _gather_write_store(engine: Engine, status: PipelineStatus, settings: Settin
         with engine.connect() as conn:
             status.outcomes = _outcomes(conn)
             status.relay = _relay_state(conn, lag.events, lag.oldest_age)
+            status.process_managers = process_manager_state(conn)
             parked = _parked(conn)
             roles = conn.execute(sa.select(read_model_indices.c.read_model, read_model_indices.c.index_name,
                                            read_model_indices.c.role)).all()

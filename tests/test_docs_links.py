@@ -17,7 +17,8 @@ FILE = re.compile(r"`([\w./-]+\.(?:py|md|json|toml|sh|ini|yml|yaml)|[\w.-]+/(?:[
 # names the documents use for files a user makes, not files of this repository (docs/extending.md's
 # tutorial project, made by `cqrskit new todo`)
 EXAMPLES = {"commands.jsonl", "command.json", "tests/test_todo.py", "application/json"}  # and a media type
-USER_FOLDERS = ("todo/", "config/certs/")  # config/certs/: an Elasticsearch install's own folder
+# library/: docs/process-managers.md's tutorial project; config/certs/: an Elasticsearch install's own folder
+USER_FOLDERS = ("todo/", "library/", "config/certs/")
 
 
 def targets(doc: Path) -> list[str]:

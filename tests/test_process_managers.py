@@ -222,3 +222,29 @@ def test_the_hotels_no_show_frees_the_nights_of_a_guest_who_never_came(search_ur
         again = pipeline.send("BookRoom", "b3", {**stay, "room_id": "r1", "guest_name": "Alan"})
         assert again.status == "succeeded", again.outcome.reason
         assert all(r.ok for r in pipeline.verify())
+
+
+def test_status_counts_instances_pending_and_overdue_timers_and_the_outbox(shop_store: Any) -> None:
+    """G12, G13: pending timers, overdue ones (and how late the oldest is) and unpublished commands
+    are one query away (``cqrskit status``'s process-managers row)."""
+    from cqrskit.app.cli_ops import render_status
+    from cqrskit.app.status import PipelineStatus
+    from cqrskit.infra.write_store.reactions import process_manager_state
+
+    store, reactions = shop_store
+    for order in ("o1", "o2"):
+        reactions.react(payment_deadline, _append_placed(store, order), T0)
+    with store.engine.connect() as conn:
+        state = process_manager_state(conn, now=T0 + timedelta(seconds=3600))
+    assert (state.instances, state.timers_pending, state.timers_overdue, state.oldest_overdue_seconds,
+            state.outbox_unpublished) == (2, 2, 2, 1800.0, 0)
+    reactions.fire_due(T0 + timedelta(seconds=3600), limit=1)
+    with store.engine.connect() as conn:
+        state = process_manager_state(conn, now=T0 + timedelta(seconds=3600))
+    assert (state.timers_pending, state.timers_overdue, state.outbox_unpublished) == (1, 1, 1)
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render_status(PipelineStatus(taken_at=T0, components={}, process_managers=state)))
+    assert "process managers: 2 instances, timers 1 pending, 1 overdue (oldest 1800 s), outbox 1 unpublished" \
+        in console.export_text()

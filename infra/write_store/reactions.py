@@ -24,10 +24,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import BaseModel, Field
 from sqlalchemy import Connection, Engine
 
 from cqrskit.domain.ports import ConcurrencyConflict
@@ -38,6 +39,8 @@ from cqrskit.infra.envelope import CommandEnvelope
 from cqrskit.infra.schema import events, process_handled, process_instances, process_outbox, process_timers
 from cqrskit.infra.utc import as_utc
 from cqrskit.infra.write_store.port import StoredEvent
+
+OVERDUE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,31 @@ class ReactionStore:
                 process_instances.c.version == version).values(values)).rowcount == 1
         if not moved:
             raise ConcurrencyConflict(f"process {reaction.manager} instance {reaction.key} moved past version {version}")
+
+
+class ProcessManagersState(BaseModel):
+    """The process managers at one moment (a row of ``cqrskit status``)."""
+
+    instances: int = Field(description="Process-manager instances with a state.")
+    timers_pending: int = Field(description="Timers set and not fired nor cancelled.")
+    timers_overdue: int = Field(description="Timers due more than 5 s ago and not fired (a process-managers "
+                                "process is missing or behind).")
+    oldest_overdue_seconds: float = Field(description="How late the most overdue timer is (0.0: none).")
+    outbox_unpublished: int = Field(description="Commands sent and not yet confirmed by the broker.")
+
+
+def process_manager_state(conn: Connection, now: datetime | None = None) -> ProcessManagersState:
+    """Counts of the process managers' tables, in the caller's connection."""
+    now = now or datetime.now(UTC)
+    count = sa.func.count()
+    late = now - timedelta(seconds=OVERDUE_SECONDS)
+    pending, overdue, oldest = conn.execute(sa.select(
+        count, sa.func.count().filter(process_timers.c.due_at < late), sa.func.min(process_timers.c.due_at))).one()
+    return ProcessManagersState(
+        instances=conn.execute(sa.select(count).select_from(process_instances)).scalar_one(),
+        timers_pending=pending, timers_overdue=overdue,
+        oldest_overdue_seconds=round(max(0.0, (now - as_utc(oldest)).total_seconds()), 1) if overdue else 0.0,
+        outbox_unpublished=conn.execute(sa.select(count).where(process_outbox.c.published_at.is_(None))).scalar_one())
 
 
 def _timer_key(row: Any) -> tuple[Any, ...]:
