@@ -24,6 +24,8 @@ from rich.table import Table
 from cqrskit.app import bootstrap
 from cqrskit.app.status import PipelineStatus, gather_status
 from cqrskit.infra.deadletters import DeadLetter, DeadLetterQueue
+from cqrskit.infra.grants import ProducerGrants
+from cqrskit.infra.inert import inert, inert_lines
 from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.store import EventStore
@@ -193,13 +195,20 @@ def dlq_list(
         letters = [letter for _tag, letter in _letters(queue, limit)]
     if as_json:
         print(json.dumps([{"position": d.position, "command_id": d.command_id, "type": d.type, "bytes": len(d.body),
-                           "wrapped": d.wrapper is not None, "reason": d.reason} for d in letters], indent=2))
+                           "wrapped": d.wrapper is not None, "producer": d.delivery.producer,
+                           "issuer": d.delivery.on_behalf_of or d.delivery.producer, "reason": d.reason}
+                          for d in letters], indent=2))
         return
-    table = Table("#", "command id", "type", "bytes", "reason", title=f"{queue.name}")
+    table = Table("#", "command id", "type", "bytes", "producer", "reason", title=f"{queue.name}")
     for d in letters:
-        table.add_row(str(d.position), escape(d.command_id) if d.command_id else "[red]unreadable[/]",
-                      escape(d.type or ""), str(len(d.body)), escape(d.reason))
+        table.add_row(str(d.position), _shown(d.command_id) if d.command_id else "[red]unreadable[/]",
+                      _shown(d.type), str(len(d.body)), _shown(d.delivery.producer) or "[dim]none[/]", _shown(d.reason))
     console.print(table if letters else f"{queue.name} is empty")
+
+
+def _shown(value: object) -> str:
+    """Outside text for a rich table: no control character obeyed, no markup read."""
+    return escape(inert(value))
 
 
 @dlq_app.command("show")
@@ -214,15 +223,19 @@ def dlq_show(
     with dead_letter_queue(ctx.obj) as queue:
         found = next((d for _tag, d in _letters(queue, 1_000_000) if ref in (str(d.position), d.command_id)), None)
     if found is None:
-        err.print(f"no dead letter {escape(repr(ref))} in {escape(queue.name)}")
+        err.print(f"no dead letter {escape(inert(repr(ref)))} in {escape(queue.name)}")
         raise typer.Exit(3)
-    console.print(f"[bold]#{found.position}[/bold] command {escape(found.command_id or '(unreadable)')} type {escape(found.type or '?')}, "
-                  f"{len(found.body)} bytes" + (", in a Dramatiq message" if found.wrapper else ""))
-    console.print(f"reason: {found.reason}", markup=False)
+    console.print(f"[bold]#{found.position}[/bold] command {_shown(found.command_id or '(unreadable)')} type "
+                  f"{_shown(found.type or '?')}, {len(found.body)} bytes"
+                  + (", in a worker's Dramatiq message" if found.wrapper else ""))
+    delivery = found.delivery
+    console.print(f"producer: {inert(delivery.producer) or 'none validated'}, issuer: "
+                  f"{inert(delivery.on_behalf_of or delivery.producer) or 'none'}", markup=False)
+    console.print(f"reason: {inert(found.reason)}", markup=False)
     envelope = found.envelope
     console.print(json.dumps(envelope, indent=2) if envelope is not None else repr(found.body), markup=False)
     if found.traceback:
-        console.print(found.traceback, markup=False)
+        console.print(inert_lines(found.traceback), markup=False)
 
 
 @dlq_app.command("retry")
@@ -233,8 +246,10 @@ def dlq_retry(
 ) -> None:
     """Publish the commands again (the original bodies, to the commands exchange, confirmed),
     then remove them from the dead-letter queue. A dead outcome is deleted first so that the
-    command can run; any other outcome stays, and the command is a duplicate. Bodies with no
-    readable command id are left in place: they would be dead-lettered again.
+    command can run; any other outcome stays, and the command is a duplicate. Each keeps its
+    original producer and issuer (G11): a command someone else sent is retried only when your
+    RabbitMQ user is granted --on-behalf, else it is left in place with one line saying so. Bodies
+    with no readable command id are left in place: they would be dead-lettered again.
 
     Example: cqrskit dlq retry 1 2 (or --all)
     """
@@ -242,17 +257,30 @@ def dlq_retry(
         err.print("give positions, or --all")
         raise typer.Exit(2)
     wanted = set(positions or [])
-    retried = skipped = 0
+    retried = skipped = kept = 0
     with _store(ctx.obj) as store, dead_letter_queue(ctx.obj) as queue:
+        grants = ProducerGrants(store.engine, ttl=0)
         for tag, letter in _letters(queue, 1_000_000 if all_ else max(wanted)):
             if not all_ and letter.position not in wanted:
                 continue
             if letter.command_id is None:
                 skipped += 1
                 continue
+            if queue.needs_vouching(letter) and not _may_vouch(grants, queue.user):
+                err.print(f"#{letter.position} {inert(letter.command_id)} left in place: it keeps its producer "
+                          f"{inert(letter.delivery.producer)} only if {inert(queue.user)} is granted --on-behalf "
+                          f"(cqrskit producers grant {inert(queue.user)} '*' --on-behalf)", markup=False)
+                kept += 1
+                continue
             _retry(queue, store, tag, letter)
             retried += 1
-    console.print(f"retried {retried}" + (f", left {skipped} unreadable in place (dlq purge)" if skipped else ""))
+    console.print(f"retried {retried}" + (f", left {skipped} unreadable in place (dlq purge)" if skipped else "")
+                  + (f", left {kept} whose producer cannot be kept" if kept else ""))
+
+
+def _may_vouch(grants: ProducerGrants, user: str) -> bool:
+    found = grants.producer(user)
+    return found is not None and found.on_behalf
 
 
 def _retry(queue: DeadLetterQueue, store: EventStore, tag: int, letter: DeadLetter) -> None:
@@ -264,7 +292,8 @@ def _retry(queue: DeadLetterQueue, store: EventStore, tag: int, letter: DeadLett
     except (pika.exceptions.AMQPError, OSError) as exc:
         if removed is not None:
             store.record_outcome(removed)
-        err.print(f"[red]#{letter.position} {escape(str(letter.command_id))} not republished:[/red] {escape(repr(exc))}")
+        err.print(f"[red]#{letter.position} {escape(inert(letter.command_id))} not republished:[/red] "
+                  f"{escape(inert(repr(exc)))}")
         raise typer.Exit(1) from None
     queue.ack(tag)
 

@@ -37,6 +37,8 @@ ALL_TABLES = ("events", "streams", "command_outcomes", "unique_claims", "relay_c
 PG_GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
     "worker": {"SELECT, INSERT, UPDATE": ("events", "streams", "command_outcomes"),
                "SELECT, INSERT, DELETE": ("unique_claims",), "SELECT": ("producers", "producer_grants"),
+               # a vouched-for issuer must be a live key allowed the type: names and scopes, no digests
+               "SELECT (name, commands, revoked_at)": ("api_keys",),
                "USAGE": ("events_position_seq",)},
     "relay": {"SELECT": ("events",), "SELECT, INSERT, UPDATE": ("relay_checkpoints", "leases")},
     "indexer": {"SELECT": ("events", "streams", "read_model_indices"),

@@ -142,10 +142,11 @@ class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
     ``cqrskit setup`` moves it (``cqrskit.infra.deadletter_queues``)."""
 
     def __init__(self, *, queue_type: QueueType, delivery_limit: int, commands_queue: str = "", endpoint: str = "?",
-                 nodes: NodeList | None = None, **kwargs: Any) -> None:
+                 nodes: NodeList | None = None, own_user: str | None = None, **kwargs: Any) -> None:
         self.nodes = nodes
         super().__init__(**kwargs)
         quick_restarts()
+        self.own_user = own_user  # RabbitMQ validates it: the mark of this broker's own messages (G11)
         self.endpoint = endpoint
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
@@ -177,6 +178,16 @@ class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
     def consumer_class(self) -> type:
         return CommandsConsumer
 
+    @property
+    def channel(self) -> Any:
+        """This thread's channel; what Dramatiq publishes on it (retries, delayed re-enqueues)
+        carries ``own_user`` as ``user_id``."""
+        return _StampedChannel(RabbitmqBroker.channel.fget(self), self.own_user)  # type: ignore[attr-defined]
+
+    @channel.deleter
+    def channel(self) -> None:
+        RabbitmqBroker.channel.fdel(self)  # type: ignore[attr-defined]
+
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
         arguments = super()._build_queue_arguments(queue_name)
         if self.queue_type is QueueType.quorum:
@@ -190,14 +201,32 @@ class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
         return declare_dead_letter_queue(self, xq_name(queue_name))
 
 
+class _StampedChannel:
+    """A pika channel whose publishes carry ``user_id`` (when none was set): RabbitMQ refuses a
+    ``user_id`` that is not the publisher's, so no one else can make a message look like ours."""
+
+    def __init__(self, channel: Any, user: str | None) -> None:
+        self._channel, self._user = channel, user
+
+    def basic_publish(self, exchange: str, routing_key: str, body: bytes, properties: Any = None,
+                      mandatory: bool = False) -> None:
+        if self._user and properties is not None and properties.user_id is None:
+            properties.user_id = self._user
+        self._channel.basic_publish(exchange, routing_key, body, properties, mandatory)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+
 class CommandsConsumer(_RabbitmqConsumer):  # type: ignore[misc]
     """Dramatiq's consumer, told where each message came from. On the commands queues a body
     published through an exchange (the commands exchange: producers, the gateway, ``dlq retry``)
     is always a raw command, wrapped with its ``Delivery`` (routing key, RabbitMQ's validated
     ``user_id``, the gateway's issuer header), however much it looks like a Dramatiq message.
-    Only bodies from the default exchange, which only the workers may write to (their retries,
-    the delay queue's re-enqueues), may be Dramatiq messages, and ``CommandEncoder`` checks each
-    one (G10, G11)."""
+    Only bodies from the default exchange published by this worker's own RabbitMQ user (its
+    ``user_id``, which RabbitMQ validated: the workers' retries, the delay queue's re-enqueues)
+    may be Dramatiq messages, and ``CommandEncoder`` checks each one; any other body from the
+    default exchange is a raw command without a routing key (G10, G11)."""
 
     def __init__(self, broker: CqrsRabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)
@@ -206,7 +235,7 @@ class CommandsConsumer(_RabbitmqConsumer):  # type: ignore[misc]
             broker.nodes.reached(self.connection)
         commands = broker.commands_queue
         if queue_name in (commands, dq_name(commands)):
-            self.iterator = _exchange_bodies_wrapped(self.iterator, commands)
+            self.iterator = _exchange_bodies_wrapped(self.iterator, commands, broker.own_user)
 
     def __next__(self) -> Any:
         try:
@@ -221,11 +250,14 @@ class CommandsConsumer(_RabbitmqConsumer):  # type: ignore[misc]
         return message
 
 
-def _exchange_bodies_wrapped(deliveries: Iterator[tuple[Any, Any, Any]], commands_queue: str
-                             ) -> Iterator[tuple[Any, Any, Any]]:
+def _exchange_bodies_wrapped(deliveries: Iterator[tuple[Any, Any, Any]], commands_queue: str,
+                             own_user: str | None) -> Iterator[tuple[Any, Any, Any]]:
     for method, properties, body in deliveries:
         if method is not None and method.exchange != "":
             delivery = Delivery.from_amqp(method.routing_key, properties.user_id, properties.headers)
+            body = json.dumps(wrap_command(body, commands_queue, delivery, trace_options(properties.headers))).encode()
+        elif method is not None and (own_user is None or properties.user_id != own_user):
+            delivery = Delivery(routing_key="", producer=Delivery.from_amqp("", properties.user_id, None).producer)
             body = json.dumps(wrap_command(body, commands_queue, delivery, trace_options(properties.headers))).encode()
         yield method, properties, body
 
@@ -261,6 +293,7 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
             delivery_limit=settings.delivery_limit,
             endpoint=",".join(_masked(url) for url in settings.broker_urls),
             commands_queue=settings.commands_queue,
+            own_user=pika.URLParameters(settings.broker_urls[0]).credentials.username,
         )
     # Retries wait at most max_backoff_ms; the rest allows for clocks that disagree between hosts.
     encoder = dramatiq.get_encoder()

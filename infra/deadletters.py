@@ -4,6 +4,12 @@ It holds two kinds of message: raw bodies (a body with no readable command id, d
 once, G10; or a message a quorum queue parked after too many deliveries) and Dramatiq messages
 (``args[0]`` = the base64 body) of commands that ran out of retries. A ``DeadLetter`` shows both
 by the command inside. Positions count from the head of the queue (1).
+
+Who sent a dead command is never read from its body (G11): a message is taken as a worker's
+Dramatiq wrapper, and its ``Delivery`` believed, only when its ``user_id`` (validated by RabbitMQ
+when it was published, kept by dead-lettering) is the workers' user (``CQRSKIT_WORKER_USER``).
+Anything else is a raw body, whatever it looks like, and its identity is its own delivery's:
+RabbitMQ's ``user_id`` and the headers a delegating producer may set.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 import pika
 
 from cqrskit.infra.broker import MESSAGE_KEYS, amqp_nodes
-from cqrskit.infra.delivery import ISSUER_HEADER, Delivery
+from cqrskit.infra.delivery import ISSUER_HEADER, PRODUCER_HEADER, RETRIED_HEADER, Delivery
 from cqrskit.infra.settings import Settings
 
 
@@ -32,6 +38,7 @@ class DeadLetter:
     wrapper: dict[str, Any] | None  # the Dramatiq message around ``body``, if it was one
     headers: dict[str, Any]
     command_id: str | None  # as far as one can be read from ``body``
+    delivery: Delivery = Delivery()  # who sent the command, as RabbitMQ (or a worker) established it
 
     @property
     def envelope(self) -> dict[str, Any] | None:
@@ -77,7 +84,8 @@ def _text(value: Any) -> str:
 
 
 def unwrap(raw: bytes) -> tuple[bytes, dict[str, Any] | None]:
-    """The command body of a dead letter, and the Dramatiq message around it if there was one."""
+    """The command body of a worker's dead letter, and the Dramatiq message around it if there was
+    one. Only for messages a worker published: anyone can write a body shaped like a wrapper."""
     try:
         message = json.loads(raw)
     except (ValueError, RecursionError):
@@ -101,6 +109,8 @@ class DeadLetterQueue:
         self.settings = settings
         self.command_id_of = command_id_of
         self.name = f"{settings.commands_queue}.XQ"
+        self.user = pika.URLParameters(settings.broker_urls[0]).credentials.username
+        self.worker_user = settings.worker_user or self.user
         self.connection = pika.BlockingConnection(amqp_nodes(settings))  # the first node that answers
         self.channel = self.connection.channel()
         self.publisher: Any = None
@@ -114,29 +124,42 @@ class DeadLetterQueue:
         if method is None:
             return None
         self.taken += 1
-        body, wrapper = unwrap(raw)
-        letter = DeadLetter(self.taken, raw, body, wrapper, dict(properties.headers or {}), self.command_id_of(body))
+        headers = dict(properties.headers or {})
+        body, wrapper = unwrap(raw) if properties.user_id == self.worker_user else (raw, None)
+        delivery = Delivery.from_kwargs(wrapper["kwargs"]) if wrapper else None
+        if delivery is None:
+            wrapper, body = None, raw
+            delivery = Delivery.from_amqp("", properties.user_id, headers)
+        letter = DeadLetter(self.taken, raw, body, wrapper, headers, self.command_id_of(body), delivery)
         return method.delivery_tag, letter
 
     def ack(self, tag: int) -> None:
         self.channel.basic_ack(tag)
 
     def republish(self, letter: DeadLetter) -> None:
-        """Publish the command body to the commands exchange; returns once the broker confirmed
-        it (raises pika's UnroutableError or NackError otherwise)."""
+        """Publish the command body to the commands exchange, as the original producer's (and
+        issuer's) command: a worker honours that only if this user may act on behalf of others
+        (G11). Returns once the broker confirmed it (raises pika's UnroutableError or NackError
+        otherwise)."""
         if self.publisher is None:
             self.publisher = self.connection.channel()
             self.publisher.confirm_delivery()
-        headers = {"cqrskit-retried-from": self.name}
-        original = Delivery.from_kwargs((letter.wrapper or {}).get("kwargs"))
-        issuer = original and (original.on_behalf_of or original.producer)
-        if issuer:  # kept as the issuer when the operator's user may act on behalf of others (G11)
-            headers[ISSUER_HEADER] = issuer
+        headers = {RETRIED_HEADER: self.name}
+        if letter.delivery.producer:
+            headers[PRODUCER_HEADER] = letter.delivery.producer
+            if letter.delivery.on_behalf_of:
+                headers[ISSUER_HEADER] = letter.delivery.on_behalf_of
         properties = pika.BasicProperties(delivery_mode=2, content_type="application/json",
                                           message_id=letter.command_id, headers=headers,
-                                          user_id=pika.URLParameters(self.settings.broker_urls[0]).credentials.username)
+                                          user_id=self.user)
         self.publisher.basic_publish(self.settings.commands_exchange, letter.type or "dlq.retry", letter.body,
                                      properties, mandatory=True)
+
+    def needs_vouching(self, letter: DeadLetter) -> bool:
+        """Whether republishing ``letter`` as its original producer's needs this user to be granted
+        ``--on-behalf`` (someone else sent it, or it was sent on behalf of someone)."""
+        producer, issuer = letter.delivery.producer, letter.delivery.on_behalf_of
+        return producer is not None and (producer != self.user or issuer not in (None, producer))
 
     def close(self) -> None:
         if self.connection.is_open:

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from cqrskit.infra.db import upsert_insert
 from cqrskit.infra.delivery import is_name
-from cqrskit.infra.schema import producer_grants, producers
+from cqrskit.infra.schema import api_keys, producer_grants, producers
 
 EVERY_TYPE = "*"
 
@@ -39,16 +39,41 @@ class ProducerGrants:
     ttl: float = 5.0
     _cache: dict[str, Producer] = field(default_factory=dict, repr=False)
     _loaded_at: float = field(default=float("-inf"), repr=False)
+    _keys: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- the worker's side ------------------------------------------------------------------
     def producer(self, name: str) -> Producer | None:
         """The producer called ``name`` as of at most ``ttl`` seconds ago, or None."""
         with self._lock:
-            if time.monotonic() - self._loaded_at > self.ttl:
-                self._cache = {p.name: p for p in self.all()}
-                self._loaded_at = time.monotonic()
+            self._refresh()
             return self._cache.get(name)
+
+    def issuer_may_send(self, issuer: str, command_type: str) -> bool:
+        """Whether ``issuer`` exists and may send ``command_type``: ``key:NAME`` is a live API key
+        of that name whose scope covers the type; any other name, a producer granted the type."""
+        with self._lock:
+            self._refresh()
+            if issuer.startswith("key:"):
+                scope = self._keys.get(issuer.removeprefix("key:"))
+                return scope is not None and (EVERY_TYPE in scope or command_type in scope)
+            found = self._cache.get(issuer)
+            return found is not None and found.may_send(command_type)
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._loaded_at > self.ttl:
+            self._cache = {p.name: p for p in self.all()}
+            self._keys = self._live_keys()
+            self._loaded_at = time.monotonic()
+
+    def _live_keys(self) -> dict[str, frozenset[str]]:
+        """Each live API key's name and command scope (the only columns the workers may read)."""
+        scopes: dict[str, set[str]] = {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(api_keys.c.name, api_keys.c.commands).where(api_keys.c.revoked_at.is_(None)))
+            for name, commands in rows:
+                scopes.setdefault(name, set()).update(commands or ())
+        return {name: frozenset(types) for name, types in scopes.items()}
 
     # -- the operator's side ----------------------------------------------------------------
     def all(self) -> list[Producer]:

@@ -162,6 +162,11 @@ class Settings(BaseSettings):
                     "a command without a validated AMQP user_id is refused.",
     )
     grants_ttl_seconds: float = Field(default=5.0, ge=0, description="Workers re-read the grants this often.")
+    worker_user: str | None = Field(
+        default=None,
+        description="The command workers' RabbitMQ user (default: the user of broker_url): only the dead letters it "
+                    "published (its own retries) are read as the workers' wrappers by cqrskit dlq.",
+    )
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="Serve Prometheus metrics on this port (one per process group or relay; unset: no metrics).",
@@ -227,7 +232,8 @@ class Settings(BaseSettings):
         return value.upper()
 
     @field_validator("metrics_port", "metrics_dir", "auth_database_url", "elasticsearch_ca_certs",
-                     "elasticsearch_ssl_fingerprint", "elasticsearch_api_key", "elasticsearch_replicas", mode="before")
+                     "elasticsearch_ssl_fingerprint", "elasticsearch_api_key", "elasticsearch_replicas", "worker_user",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """``CQRSKIT_METRICS_PORT=$PORT`` in a Procfile run without a PORT means no metrics."""

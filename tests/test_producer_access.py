@@ -194,10 +194,14 @@ def test_rabbitmq_refuses_a_user_id_that_is_not_the_publishers(
 def test_a_gateway_vouches_for_its_api_keys_only_when_granted_to(
     workers: Workers, write_store: WriteStore, users: RabbitUsers, grants: ProducerGrants
 ) -> None:
-    """G11: the issuer header counts only from a producer granted ``--on-behalf`` (the gateway)."""
+    """G11: the issuer header counts only from a producer granted ``--on-behalf`` (the gateway),
+    for a live key (tests/test_sec_dead_letters.py: an unknown one is refused)."""
+    from cqrskit.infra.api_keys import ApiKeys
+
     settings = workers.settings
     gateway, gateway_url = producer_user(users, settings)
     grants.grant(gateway, ["*"], on_behalf=True)
+    ApiKeys(grants.engine).create("web-shop", ["RegisterCustomer"], ["*"])
     workers.start(threads=2, CQRSKIT_PRODUCER_GRANTS="true")
     command = envelope("RegisterCustomer", "c-1", {"name": "Ann", "email": "a@example.com"})
     sent = publish(gateway_url, settings, command, headers={ISSUER_HEADER: "key:web-shop"})

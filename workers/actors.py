@@ -32,8 +32,9 @@ def declare_command_actor(broker: dramatiq.Broker, runtime: Runtime) -> dramatiq
     settings = runtime.settings
 
     def execute_command(body_b64: str, routing_key: str | None = None, producer: str | None = None,
-                        on_behalf_of: str | None = None) -> None:
-        command_outcome(runtime.executor.execute(base64.b64decode(body_b64), Delivery(routing_key, producer, on_behalf_of)))
+                        on_behalf_of: str | None = None, vouched_by: str | None = None) -> None:
+        command_outcome(runtime.executor.execute(base64.b64decode(body_b64),
+                                                 Delivery(routing_key, producer, on_behalf_of, vouched_by)))
 
     return dramatiq.actor(
         execute_command,

@@ -8,8 +8,11 @@ outcome with the reason:
   ``user_id``, and it must have been granted the type; a command without one is refused.
 
 The issuer is the validated producer, or, when that producer may act on behalf of others (the
-gateway), the identity it vouches for (the API key). A body's own ``metadata.issuer`` is kept only
-as ``claimed_issuer``.
+gateway), the identity it vouches for (the API key), which must exist and be allowed the type (a
+live key whose scope covers it, or a producer granted it). A body's own ``metadata.issuer`` is kept
+only as ``claimed_issuer``. A retried command (``dlq retry``) keeps its original producer when the
+user that republished it (``vouched_by``) may act on behalf of others, and the original producer
+is then checked as if it had sent the command again.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class Gate:
         delivery = delivery or Delivery()
         if delivery.routing_key is not None and delivery.routing_key != envelope.type:
             return Admission(refused=_route_reason(delivery.routing_key, envelope.type))
+        if delivery.vouched_by is not None and not self._may_vouch(delivery.vouched_by):
+            return Admission(refused=f"not allowed: {delivery.vouched_by!r} may not republish the commands of "
+                                     f"{delivery.producer!r} (grant it --on-behalf)", producer=delivery.producer)
         producer = self.grants.producer(delivery.producer) if self.grants and delivery.producer else None
         if self.enforce:
             if delivery.producer is None:
@@ -55,7 +61,14 @@ class Gate:
                 return Admission(refused=f"not allowed: producer {delivery.producer!r} may not send {envelope.type}",
                                  producer=delivery.producer)
         vouched = delivery.on_behalf_of if producer is not None and producer.on_behalf else None
+        if vouched and vouched != producer.name and not self.grants.issuer_may_send(vouched, envelope.type):  # type: ignore[union-attr]
+            return Admission(refused=f"not allowed: issuer {vouched!r} (vouched for by {delivery.producer!r}) is "
+                                     f"unknown or may not send {envelope.type}", producer=delivery.producer)
         return Admission(producer=delivery.producer, issuer=vouched or delivery.producer)
+
+    def _may_vouch(self, user: str) -> bool:
+        found = self.grants.producer(user) if self.grants else None
+        return found is not None and found.on_behalf
 
 
 def _route_reason(routing_key: str, command_type: str) -> str:
