@@ -35,15 +35,18 @@ ALL_TABLES = ("events", "streams", "command_outcomes", "unique_claims", "relay_c
               "parked_documents", "read_model_indices", "producers", "producer_grants", "api_keys")
 # role -> {privileges: tables}; "USAGE" lists sequences.
 PG_GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "worker": {"SELECT, INSERT, UPDATE": ("events", "streams", "command_outcomes"),
+    "worker": {"SELECT, INSERT": ("events",),  # history is appended, never rewritten
+               "SELECT, INSERT, UPDATE": ("streams", "command_outcomes"),
                "SELECT, INSERT, DELETE": ("unique_claims",), "SELECT": ("producers", "producer_grants"),
                # a vouched-for issuer must be a live key allowed the type: names and scopes, no digests
                "SELECT (name, commands, revoked_at)": ("api_keys",),
                "USAGE": ("events_position_seq",)},
-    "relay": {"SELECT": ("events",), "SELECT, INSERT, UPDATE": ("relay_checkpoints", "leases")},
+    "relay": {"SELECT": ("events",), "SELECT, INSERT, UPDATE": ("relay_checkpoints", "leases"),
+              "SELECT (read_model)": ("parked_documents",)},  # its metrics count the parked documents
     "indexer": {"SELECT": ("events", "streams", "read_model_indices"),
                 "SELECT, INSERT, UPDATE, DELETE": ("parked_documents",), "USAGE": ("parked_documents_id_seq",)},
-    "gateway": {"SELECT": ("command_outcomes", "events", "api_keys")},
+    # a consistency token names the stream versions of a command's events: nothing of their data
+    "gateway": {"SELECT": ("command_outcomes", "api_keys"), "SELECT (position, stream_id, version)": ("events",)},
     "query": {"SELECT": ("api_keys",)},
     "operator": {"SELECT": ALL_TABLES, "INSERT, DELETE": ("command_outcomes",),
                  "INSERT, UPDATE, DELETE": ("parked_documents", "read_model_indices", "producers", "producer_grants",
@@ -60,16 +63,22 @@ class Permission:
 
 
 def rabbitmq_permissions(settings: Settings) -> dict[str, Permission]:
-    """The permissions of each process type on this deployment's exchanges and queues."""
+    """The permissions of each process type on this deployment's exchanges and queues. Only the
+    workers may write to ``amq.default`` (their own retries): it reaches every queue, the commands
+    queue included. The relay and the indexers reach the indexer queues through their own direct
+    exchange (``indexer_exchange``: write to publish, read to bind a queue to it)."""
+    from cqrskit.infra.broker import indexer_exchange
+
     c = re.escape(settings.commands_queue)
     i = re.escape(settings.indexer_queue) + "(\\.p[0-9]+)?"  # its partitions: indexer, indexer.p1, ...
     ce, ee = re.escape(settings.commands_exchange), re.escape(settings.events_exchange)
+    ix = re.escape(indexer_exchange(settings))
     return {
         "gateway": Permission("^$", f"^{ce}$", "^$"),
         "worker": Permission(f"^{c}(\\.DQ|\\.XQ)?$", f"^(amq\\.default|{c}(\\.DQ|\\.XQ)?)$", f"^{c}(\\.DQ)?$"),
-        "relay": Permission(f"^({ee}|{i}(\\.DQ|\\.XQ)?)$", f"^({ee}|amq\\.default|{i}(\\.DQ|\\.XQ)?)$", "^$"),
-        "indexer": Permission(f"^{i}(\\.DQ|\\.XQ)?$", f"^(amq\\.default|{i}(\\.DQ|\\.XQ)?)$", f"^{i}(\\.DQ)?$"),
-        "operator": Permission(".*", f"^(amq\\.default|{ce})$", f"^{c}\\.XQ$"),
+        "relay": Permission(f"^({ee}|{ix}|{i}(\\.DQ|\\.XQ)?)$", f"^({ee}|{ix}|{i}(\\.DQ|\\.XQ)?)$", f"^{ix}$"),
+        "indexer": Permission(f"^({ix}|{i}(\\.DQ|\\.XQ)?)$", f"^({ix}|{i}(\\.DQ|\\.XQ)?)$", f"^({ix}|{i}(\\.DQ)?)$"),
+        "operator": Permission(".*", f"^{ce}$", f"^{c}\\.XQ$"),
     }
 
 
@@ -117,6 +126,8 @@ def provision_postgres(url: str, prefix: str, say: Say) -> dict[str, str]:
     with psycopg.connect(_dsn(url), autocommit=True) as conn:
         database = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        # no role makes temporary tables either (PostgreSQL grants TEMPORARY to PUBLIC by default)
+        conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
         for role, grants in PG_GRANTS.items():
             name = f"{prefix}_{role}"
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()

@@ -14,6 +14,7 @@ import binascii
 import json
 import os
 import random
+import re
 import time
 import uuid
 import weakref
@@ -142,11 +143,15 @@ class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
     ``cqrskit setup`` moves it (``cqrskit.infra.deadletter_queues``)."""
 
     def __init__(self, *, queue_type: QueueType, delivery_limit: int, commands_queue: str = "", endpoint: str = "?",
-                 nodes: NodeList | None = None, own_user: str | None = None, **kwargs: Any) -> None:
+                 nodes: NodeList | None = None, own_user: str | None = None, route: tuple[str, str] | None = None,
+                 **kwargs: Any) -> None:
         self.nodes = nodes
         super().__init__(**kwargs)
         quick_restarts()
         self.own_user = own_user  # RabbitMQ validates it: the mark of this broker's own messages (G11)
+        # (exchange, queue pattern): queues matching the pattern are bound to that direct exchange
+        # when declared, and published to through it instead of the default exchange (G11)
+        self.route = (route[0], re.compile(route[1])) if route else None
         self.endpoint = endpoint
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
@@ -182,11 +187,26 @@ class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
     def channel(self) -> Any:
         """This thread's channel; what Dramatiq publishes on it (retries, delayed re-enqueues)
         carries ``own_user`` as ``user_id``."""
-        return _StampedChannel(RabbitmqBroker.channel.fget(self), self.own_user)  # type: ignore[attr-defined]
+        return _StampedChannel(RabbitmqBroker.channel.fget(self), self.own_user, self.route)  # type: ignore[attr-defined]
 
     @channel.deleter
     def channel(self) -> None:
         RabbitmqBroker.channel.fdel(self)  # type: ignore[attr-defined]
+
+    def _declare_queue(self, queue_name: str) -> Any:
+        declared = super()._declare_queue(queue_name)
+        self._bind_route(queue_name)
+        return declared
+
+    def _declare_dq_queue(self, queue_name: str) -> Any:
+        declared = super()._declare_dq_queue(queue_name)
+        self._bind_route(dq_name(queue_name))
+        return declared
+
+    def _bind_route(self, queue: str) -> None:
+        if self.route is not None and self.route[1].fullmatch(queue):
+            self.channel.exchange_declare(self.route[0], exchange_type="direct", durable=True)
+            self.channel.queue_bind(queue, self.route[0], routing_key=queue)
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
         arguments = super()._build_queue_arguments(queue_name)
@@ -205,13 +225,15 @@ class _StampedChannel:
     """A pika channel whose publishes carry ``user_id`` (when none was set): RabbitMQ refuses a
     ``user_id`` that is not the publisher's, so no one else can make a message look like ours."""
 
-    def __init__(self, channel: Any, user: str | None) -> None:
-        self._channel, self._user = channel, user
+    def __init__(self, channel: Any, user: str | None, route: tuple[str, re.Pattern[str]] | None) -> None:
+        self._channel, self._user, self._route = channel, user, route
 
     def basic_publish(self, exchange: str, routing_key: str, body: bytes, properties: Any = None,
                       mandatory: bool = False) -> None:
         if self._user and properties is not None and properties.user_id is None:
             properties.user_id = self._user
+        if exchange == "" and self._route is not None and self._route[1].fullmatch(routing_key):
+            exchange = self._route[0]
         self._channel.basic_publish(exchange, routing_key, body, properties, mandatory)
 
     def __getattr__(self, name: str) -> Any:
@@ -294,6 +316,7 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
             endpoint=",".join(_masked(url) for url in settings.broker_urls),
             commands_queue=settings.commands_queue,
             own_user=pika.URLParameters(settings.broker_urls[0]).credentials.username,
+            route=(indexer_exchange(settings), indexer_route_pattern(settings)),
         )
     # Retries wait at most max_backoff_ms; the rest allows for clocks that disagree between hosts.
     encoder = dramatiq.get_encoder()
@@ -304,6 +327,18 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
     if install:
         dramatiq.set_broker(broker)
     return broker
+
+
+def indexer_exchange(settings: Settings) -> str:
+    """The direct exchange through which the relay and the indexers reach the indexer queues (and
+    their delay queues), bound by queue name: so that neither needs the default exchange, which
+    reaches every queue, the commands queue included (G11)."""
+    return f"{settings.events_exchange}.indexer"
+
+
+def indexer_route_pattern(settings: Settings) -> str:
+    """Every partition's indexer queue and delay queue (``indexer``, ``indexer.p1.DQ``...)."""
+    return re.escape(settings.indexer_queue) + r"(\.p[0-9]+)?(\.DQ)?"
 
 
 def connection_parameters(url: str, cluster: bool = False) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from tests.processes import (PROJECT, PikaProducer, Workers, WorkerProcess, Writ
                              envelope, workers, write_store)
 from tests.stack import Stack
 from tests.test_gateway import serving
+from tests.test_http_limits import free_port
 
 MODELS = ["orders", "products", "customers"]
 
@@ -150,6 +151,34 @@ def test_rabbitmq_users_may_do_only_their_part(provisioned) -> None:
     connection.close()
 
 
+def test_only_the_workers_may_reach_the_commands_queue_through_the_default_exchange(provisioned) -> None:
+    """G11, issue 19 finding 2: the relay's, the indexer's and the operator's users cannot write
+    to ``amq.default`` (which reaches every queue: they once created customers "sent by the
+    gateway" through it, and planted entries in ``commands.XQ``); the relay and the indexer reach
+    the indexer queues through their own exchange; the worker keeps the default exchange for its
+    retries."""
+    from cqrskit.infra.broker import indexer_exchange, make_broker
+
+    settings, prefix, made = provisioned
+    declaring = make_broker(settings)  # as setup: the indexer queues, bound to their exchange
+    declaring.declare_queue(settings.indexer_queue, ensure=True)
+    declaring.close()
+    user = {u: amqp_as(settings, f"{prefix}-{u}", made[f"{prefix}-{u}"]) for u in ("relay", "indexer", "operator",
+                                                                                   "worker")}
+    for name in ("relay", "indexer", "operator"):
+        for queue in (settings.commands_queue, f"{settings.commands_queue}.XQ", f"{settings.commands_queue}.DQ"):
+            assert refused_amqp(user[name], lambda channel: channel.basic_publish("", queue, b"{}")), (name, queue)
+    for name in ("relay", "indexer"):
+        for queue in (settings.indexer_queue, f"{settings.indexer_queue}.DQ"):
+            assert not refused_amqp(user[name], lambda channel: channel.basic_publish(
+                indexer_exchange(settings), queue, b"[]", mandatory=True)), (name, queue)
+        with pytest.raises(pika.exceptions.UnroutableError):  # the exchange reaches no commands queue
+            refused_amqp(user[name], lambda channel: channel.basic_publish(
+                indexer_exchange(settings), settings.commands_queue, b"{}", mandatory=True))
+    assert not refused_amqp(user["worker"], lambda channel: channel.basic_publish(
+        "", f"{settings.commands_queue}.DQ", b"{}", mandatory=True))
+
+
 @pytest.mark.timeout(90)
 def test_a_worker_and_the_gateway_run_under_their_own_roles(provisioned, workers: Workers,
                                                             write_store: WriteStore) -> None:
@@ -210,7 +239,8 @@ def test_the_relay_the_indexer_and_the_query_api_run_under_their_own_roles(provi
         spawn(stack, "worker", ["-m", "dramatiq", "cqrskit.app.processes:command_worker", "-p", "1", "-t", "2",
                                 "--queues", queue, f"{queue}.DQ"],
               CQRSKIT_DATABASE_URL=role["worker"], CQRSKIT_BROKER_URL=user["worker"])
-        spawn(stack, "relay", ["-m", "cqrskit.app", "relay"],
+        metrics_port = free_port()
+        spawn(stack, "relay", ["-m", "cqrskit.app", "relay"], CQRSKIT_METRICS_PORT=str(metrics_port),
               CQRSKIT_DATABASE_URL=role["relay"], CQRSKIT_BROKER_URL=user["relay"])
         spawn(stack, "indexer", ["-m", "dramatiq", "cqrskit.app.processes:indexer_worker", "-p", "1", "-t", "2",
                                  "--queues", settings.indexer_queue, f"{settings.indexer_queue}.DQ"],
@@ -238,6 +268,12 @@ def test_the_relay_the_indexer_and_the_query_api_run_under_their_own_roles(provi
             assert front.refuses("PUT", f"/{settings.index_prefix}-customers/_doc/x")
         stack.wait_drained(timeout=60)
         stack.assert_converged()
+        # issue 19 finding 7: the relay's metrics under its own role (they answered 500 without
+        # SELECT on parked_documents, so the documented lag alerts could not fire)
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert scraped.status_code == 200, scraped.text
+        assert "cqrskit_relay_up 1.0" in scraped.text and "cqrskit_relay_lag_events 0.0" in scraped.text
+        assert "# TYPE cqrskit_parked_documents gauge" in scraped.text
         for process in stack.started:
             assert process.alive, process.tail()
     except BaseException:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -78,7 +79,20 @@ def group_directory_of(settings: Settings, parent_pid: int) -> Path:
 
 
 def _base_directory(settings: Settings) -> Path:
-    return Path(settings.metrics_dir) if settings.metrics_dir else Path(tempfile.gettempdir()) / "cqrskit-metrics"
+    """The metrics folder, made private to this user (0700); an existing one must be a real
+    directory this user owns that nobody else may write: a shared temporary folder is where
+    another local user would plant files or a link (raises PermissionError saying which)."""
+    base = Path(settings.metrics_dir) if settings.metrics_dir else Path(tempfile.gettempdir()) / "cqrskit-metrics"
+    try:
+        base.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    found = os.lstat(base)
+    if stat.S_ISLNK(found.st_mode) or not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() \
+            or found.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"the metrics folder {base} must be a directory owned by this user (uid "
+                              f"{os.getuid()}) that no one else may write; set CQRSKIT_METRICS_DIR to one")
+    return base
 
 
 class WorkerMetrics(dramatiq_prometheus.Prometheus):
@@ -231,7 +245,10 @@ class RelayMetrics:
         yield GaugeMetricFamily("cqrskit_relay_lag_events", "Committed events not yet relayed.", value=lag.events)
         yield GaugeMetricFamily("cqrskit_relay_lag_seconds", "Age of the oldest event not yet relayed.",
                                 value=lag.oldest_age)
-        yield self._parked(GaugeMetricFamily)
+        try:
+            yield self._parked(GaugeMetricFamily)
+        except sa.exc.SQLAlchemyError as exc:  # the relay's gauges are served whatever becomes of this one
+            log.warning("metrics.parked_unavailable", error=repr(exc)[:300])
 
     def _parked(self, family: Any) -> Any:
         """Parked documents per read model (G7), counted in the write store when scraped."""

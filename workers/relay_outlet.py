@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from cqrskit.infra.amqp import AmqpPublisher, OutgoingMessage
-from cqrskit.infra.broker import index_message, make_broker
+from cqrskit.infra.broker import index_message, indexer_exchange, make_broker
 from cqrskit.infra.event_wire import EventMessage
 from cqrskit.infra.settings import Settings
 from cqrskit.infra.topology import indexer_partitions
@@ -23,7 +23,7 @@ class EventsNotConfirmed(Exception):
 class RabbitmqOutlet:
     """The relay's outlets on RabbitMQ: the events exchange (topic, durable; persistent messages,
     ``message_id`` = event id, publisher confirms) and the indexer queue (one Dramatiq message
-    per batch, published to it through the default exchange, confirmed, ``mandatory``: a missing
+    per batch, published to it through the indexer exchange (``infra.broker.indexer_exchange``), confirmed, ``mandatory``: a missing
     queue fails the batch). Each outlet has its own confirming publisher, so that the two may be
     used from two threads at once. Declares both on first use and again after any failure."""
 
@@ -86,7 +86,8 @@ class RabbitmqOutlet:
             self.publisher = AmqpPublisher(self.settings.broker_url, self.settings.events_exchange,
                                            confirm_timeout=15.0, reconnect_attempts=2, mandatory=False)
         if self.indexer_publisher is None:
-            self.indexer_publisher = AmqpPublisher(self.settings.broker_url, "", confirm_timeout=15.0,
+            self.indexer_publisher = AmqpPublisher(self.settings.broker_url, indexer_exchange(self.settings),
+                                                   confirm_timeout=15.0,
                                                    reconnect_attempts=2, mandatory=True)
         self.declared = True
 
