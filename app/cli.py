@@ -14,7 +14,9 @@ from rich.table import Table
 
 from cqrskit.app.errors import CliGroup, unknown_variables
 from cqrskit.app.preflight import preflight
+from cqrskit.app.terminal import inert_json, shown, shown_lines
 from cqrskit.infra import defaults
+from cqrskit.infra.inert import inert
 from cqrskit.infra.logs import configure_logging
 from cqrskit.infra.tracing import TracingError, exporter_names
 from cqrskit.infra.settings import DEFAULT_APP, LogFormat, Settings, load_settings
@@ -147,10 +149,10 @@ def outcome(
             time.sleep(0.1)
             found = store.outcome(command_id)
     if found is None:
-        err.print(f"no outcome for {escape(command_id)} (yet)")
+        err.print(f"no outcome for {shown(command_id)} (yet)")
         raise typer.Exit(3)
     if as_json:
-        print(found.model_dump_json(exclude={"duplicate"}, indent=2))
+        print(inert_json(found.model_dump(mode="json", exclude={"duplicate"})))
     else:
         print_outcomes([found])
 
@@ -304,15 +306,15 @@ def print_outcomes(outcomes: list) -> None:  # type: ignore[type-arg]
     for o in outcomes:
         status = o.status.value
         table.add_row(
-            escape(o.command_id), escape(o.type or ""), escape(o.aggregate_id or ""), f"[{colours[status]}]{status}[/]",
+            shown(o.command_id), shown(o.type), shown(o.aggregate_id), f"[{colours[status]}]{status}[/]",
             "" if o.aggregate_version is None else str(o.aggregate_version),
-            ",".join(map(str, o.positions)), escape((o.reason or "") + _errors_text(o.errors)),
+            ",".join(map(str, o.positions)), shown_lines((o.reason or "") + _errors_text(o.errors)),
         )
     console.print(table)
 
 
 def _errors_text(errors: list | None) -> str:  # type: ignore[type-arg]
-    return "".join(f"\n  {e['loc']}: {e['msg']}" for e in (errors or [])[:10])
+    return "".join(f"\n  {inert(e['loc'])}: {inert(e['msg'])}" for e in (errors or [])[:10])
 
 
 from cqrskit.app.cli_dev import register as register_dev  # noqa: E402

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from cqrskit.app import bootstrap
 from cqrskit.app.status import PipelineStatus, gather_status
+from cqrskit.app.terminal import inert_json, shown
 from cqrskit.infra.deadletters import DeadLetter, DeadLetterQueue
 from cqrskit.infra.grants import ProducerGrants
 from cqrskit.infra.inert import inert, inert_lines
@@ -88,38 +89,38 @@ def _quiet_clients() -> None:
 
 def _show(snapshot: PipelineStatus, as_json: bool) -> None:
     if as_json:
-        print(snapshot.model_dump_json(indent=2), flush=True)
+        print(inert_json(snapshot.model_dump(mode="json")), flush=True)
     else:
         console.print(render_status(snapshot))
 
 
 def render_status(s: PipelineStatus) -> Group:
     parts: list[Any] = [f"[bold]cqrskit status[/bold] at {s.taken_at:%Y-%m-%d %H:%M:%S} UTC   " + "   ".join(
-        f"{name}: " + ("[green]up[/]" if c.reachable else "[red]down[/]") for name, c in s.components.items())]
-    parts += [f"  {name} [dim]{escape(c.endpoint or '')}[/]" + ("" if c.reachable else f": [red]{escape(c.error or '')}[/]")
+        f"{shown(name)}: " + ("[green]up[/]" if c.reachable else "[red]down[/]") for name, c in s.components.items())]
+    parts += [f"  {name} [dim]{shown(c.endpoint or '')}[/]" + ("" if c.reachable else f": [red]{shown(c.error or '')}[/]")
               for name, c in s.components.items()]
     parts += [f"    node [dim]{escape(n.endpoint)}[/]: " + ("[green]up[/]" if n.reachable else f"[red]down[/]: {escape(n.error or '')}")
               for n in s.broker_nodes if len(s.broker_nodes) > 1]  # a cluster: which nodes serve
     queues = Table("queue", "name", "ready", "consumers", title="queues", title_justify="left")
     for role, q in s.queues.items():
         style = "red" if role.endswith(".XQ") and q.ready else ""
-        queues.add_row(escape(role), escape(q.name), _n(q.ready) if q.exists else "[red]missing[/]", _n(q.consumers), style=style)
+        queues.add_row(shown(role), shown(q.name), _n(q.ready) if q.exists else "[red]missing[/]", _n(q.consumers), style=style)
     if s.queues:
         parts.append(queues)
     r = s.relay
     relay = Table("unpublished events", "oldest (s)", "checkpoint", "active relay", "lease until",
                   title="event relay", title_justify="left")
     relay.add_row(_n(r.unpublished_events), _n(r.oldest_unpublished_seconds), _n(r.checkpoint_position),
-                  r.holder or f"[red]none[/] (last: {r.last_holder or '-'})",
+                  shown(r.holder) or f"[red]none[/] (last: {shown(r.last_holder) or '-'})",
                   f"{r.lease_expires_at:%H:%M:%S}" if r.lease_expires_at else "-")
     models = Table("read model", "index", "documents", "parked", "lag (events)", "lag (s)",
                    title="read models", title_justify="left")
     search_up = s.components.get("search") is not None and s.components["search"].reachable
     for name, m in s.read_models.items():
-        index = escape(", ".join(m.indices)) or ("[red]missing[/]" if search_up else "?")
-        index += escape(f" (building {', '.join(m.building)})") if m.building else ""
+        index = shown(", ".join(m.indices)) or ("[red]missing[/]" if search_up else "?")
+        index += shown(f" (building {', '.join(m.building)})") if m.building else ""
         lag = _n(m.lag_events) + ("+" if m.lag_exact is False else "")
-        models.add_row(escape(name), index, _n(m.documents), f"[red]{m.parked}[/]" if m.parked else _n(m.parked), lag,
+        models.add_row(shown(name), index, _n(m.documents), f"[red]{m.parked}[/]" if m.parked else _n(m.parked), lag,
                        _n(m.lag_seconds))
     parts += [_rates_line(s), relay, models]
     parts += [f"[red]{escape(m.mapping_drift)}[/]" for m in s.read_models.values() if m.mapping_drift]
@@ -134,8 +135,8 @@ def render_status(s: PipelineStatus) -> Group:
                      f"outbox {pm.outbox_unpublished} unpublished")
     w = s.workers
     parts += [f"workers: commands {_n(w.commands)}, indexer {_n(w.indexer)}, "
-              f"relay {w.relay or 'none'}   dead letters: "
-              + (", ".join(f"{k} {_n(v)}" for k, v in s.dead_letters.items()) or "?")]
+              f"relay {shown(w.relay) or 'none'}   dead letters: "
+              + (", ".join(f"{shown(k)} {_n(v)}" for k, v in s.dead_letters.items()) or "?")]
     return Group(*parts)
 
 
@@ -194,21 +195,19 @@ def dlq_list(
     with dead_letter_queue(ctx.obj) as queue:
         letters = [letter for _tag, letter in _letters(queue, limit)]
     if as_json:
-        print(json.dumps([{"position": d.position, "command_id": d.command_id, "type": d.type, "bytes": len(d.body),
+        print(inert_json([{"position": d.position, "command_id": d.command_id, "type": d.type, "bytes": len(d.body),
                            "wrapped": d.wrapper is not None, "producer": d.delivery.producer,
                            "issuer": d.delivery.on_behalf_of or d.delivery.producer, "reason": d.reason}
-                          for d in letters], indent=2))
+                          for d in letters]))
         return
     table = Table("#", "command id", "type", "bytes", "producer", "reason", title=f"{queue.name}")
     for d in letters:
-        table.add_row(str(d.position), _shown(d.command_id) if d.command_id else "[red]unreadable[/]",
-                      _shown(d.type), str(len(d.body)), _shown(d.delivery.producer) or "[dim]none[/]", _shown(d.reason))
+        table.add_row(str(d.position), shown(d.command_id) if d.command_id else "[red]unreadable[/]",
+                      shown(d.type), str(len(d.body)), shown(d.delivery.producer) or "[dim]none[/]", shown(d.reason))
     console.print(table if letters else f"{queue.name} is empty")
 
 
-def _shown(value: object) -> str:
-    """Outside text for a rich table: no control character obeyed, no markup read."""
-    return escape(inert(value))
+
 
 
 @dlq_app.command("show")
@@ -225,15 +224,15 @@ def dlq_show(
     if found is None:
         err.print(f"no dead letter {escape(inert(repr(ref)))} in {escape(queue.name)}")
         raise typer.Exit(3)
-    console.print(f"[bold]#{found.position}[/bold] command {_shown(found.command_id or '(unreadable)')} type "
-                  f"{_shown(found.type or '?')}, {len(found.body)} bytes"
+    console.print(f"[bold]#{found.position}[/bold] command {shown(found.command_id or '(unreadable)')} type "
+                  f"{shown(found.type or '?')}, {len(found.body)} bytes"
                   + (", in a worker's Dramatiq message" if found.wrapper else ""))
     delivery = found.delivery
     console.print(f"producer: {inert(delivery.producer) or 'none validated'}, issuer: "
                   f"{inert(delivery.on_behalf_of or delivery.producer) or 'none'}", markup=False)
     console.print(f"reason: {inert(found.reason)}", markup=False)
     envelope = found.envelope
-    console.print(json.dumps(envelope, indent=2) if envelope is not None else repr(found.body), markup=False)
+    console.print(inert_json(envelope) if envelope is not None else repr(found.body), markup=False)
     if found.traceback:
         console.print(inert_lines(found.traceback), markup=False)
 

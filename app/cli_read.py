@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cqrskit.app.preflight import preflight
+from cqrskit.app.terminal import shown
 from cqrskit.infra import defaults
+from cqrskit.infra.inert import inert_lines
 from cqrskit.infra.settings import EMBEDDED_SEARCH, LogFormat, Settings
 
 console = Console()
@@ -223,8 +224,8 @@ def parked_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At 
         rows = list_parked(rt.engine, limit)
     table = Table("id", "read model", "document", "attempts", "parked at", "error")
     for row in rows:
-        table.add_row(str(row["id"]), escape(row["read_model"]), escape(row["doc_id"]), str(row["attempts"]),
-                      row["parked_at"].isoformat(timespec="seconds"), escape(row["error"].splitlines()[0][:120]))
+        table.add_row(str(row["id"]), shown(row["read_model"]), shown(row["doc_id"]), str(row["attempts"]),
+                      row["parked_at"].isoformat(timespec="seconds"), shown((row["error"].splitlines() or [""])[0][:120]))
     console.print(table if rows else "nothing parked")
 
 
@@ -242,9 +243,9 @@ def parked_show(ctx: typer.Context, parked_id: Annotated[int, typer.Argument(hel
         err.print(f"no parked entry {parked_id}")
         raise typer.Exit(3)
     row = rows[0]
-    console.print(f"[bold]{escape(row['read_model'])} {escape(row['doc_id'])}[/bold] (attempts {row['attempts']}, "
+    console.print(f"[bold]{shown(row['read_model'])} {shown(row['doc_id'])}[/bold] (attempts {row['attempts']}, "
                   f"parked at {row['parked_at']:%Y-%m-%d %H:%M:%S}, positions {row['positions']})")
-    console.print(row["error"], markup=False)
+    console.print(inert_lines(row["error"]), markup=False)
 
 
 @parked_app.command("retry")

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from cqrskit.app.terminal import shown
 from cqrskit.infra.api_keys import ApiKeys
 from cqrskit.infra.db import make_engine
 from cqrskit.infra.grants import ProducerGrants
@@ -47,9 +47,9 @@ def grant(
     try:
         found = _grants(ctx).grant(producer, types, on_behalf=True if on_behalf else None)
     except ValueError as exc:
-        err.print(f"[red]{escape(str(exc))}[/red]")
+        err.print(f"[red]{shown(str(exc))}[/red]")
         raise typer.Exit(2) from None
-    console.print(f"{escape(found.name)} may send: {escape(', '.join(sorted(found.command_types)))}")
+    console.print(f"{shown(found.name)} may send: {shown(', '.join(sorted(found.command_types)))}")
 
 
 @producers_app.command("revoke")
@@ -63,9 +63,9 @@ def revoke(
 
     Example: cqrskit producers revoke billing CancelOrder"""
     if not _grants(ctx).revoke(producer, types or []):
-        err.print(f"no producer {escape(producer)!r}")
+        err.print(f"no producer {shown(producer)!r}")
         raise typer.Exit(1)
-    console.print(f"revoked {escape(', '.join(types)) if types else 'every grant'} of {escape(producer)}")
+    console.print(f"revoked {shown(', '.join(types)) if types else 'every grant'} of {shown(producer)}")
 
 
 @producers_app.command("list")
@@ -75,7 +75,7 @@ def list_producers(ctx: typer.Context) -> None:
     Example: cqrskit producers list"""
     table = Table("producer", "may send", "on behalf of others", title="producers", title_justify="left")
     for p in _grants(ctx).all():
-        table.add_row(escape(p.name), escape(", ".join(sorted(p.command_types))) or "-", "yes" if p.on_behalf else "")
+        table.add_row(shown(p.name), shown(", ".join(sorted(p.command_types))) or "-", "yes" if p.on_behalf else "")
     console.print(table)
 
 
@@ -94,9 +94,9 @@ def create_key(
     try:
         key, token = _keys(ctx).create(name, commands, read)
     except ValueError as exc:
-        err.print(f"[red]{escape(str(exc))}[/red]")
+        err.print(f"[red]{shown(str(exc))}[/red]")
         raise typer.Exit(2) from None
-    err.print(f"key {key.key_id} for {escape(name)} (shown once; send it as 'Authorization: Bearer <token>'):")
+    err.print(f"key {key.key_id} for {shown(name)} (shown once; send it as 'Authorization: Bearer <token>'):")
     print(token)
 
 
@@ -110,7 +110,7 @@ def revoke_key(
     Example: cqrskit keys revoke 3f2a9c0d1e4b5a6c"""
     count = _keys(ctx).revoke(key)
     if not count:
-        err.print(f"no live key {escape(key)!r}")
+        err.print(f"no live key {shown(key)!r}")
         raise typer.Exit(1)
     console.print(f"revoked {count} key(s)")
 
@@ -123,8 +123,8 @@ def list_keys(ctx: typer.Context) -> None:
     table = Table("key id", "name", "commands", "read models", "created", "revoked", title="API keys",
                   title_justify="left")
     for k in _keys(ctx).all():
-        table.add_row(k.key_id, escape(k.name), escape(", ".join(sorted(k.commands))) or "-",
-                      escape(", ".join(sorted(k.read_models))) or "-", f"{k.created_at:%Y-%m-%d %H:%M}",
+        table.add_row(k.key_id, shown(k.name), shown(", ".join(sorted(k.commands))) or "-",
+                      shown(", ".join(sorted(k.read_models))) or "-", f"{k.created_at:%Y-%m-%d %H:%M}",
                       f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
     console.print(table)
 

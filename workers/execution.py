@@ -35,7 +35,7 @@ from cqrskit.infra.delivery import Delivery
 from cqrskit.infra.envelope import IDENTIFIER, CommandEnvelope
 from cqrskit.infra.outcomes import Outcome, Status
 from cqrskit.infra.tracing_hooks import group_commit, traced_metadata
-from cqrskit.infra.validation import (CommandTooLarge, InvalidCommand, ReservedCommandId, ValidCommand, safe_text,
+from cqrskit.infra.validation import (CommandTooLarge, InvalidCommand, ReservedCommandId, ValidCommand,
                                      validate_command)
 from cqrskit.infra.write_store.port import Decision, UnitOfWork, WriteStore
 from cqrskit.workers.admission import Gate
@@ -44,6 +44,7 @@ from cqrskit.workers.group_commit import GroupCommit, Pending
 log = structlog.get_logger("cqrskit.commands")
 _stdlib_log = logging.getLogger("cqrskit.commands")  # its level decides (structlog renders through it)
 _IDENTIFIER = re.compile(IDENTIFIER)
+_TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*$")  # the envelope's TypeName
 _SNIFF_ID = re.compile(rb'"command_id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9._:@/-]{0,127})"')
 
 
@@ -138,8 +139,8 @@ class CommandExecutor:
         return Outcome(
             command_id=command_id,
             status=Status.invalid,
-            type=_text(fields.get("type"), 200),
-            aggregate_id=_text(fields.get("aggregate_id"), 200),
+            type=_validated(fields.get("type"), _TYPE_NAME, 200),
+            aggregate_id=_validated(fields.get("aggregate_id"), _IDENTIFIER, 200),
             reason=exc.reason,
             errors=errors,
         )
@@ -329,5 +330,7 @@ def _sniff_id(head: bytes) -> str | None:
     return match.group(1).decode() if match else None
 
 
-def _text(value: Any, limit: int) -> str | None:
-    return safe_text(value, limit) if isinstance(value, str) else None
+def _validated(value: Any, pattern: re.Pattern[str], limit: int) -> str | None:
+    """``value`` only if it passes the envelope's own check (an outcome of an unreadable envelope
+    records no type or aggregate id that the envelope would have refused: G10, G11)."""
+    return value if isinstance(value, str) and len(value) <= limit and pattern.match(value) else None
