@@ -144,10 +144,11 @@ class CqrsRabbitmqBroker(ConsumeBackoff, RabbitmqBroker):
 
     def __init__(self, *, queue_type: QueueType, delivery_limit: int, commands_queue: str = "", endpoint: str = "?",
                  nodes: NodeList | None = None, own_user: str | None = None, route: tuple[str, str] | None = None,
-                 **kwargs: Any) -> None:
+                 max_command_bytes: int = 0, **kwargs: Any) -> None:
         self.nodes = nodes
         super().__init__(**kwargs)
         quick_restarts()
+        self.max_command_bytes = max_command_bytes  # a raw body is cut to one byte over it before it is wrapped
         self.own_user = own_user  # RabbitMQ validates it: the mark of this broker's own messages (G11)
         # (exchange, queue pattern): queues matching the pattern are bound to that direct exchange
         # when declared, and published to through it instead of the default exchange (G11)
@@ -257,7 +258,7 @@ class CommandsConsumer(_RabbitmqConsumer):  # type: ignore[misc]
             broker.nodes.reached(self.connection)
         commands = broker.commands_queue
         if queue_name in (commands, dq_name(commands)):
-            self.iterator = _exchange_bodies_wrapped(self.iterator, commands, broker.own_user)
+            self.iterator = _exchange_bodies_wrapped(self.iterator, commands, broker.own_user, broker.max_command_bytes)
 
     def __next__(self) -> Any:
         try:
@@ -273,8 +274,13 @@ class CommandsConsumer(_RabbitmqConsumer):  # type: ignore[misc]
 
 
 def _exchange_bodies_wrapped(deliveries: Iterator[tuple[Any, Any, Any]], commands_queue: str,
-                             own_user: str | None) -> Iterator[tuple[Any, Any, Any]]:
+                             own_user: str | None, max_bytes: int = 0) -> Iterator[tuple[Any, Any, Any]]:
+    """Raw bodies wrapped with their delivery; one over ``max_bytes`` is cut to ``max_bytes + 1``
+    first (the executor refuses it as too large all the same, G10), so that an oversized message
+    is never copied into base64, JSON and back (a 20 MB command took a worker from 97 to 270 MB)."""
     for method, properties, body in deliveries:
+        if method is not None and max_bytes and len(body) > max_bytes and properties.user_id != own_user:
+            body = body[:max_bytes + 1]
         if method is not None and method.exchange != "":
             delivery = Delivery.from_amqp(method.routing_key, properties.user_id, properties.headers)
             body = json.dumps(wrap_command(body, commands_queue, delivery, trace_options(properties.headers))).encode()
@@ -317,6 +323,7 @@ def make_broker(settings: Settings, extra_middleware: list[dramatiq.Middleware] 
             commands_queue=settings.commands_queue,
             own_user=pika.URLParameters(settings.broker_urls[0]).credentials.username,
             route=(indexer_exchange(settings), indexer_route_pattern(settings)),
+            max_command_bytes=settings.max_command_bytes,
         )
     # Retries wait at most max_backoff_ms; the rest allows for clocks that disagree between hosts.
     encoder = dramatiq.get_encoder()

@@ -225,7 +225,9 @@ async def send_batch(request: Request) -> BatchAccepted:
     others again. 503 when it confirmed none."""
     gateway: Gateway = request.app.state.gateway
     body = await _read_body(request, gateway.max_batch_bytes)
-    messages = check_batch(body, gateway.registry, gateway.settings.max_command_bytes, MAX_BATCH_COMMANDS)
+    key = current_key(request)
+    messages = await run_in_threadpool(check_batch, body, gateway.registry, gateway.settings.max_command_bytes,
+                                       MAX_BATCH_COMMANDS, key.may_send if key is not None else None)
     messages = [_as_issued(request, message) for message in messages]
     try:
         with publishing(messages, gateway.settings.commands_exchange) as traced:  # their traceparent in the headers
@@ -252,19 +254,21 @@ async def command_outcome(request: Request, command_id: CommandIdPath, wait: Wai
     """The command's terminal outcome (G3); a succeeded one carries ``consistency_token`` for
     read-your-writes queries (G8). 404 while there is none (pending or never received)."""
     gateway: Gateway = request.app.state.gateway
+    key = current_key(request)
     deadline, pause = time.monotonic() + min(wait, gateway.max_wait), 0.02
-    while (view := await run_in_threadpool(gateway.outcome, command_id)) is None:
+    # an outcome the key may not see is waited for as an unknown id is: the same 404 at the same time
+    while (view := await run_in_threadpool(gateway.outcome, command_id)) is None or not _visible(key, view):
         remaining = deadline - time.monotonic()
         if remaining <= 0 or await request.is_disconnected():
             raise ProblemError(404, "outcome-not-known", "Outcome not known",
                                f"command {command_id!r} is not known yet: pending or never received")
         await asyncio.sleep(min(pause, remaining))
         pause = min(pause * 2, 0.25)
-    key = current_key(request)
-    if key is not None and not (view.type and key.may_send(view.type)):  # not its business: as if unknown
-        raise ProblemError(404, "outcome-not-known", "Outcome not known",
-                           f"command {command_id!r} is not known yet: pending or never received")
     return view
+
+
+def _visible(key: Any, view: OutcomeView) -> bool:
+    return key is None or bool(view.type and key.may_send(view.type))
 
 
 def _as_issued(request: Request, message: OutgoingMessage) -> OutgoingMessage:

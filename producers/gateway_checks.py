@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pydantic_core
@@ -36,18 +37,35 @@ def check_command(body: bytes, registry: Registry, max_bytes: int) -> OutgoingMe
         raise command_problem(exc) from None
 
 
-def check_batch(body: bytes, registry: Registry, max_bytes: int, max_commands: int) -> list[OutgoingMessage]:
+MAX_REPORTED = 20  # bad commands listed in a 400 (validation stops there); errors listed for each
+MAX_ERRORS_EACH = 10
+
+
+def check_batch(body: bytes, registry: Registry, max_bytes: int, max_commands: int,
+                may_send: Callable[[str], bool] | None = None) -> list[OutgoingMessage]:
     """Every command of a JSON array checked as ``check_command`` checks one, on its own bytes.
-    Raises ProblemError: 400 listing each bad command's index and errors, or saying there are too many."""
+    ``may_send``: the caller's scope, checked on every item's type before anything is validated
+    (403 naming the first items outside it). Raises ProblemError: 400 listing the first
+    ``MAX_REPORTED`` bad commands by index (``MAX_ERRORS_EACH`` errors each; validation stops
+    there), or saying there are too many. CPU-bound: call it off the event loop."""
     try:
-        count = len(_json_array(body))
-        items = _array_items(body)
+        parsed = _json_array(body)
     except (ValueError, IndexError, RecursionError) as exc:
         raise invalid_batch(str(exc), errors=lone_surrogate_errors(body) or None) from None
+    count = len(parsed)
     if count > max_commands:
         raise invalid_batch(f"batch of {count} commands exceeds the limit of {max_commands}")  # the schema's maxItems
+    if may_send is not None:
+        _check_scope(parsed, may_send)
+    try:
+        items = _array_items(body)
+    except (ValueError, IndexError, RecursionError) as exc:
+        raise invalid_batch(str(exc)) from None
     messages, bad, seen = [], [], {}
     for index, item in enumerate(items):
+        if len(bad) == MAX_REPORTED:
+            raise invalid_batch(f"at least {len(bad)} of {count} commands are invalid (the first {len(bad)} are "
+                                "listed); nothing was published", items=bad)
         try:
             message = _message(item, registry, max_bytes)
         except InvalidCommand as exc:
@@ -63,13 +81,25 @@ def check_batch(body: bytes, registry: Registry, max_bytes: int, max_commands: i
     return messages
 
 
+def _check_scope(parsed: list[Any], may_send: Callable[[str], bool]) -> None:
+    outside = [(index, item["type"]) for index, item in enumerate(parsed)
+               if isinstance(item, dict) and isinstance(item.get("type"), str) and not may_send(item["type"])]
+    if outside:
+        shown = ", ".join(f"{index} ({kind[:100]!r})" for index, kind in outside[:MAX_REPORTED])
+        raise ProblemError(403, "not-allowed", "Not allowed",
+                           f"{len(outside)} of {len(parsed)} commands have a type this API key may not send, at "
+                           f"index {shown}; nothing was published")
+
+
 def _message(body: bytes, registry: Registry, max_bytes: int) -> OutgoingMessage:
     envelope = validate_command(body, registry, max_bytes).envelope
     return OutgoingMessage(body=body, routing_key=envelope.type, message_id=envelope.command_id)
 
 
 def _bad_item(index: int, detail: str, errors: list[FieldError]) -> dict[str, Any]:
-    return {"index": index, "detail": detail, "errors": [e.model_dump(mode="json", exclude_none=True) for e in errors]}
+    listed = [e.model_dump(mode="json", exclude_none=True) for e in errors[:MAX_ERRORS_EACH]]
+    more = {"more_errors": len(errors) - MAX_ERRORS_EACH} if len(errors) > MAX_ERRORS_EACH else {}
+    return {"index": index, "detail": detail, "errors": listed} | more
 
 
 def _json_array(body: bytes) -> list[Any]:

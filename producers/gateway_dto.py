@@ -21,7 +21,8 @@ MAX_BATCH_COMMANDS = 1000
 class BadItem(BaseModel):
     index: int = Field(description="Position of the bad command in the batch (from 0).")
     detail: str
-    errors: list[FieldError]
+    errors: list[FieldError] = Field(description="Its first errors (at most 10).")
+    more_errors: int | None = Field(None, description="How many more errors it had, not listed.")
 
 
 class Accepted(BaseModel):
