@@ -118,6 +118,18 @@ class ApiKeys:
         return [_key(row) for row in rows]
 
 
+def live_command_scopes(engine: Engine) -> dict[str, frozenset[str]]:
+    """Each live key's name and the command types it may send (the union over its live keys):
+    what a command worker checks a vouched-for ``key:NAME`` issuer against. Reads only the
+    ``name``, ``commands`` and ``revoked_at`` columns, all the workers' role may read."""
+    scopes: dict[str, set[str]] = {}
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(api_keys.c.name, api_keys.c.commands).where(api_keys.c.revoked_at.is_(None)))
+        for name, commands in rows:
+            scopes.setdefault(name, set()).update(commands or ())
+    return {name: frozenset(types) for name, types in scopes.items()}
+
+
 def _key(row: sa.Row) -> ApiKey:  # type: ignore[type-arg]
     return ApiKey(row.key_id, row.name, frozenset(row.commands), frozenset(row.read_models),
                   row.created_at, row.revoked_at)

@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
+from cqrskit.infra.api_keys import live_command_scopes
 from cqrskit.infra.db import upsert_insert
 from cqrskit.infra.delivery import is_name
-from cqrskit.infra.schema import api_keys, producer_grants, producers
+from cqrskit.infra.schema import producer_grants, producers
 
 EVERY_TYPE = "*"
 
@@ -63,17 +64,8 @@ class ProducerGrants:
     def _refresh(self) -> None:
         if time.monotonic() - self._loaded_at > self.ttl:
             self._cache = {p.name: p for p in self.all()}
-            self._keys = self._live_keys()
+            self._keys = live_command_scopes(self.engine)
             self._loaded_at = time.monotonic()
-
-    def _live_keys(self) -> dict[str, frozenset[str]]:
-        """Each live API key's name and command scope (the only columns the workers may read)."""
-        scopes: dict[str, set[str]] = {}
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(api_keys.c.name, api_keys.c.commands).where(api_keys.c.revoked_at.is_(None)))
-            for name, commands in rows:
-                scopes.setdefault(name, set()).update(commands or ())
-        return {name: frozenset(types) for name, types in scopes.items()}
 
     # -- the operator's side ----------------------------------------------------------------
     def all(self) -> list[Producer]:
