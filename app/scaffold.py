@@ -5,8 +5,10 @@ exactly these files (a test keeps the two equal)."""
 
 from __future__ import annotations
 
+import importlib.util
 import keyword
 import re
+import sys
 from pathlib import Path
 
 PACKAGE = "{{package}}"
@@ -214,6 +216,12 @@ def check_name(package: str) -> None:
                          f"starting with a letter")
     if package in ("cqrskit", "tests", "test"):
         raise ValueError(f"{package!r} is taken: choose another name")
+    if package in sys.stdlib_module_names:
+        raise ValueError(f"{package!r} is a module of Python's standard library: a package of that name would "
+                         "shadow it (for cqrskit too); choose another name")
+    if importlib.util.find_spec(package) is not None:
+        raise ValueError(f"{package!r} is already importable here (an installed package or module): a package of "
+                         "that name would shadow it or be shadowed; choose another name")
 
 
 def write(package: str, where: Path) -> list[Path]:
