@@ -212,4 +212,15 @@ def query_app(settings: Settings) -> Any:
     app = app_of(settings)
     tracing.configure("cqrskit-query")
     return create_app(settings, app.read_models, app.queries, authenticate=http_authentication(settings, "query"),
-                      docs=docs_served(settings))
+                      docs=docs_served(settings), parked=_parked_notes(settings))
+
+
+def _parked_notes(settings: Settings) -> Any:
+    """A timed-out consistency wait names the parked documents it waited for, read through the
+    query role (``CQRSKIT_AUTH_DATABASE_URL``); without it, nothing is read."""
+    if settings.auth_database_url is None:
+        return None
+    from cqrskit.producers.gateway import read_only_engine
+    from cqrskit.read_models.consistency import parked_notes
+
+    return parked_notes(read_only_engine(settings.auth_database_url))

@@ -47,7 +47,8 @@ PG_GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
                 "SELECT, INSERT, UPDATE, DELETE": ("parked_documents",), "USAGE": ("parked_documents_id_seq",)},
     # a consistency token names the stream versions of a command's events: nothing of their data
     "gateway": {"SELECT": ("command_outcomes", "api_keys"), "SELECT (position, stream_id, version)": ("events",)},
-    "query": {"SELECT": ("api_keys",)},
+    # a read-your-writes wait that times out names the parked document it waited for
+    "query": {"SELECT": ("api_keys",), "SELECT (read_model, doc_id, error)": ("parked_documents",)},
     "operator": {"SELECT": ALL_TABLES, "INSERT, DELETE": ("command_outcomes",),
                  "INSERT, UPDATE, DELETE": ("parked_documents", "read_model_indices", "producers", "producer_grants",
                                             "api_keys"),

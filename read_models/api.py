@@ -41,6 +41,7 @@ from cqrskit.infra.http_auth import (Authenticate, Authentication, declare_secur
                                     server_limits)
 from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
 from cqrskit.infra.utc import written_as_a_date
+from cqrskit.read_models.consistency import ParkedNotes
 from cqrskit.read_models.indices import alias
 from cqrskit.read_models.model import ReadModel
 from cqrskit.read_models.query_engine import Ident, QueryError
@@ -155,6 +156,7 @@ class QuerySide:
     prefix: str
     secret: str
     max_wait: float
+    parked: ParkedNotes | None = None  # why a wait timed out, when a pending document is parked (G7)
 
 
 def _side(request: Request) -> QuerySide:
@@ -175,10 +177,12 @@ async def _reflected(side: QuerySide, model: Searchable, params: Consistency) ->
     while not await run_in_threadpool(reflection.check, side.es, side.prefix):
         delay = reflection.next_delay()
         if delay is None:
+            notes = await run_in_threadpool(side.parked, model.name, reflection.pending) if side.parked else []
             raise ProblemError(
                 504, "not-reflected", "Write not reflected in time",
                 f"the {model.name} read model did not reflect the token's writes within {wait:g} s "
-                f"(pending: {', '.join(map(str, reflection.pending[:5]))}); retry later",
+                f"(pending: {', '.join(map(str, reflection.pending[:5]))}); "
+                + ("; ".join(notes[:3]) if notes else "retry later"),
                 read_model=model.name, awaited=[str(a) for a in reflection.awaited],
                 pending=[str(a) for a in reflection.pending], waited_seconds=wait)
         await asyncio.sleep(delay)
@@ -266,7 +270,8 @@ DESCRIPTION = """Typed search over the read models of the app `{app}` (Elasticse
 
 def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: Sequence[QueryFunction] = (), *,
                max_wait: float = MAX_WAIT_SECONDS, search_timeout: float = 30.0, title: str = "",
-               authenticate: Authenticate | None = None, docs: bool = True) -> FastAPI:
+               authenticate: Authenticate | None = None, docs: bool = True,
+               parked: ParkedNotes | None = None) -> FastAPI:
     """The query API over ``read_models`` (those that declare queries) and the app's query
     ``functions``. The search client is made at start-up and closed at shutdown. Only the search
     URL, the index prefix and the token secret are taken from ``settings`` (G11). ``max_wait`` caps
@@ -287,7 +292,7 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
         from cqrskit.read_models.search import make_client
 
         es = make_client(url, timeout=search_timeout, settings=settings)
-        app.state.query_side = QuerySide(es, prefix, secret, max_wait)
+        app.state.query_side = QuerySide(es, prefix, secret, max_wait, parked)
         try:
             yield
         finally:

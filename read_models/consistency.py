@@ -104,6 +104,33 @@ class Reflection:
         return None if left <= 0 else min(POLL_SECONDS, left)
 
 
+ParkedNotes = Callable[[str, list[Awaited]], list[str]]  # (read model, pending) -> one note per parked document
+
+
+def parked_notes(engine: Any) -> ParkedNotes:
+    """What a wait that timed out should add: for each pending stream whose own document is
+    parked (G7), "document ID is parked (ERROR)". Reads ``parked_documents`` only (the query
+    role's one read of the write store besides API keys); read errors add nothing."""
+    import sqlalchemy as sa
+
+    from cqrskit.infra.schema import parked_documents
+
+    def notes(model: str, pending: list[Awaited]) -> list[str]:
+        ids = sorted({c.stream.split(":", 1)[1] for c in pending if c.held and ":" in c.stream})
+        if not ids:
+            return []
+        query = (sa.select(parked_documents.c.doc_id, parked_documents.c.error)
+                 .where(parked_documents.c.read_model == model, parked_documents.c.doc_id.in_(ids[:50])))
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(query).all()
+        except sa.exc.SQLAlchemyError:
+            return []
+        return [f"document {doc_id} is parked ({error[:300]}): cqrskit parked list" for doc_id, error in rows]
+
+    return notes
+
+
 def wait(reflection: Reflection, es: Elasticsearch, prefix: str) -> bool:
     """Block until ``reflection`` is met; False when its deadline passed first."""
     while not reflection.check(es, prefix):
