@@ -113,17 +113,14 @@ def parked_notes(engine: Any) -> ParkedNotes:
     role's one read of the write store besides API keys); read errors add nothing."""
     import sqlalchemy as sa
 
-    from cqrskit.infra.schema import parked_documents
+    from cqrskit.read_models.parking import parked_errors
 
     def notes(model: str, pending: list[Awaited]) -> list[str]:
         ids = sorted({c.stream.split(":", 1)[1] for c in pending if c.held and ":" in c.stream})
         if not ids:
             return []
-        query = (sa.select(parked_documents.c.doc_id, parked_documents.c.error)
-                 .where(parked_documents.c.read_model == model, parked_documents.c.doc_id.in_(ids[:50])))
         try:
-            with engine.connect() as conn:
-                rows = conn.execute(query).all()
+            rows = parked_errors(engine, model, ids[:50])
         except sa.exc.SQLAlchemyError:
             return []
         return [f"document {doc_id} is parked ({error[:300]}): cqrskit parked list" for doc_id, error in rows]

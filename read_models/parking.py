@@ -66,3 +66,11 @@ def drop_parked(engine: Engine, ids: list[int] | None) -> int:
         query = query.where(parked_documents.c.id.in_(ids))
     with engine.begin() as conn:
         return conn.execute(query).rowcount or 0
+
+
+def parked_errors(engine: Engine, read_model: str, doc_ids: list[str]) -> list[tuple[str, str]]:
+    """(doc id, error) of those of ``doc_ids`` that are parked in ``read_model``."""
+    query = (sa.select(parked_documents.c.doc_id, parked_documents.c.error)
+             .where(parked_documents.c.read_model == read_model, parked_documents.c.doc_id.in_(doc_ids)))
+    with engine.connect() as conn:
+        return [(doc_id, error) for doc_id, error in conn.execute(query).all()]
