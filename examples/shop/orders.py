@@ -132,12 +132,10 @@ def place_order(command: PlaceOrder, order_id: str, ctx: HandlerContext) -> None
     order.require_new()
     customer = ctx.load(Customer, command.customer_id)
     order.require(customer.state.registered, f"customer {command.customer_id} does not exist")
-    lines = []
-    for requested in command.lines:
-        product = product_for_sku(ctx, requested.sku)
-        product.reserve(order_id, requested.quantity)
-        lines.append(_captured(product, requested.quantity))
-    order.place(command.customer_id, lines)
+    wanted = [(product_for_sku(ctx, requested.sku), requested.quantity) for requested in command.lines]
+    order.place(command.customer_id, [_captured(product, quantity) for product, quantity in wanted])
+    for product, quantity in wanted:  # after OrderPlaced: the events keep the order they are recorded in
+        product.reserve(order_id, quantity)
 
 
 def place_order_reads(command: PlaceOrder, order_id: str) -> list[Read]:
