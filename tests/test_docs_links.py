@@ -16,9 +16,11 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 FILE = re.compile(r"`([\w./-]+\.(?:py|md|json|toml|sh|ini|yml|yaml)|[\w.-]+/(?:[\w.-]+/?)*)`")
 # names the documents use for files a user makes, not files of this repository (docs/extending.md's
 # tutorial project, made by `cqrskit new todo`)
-EXAMPLES = {"commands.jsonl", "command.json", "tests/test_todo.py", "application/json"}  # and a media type
-# library/: docs/process-managers.md's tutorial project; config/certs/: an Elasticsearch install's own folder
-USER_FOLDERS = ("todo/", "library/", "config/certs/")
+# (and a media type; schema.json: the file of Elastic's npm package the conformance check reads)
+EXAMPLES = {"commands.jsonl", "command.json", "tests/test_todo.py", "application/json", "schema.json"}
+# config/certs/: an Elasticsearch install's own folder; library/: docs/process-managers.md's tutorial
+# project; var/: made at run time (git-ignored)
+USER_FOLDERS = ("todo/", "config/certs/", "library/", "var/")
 
 
 def targets(doc: Path) -> list[str]:
