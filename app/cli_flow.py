@@ -26,7 +26,7 @@ def process_managers(
 
     try:
         if not ctx.obj.embedded_broker:
-            preflight(ctx.obj, "worker")  # the write store migrated, the commands exchange declared
+            preflight(ctx.obj, "process-managers")  # the write store migrated, the commands exchange declared
         run_process_managers(ctx.obj, partition, partitions)
     except ValueError as exc:
         err.print(f"[red]{exc}[/red]")

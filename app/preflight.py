@@ -48,6 +48,7 @@ def needs_of(process: str, settings: Settings) -> Needs:
         "relay": Needs(schema=True, exchanges=[s.events_exchange], queues=[s.indexer_queue]),
         "indexer": Needs(schema=True, queues=[s.indexer_queue], indices=True),
         "gateway": Needs(schema=True, exchanges=[s.commands_exchange]),
+        "process-managers": Needs(schema=True, exchanges=[s.commands_exchange]),
         "query": Needs(indices=True),
         "send": Needs(exchanges=[s.commands_exchange]),
         "send-wait": Needs(schema=True, exchanges=[s.commands_exchange]),

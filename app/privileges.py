@@ -32,12 +32,14 @@ from cqrskit.infra.settings import Settings
 
 Say = Callable[[str], None]
 ALL_TABLES = ("events", "streams", "command_outcomes", "unique_claims", "relay_checkpoints", "leases",
-              "parked_documents", "read_model_indices", "producers", "producer_grants", "api_keys")
+              "parked_documents", "read_model_indices", "producers", "producer_grants", "api_keys",
+              "process_instances", "process_handled", "process_outbox", "process_timers")
 # role -> {privileges: tables}; "USAGE" lists sequences.
 PG_GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
     "worker": {"SELECT, INSERT": ("events",),  # history is appended, never rewritten
                "SELECT, INSERT, UPDATE": ("streams", "command_outcomes"),
-               "SELECT, INSERT, DELETE": ("unique_claims",), "SELECT": ("producers", "producer_grants"),
+               "SELECT, INSERT, DELETE": ("unique_claims",),
+               "SELECT": ("producers", "producer_grants", "process_outbox"),  # process_outbox: internal commands
                # a vouched-for issuer must be a live key allowed the type: names and scopes, no digests
                "SELECT (name, commands, revoked_at)": ("api_keys",),
                "USAGE": ("events_position_seq",)},
@@ -45,6 +47,10 @@ PG_GRANTS: dict[str, dict[str, tuple[str, ...]]] = {
               "SELECT (read_model)": ("parked_documents",)},  # its metrics count the parked documents
     "indexer": {"SELECT": ("events", "streams", "read_model_indices"),
                 "SELECT, INSERT, UPDATE, DELETE": ("parked_documents",), "USAGE": ("parked_documents_id_seq",)},
+    "process_managers": {"SELECT": ("events",),
+                         "SELECT, INSERT, UPDATE": ("relay_checkpoints", "process_instances", "process_handled",
+                                                    "process_outbox"),
+                         "SELECT, INSERT, UPDATE, DELETE": ("process_timers",)},
     # a consistency token names the stream versions of a command's events: nothing of their data
     "gateway": {"SELECT": ("command_outcomes", "api_keys"), "SELECT (position, stream_id, version)": ("events",)},
     # a read-your-writes wait that times out names the parked document it waited for
@@ -76,6 +82,7 @@ def rabbitmq_permissions(settings: Settings) -> dict[str, Permission]:
     ix = re.escape(indexer_exchange(settings))
     return {
         "gateway": Permission("^$", f"^{ce}$", "^$"),
+        "process_managers": Permission("^$", f"^{ce}$", "^$"),  # publishes the commands its reactions sent
         "worker": Permission(f"^{c}(\\.DQ|\\.XQ)?$", f"^(amq\\.default|{c}(\\.DQ|\\.XQ)?)$", f"^{c}(\\.DQ)?$"),
         "relay": Permission(f"^({ee}|{ix}|{i}(\\.DQ|\\.XQ)?)$", f"^({ee}|{ix}|{i}(\\.DQ|\\.XQ)?)$", f"^{ix}$"),
         "indexer": Permission(f"^({ix}|{i}(\\.DQ|\\.XQ)?)$", f"^({ix}|{i}(\\.DQ|\\.XQ)?)$", f"^({ix}|{i}(\\.DQ)?)$"),
