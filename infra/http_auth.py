@@ -48,7 +48,12 @@ class Authentication:
         self._lock = threading.Lock()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in self.open_paths:  # no key needed; a valid one is still known to the route
+            if self.authenticate is not None and (key := await self._key(Request(scope))) is not None:
+                scope.setdefault("state", {})["api_key"] = key
             await self.app(scope, receive, send)
             return
         request = Request(scope)

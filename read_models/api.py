@@ -37,8 +37,8 @@ from cqrskit.infra.problems import (PROBLEM_JSON, Problem, ProblemError, add_pro
 from cqrskit.infra.http_observe import observe
 from cqrskit.infra.tracing_hooks import consistency_wait
 from cqrskit.infra.settings import EMBEDDED_SEARCH, Settings
-from cqrskit.infra.http_auth import (Authenticate, Authentication, declare_security, read_model_scope,
-                                    server_limits)
+from cqrskit.infra.http_auth import (Authenticate, Authentication, current_key, declare_security,
+                                    read_model_scope, server_limits)
 from cqrskit.infra.tokens import ConsistencyToken, InvalidToken
 from cqrskit.infra.utc import written_as_a_date
 from cqrskit.read_models.consistency import ParkedNotes
@@ -145,7 +145,8 @@ def documented(model: type[BaseModel]) -> dict[str, Any]:
 
 class Health(BaseModel):
     status: str
-    documents: dict[str, int] = Field(description="Documents per read model.")
+    documents: dict[str, int] = Field(description="Documents per read model the caller's key may read (none "
+                                                  "without a key when authentication is on).")
 
 
 # ---------------------------------------------------------------- the application
@@ -244,10 +245,14 @@ def _routes(app: FastAPI, models: dict[str, Searchable], functions: Sequence[Que
     @app.get("/health", tags=["health"], response_model=Health, responses=_responses(503),
              summary="Can the read models be searched?")
     async def health(request: Request) -> Response:
-        side = _side(request)
+        """Every read model is counted (the search side answers); the counts are shown only to a
+        key that may read the model, or to everyone when authentication is off (G11)."""
+        side, key = _side(request), current_key(request)
+        authenticated = request.app.state.authenticated
         counts = await run_in_threadpool(
             lambda: {m: side.es.count(index=alias(side.prefix, m))["count"] for m in models})
-        return Response(Health(status="ok", documents=counts).model_dump_json(),
+        shown = {m: n for m, n in counts.items() if not authenticated or (key is not None and key.may_read(m))}
+        return Response(Health(status="ok", documents=shown).model_dump_json(),
                         media_type="application/json")
 
 
@@ -306,6 +311,7 @@ def create_app(settings: Settings, read_models: Sequence[ReadModel], functions: 
                        max_total_waits=settings.max_consistency_waits_total)
     add_problem_handlers(app, log, {QueryError: _on_query_error, ApiError: _on_search_error,
                                     TransportError: _on_search_error})
+    app.state.authenticated = authenticate is not None
     _routes(app, models, functions)
     if authenticate is not None:
         plain = app.openapi
