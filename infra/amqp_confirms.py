@@ -22,6 +22,7 @@ from pika.adapters.select_connection import IOLoop
 log = structlog.get_logger("cqrskit.infra.amqp")
 
 STALL_SECONDS = 5.0  # on a cluster, no confirm for this long moves the publisher to the next node
+NACK_RECONNECT_SECONDS = 1.0  # a nack makes the publisher reconnect at most this often
 _FATAL_CONNECT_ERRORS = (pika_exc.ProbableAuthenticationError, pika_exc.AuthenticationError,
                          pika_exc.ProbableAccessDeniedError)  # retrying these cannot help
 
@@ -180,11 +181,11 @@ class ConfirmLoop:
         """After a quorum queue changed leader, RabbitMQ 3.10 may nack every message a connection
         publishes from then on, for minutes: a fresh connection (to the next node of a cluster, or
         through a load balancer to a live one) is not. At most one such reconnect per
-        ``STALL_SECONDS``, so that a queue that rightly refuses (``x-overflow: reject-publish``)
-        costs no storm of connections."""
+        ``NACK_RECONNECT_SECONDS``, so that a queue that rightly refuses (``x-overflow:
+        reject-publish``) costs no storm of connections."""
         now = time.monotonic()
         conn = self._connection
-        if conn is None or not conn.is_open or now - self._nack_reconnect_at < STALL_SECONDS:
+        if conn is None or not conn.is_open or now - self._nack_reconnect_at < NACK_RECONNECT_SECONDS:
             return
         self._nack_reconnect_at = now
         log.warning("amqp_publisher.nacked", node=self._node_name(), unconfirmed=len(self._pending))

@@ -174,3 +174,26 @@ def test_setup_moves_a_classic_dead_letter_queue_to_a_quorum_one_with_every_mess
     _dead_letter_queues(cluster_settings, say=said.append)  # idempotent
     assert len(said) == 1
     connection.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_nacked_publisher_reports_each_nack_then_confirms_again(amqp_settings: Settings) -> None:
+    """G1: a nack (here: a full queue that refuses, ``x-overflow: reject-publish``) fails that
+    message with its reason; the publisher reconnects (at most once a second, as it does when a
+    quorum queue changed leader) and the next message to a queue that takes it is confirmed."""
+    full, open_ = f"{amqp_settings.commands_queue}.full", f"{amqp_settings.commands_queue}.open"
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_settings.broker_url))
+    channel = connection.channel()
+    channel.queue_declare(full, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    channel.queue_declare(open_, durable=True)
+    publisher = AmqpPublisher(amqp_settings.broker_url, "")
+    try:
+        refused = publisher.publish_many([OutgoingMessage(b"{}", full, str(i)) for i in range(5)])
+        assert refused.confirmed == 0 and {why for _id, why in refused.failed} == {"nacked by broker"}
+        publisher.publish(OutgoingMessage(b"{}", open_, "after"))
+        assert channel.queue_declare(open_, passive=True).method.message_count == 1
+    finally:
+        publisher.close()
+        channel.queue_delete(full)
+        channel.queue_delete(open_)
+        connection.close()
