@@ -7,8 +7,8 @@ Contracts:
   instance's new state (moved from the version it was read at, else ``ConcurrencyConflict``),
   the commands sent (outbox rows keyed by their derived ids: inserting one twice is one) and the
   timer changes. A handler that raises commits nothing.
-- ``fire_due`` takes the timers due at ``now`` and, for each, in one transaction: deletes the
-  timer row (only the very timer that was taken: one replaced meanwhile is not deleted), runs
+- ``fire_due`` takes the timers due at ``now`` (a batch, in one transaction) and, for each:
+  deletes the timer row (only the very timer that was taken: one replaced meanwhile is not deleted), runs
   its handler, and commits its state, commands and timers. Fenced: on PostgreSQL the rows are
   taken ``FOR UPDATE SKIP LOCKED``, so two processes never take one timer; on SQLite the
   transaction takes the single write lock first (``BEGIN IMMEDIATE``), so the second process
@@ -104,33 +104,40 @@ class ReactionStore:
 
     # -- timers -----------------------------------------------------------------------------
     def fire_due(self, now: datetime | None = None, limit: int = 100) -> list[Fired]:
-        """Fire the timers due at ``now`` (at most ``limit``, oldest first), one transaction each
-        (see the module docstring). A timer whose handler raises stays and is retried later
-        (the error propagates after the timers fired before it committed)."""
+        """Fire the timers due at ``now`` (at most ``limit``, oldest first) in one transaction
+        (see the module docstring): each timer's row deleted and its handler's effects written,
+        all committed together. When a handler raises, that transaction is rolled back and the
+        timers are fired one transaction each: those before the failing one commit, it stays (to
+        be retried later) and its error propagates."""
         now = now or datetime.now(UTC)
-        fired: list[Fired] = []
-        for _ in range(limit):
-            one = self._fire_one(now)
-            if one is None:
-                break
-            fired.append(one)
-        return fired
+        try:
+            with self._begin() as conn:
+                return [self._fire_row(conn, row, now) for row in conn.execute(self._due(now, limit)).all()]
+        except ConcurrencyConflict:
+            raise
+        except Exception:  # a handler's failure: find it alone, keep the others
+            fired: list[Fired] = []
+            while len(fired) < limit and (one := self._fire_one(now)) is not None:
+                fired.append(one)
+            return fired
+
+    def _due(self, now: datetime, limit: int) -> Any:
+        query = (sa.select(process_timers).where(process_timers.c.due_at <= now,
+                                                 process_timers.c.manager.in_(list(self.managers)))
+                 .order_by(process_timers.c.due_at).limit(limit))
+        return query.with_for_update(skip_locked=True) if self.postgres else query
 
     def _fire_one(self, now: datetime) -> Fired | None:
         with self._begin() as conn:
-            query = (sa.select(process_timers).where(process_timers.c.due_at <= now,
-                                                     process_timers.c.manager.in_(list(self.managers)))
-                     .order_by(process_timers.c.due_at).limit(1))
-            if self.postgres:
-                query = query.with_for_update(skip_locked=True)
-            row = conn.execute(query).first()
-            if row is None:
-                return None
-            manager = self.managers[row.manager]
-            conn.execute(process_timers.delete().where(*_timer_key(row), process_timers.c.timer_id == row.timer_id))
-            state, version = self._load(conn, manager, row.instance_key)
-            reaction = manager.fire(row.name, row.timer_id, row.instance_key, state, now)
-            self._commit(conn, reaction, version, row.correlation_id)
+            row = conn.execute(self._due(now, 1)).first()
+            return None if row is None else self._fire_row(conn, row, now)
+
+    def _fire_row(self, conn: Connection, row: Any, now: datetime) -> Fired:
+        manager = self.managers[row.manager]
+        conn.execute(process_timers.delete().where(*_timer_key(row), process_timers.c.timer_id == row.timer_id))
+        state, version = self._load(conn, manager, row.instance_key)
+        reaction = manager.fire(row.name, row.timer_id, row.instance_key, state, now)
+        self._commit(conn, reaction, version, row.correlation_id)
         due = as_utc(row.due_at)
         return Fired(row.manager, row.instance_key, row.name, due, max(0.0, (now - due).total_seconds()),
                      len(reaction.sent))
