@@ -254,6 +254,8 @@ async def command_outcome(request: Request, command_id: CommandIdPath, wait: Wai
     """The command's terminal outcome (G3); a succeeded one carries ``consistency_token`` for
     read-your-writes queries (G8). 404 while there is none (pending or never received)."""
     gateway: Gateway = request.app.state.gateway
+    if len(request.query_params.getlist("wait")) > 1:  # FastAPI would keep the last one, silently
+        raise ProblemError(422, "invalid-parameters", "Invalid parameters", "wait is given more than once")
     key = current_key(request)
     deadline, pause = time.monotonic() + min(wait, gateway.max_wait), 0.02
     # an outcome the key may not see is waited for as an unknown id is: the same 404 at the same time

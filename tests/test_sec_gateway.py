@@ -87,3 +87,16 @@ def test_an_outcome_a_key_may_not_see_is_answered_as_an_unknown_id(commands_topo
     assert answers["theirs"][1] == answers["nobodys"][1].replace("nobodys", "theirs")
     assert answers["theirs"][2] >= 2 and answers["nobodys"][2] >= 2  # both waited the whole ?wait
     assert answers["mine"][0] == 200
+
+
+def test_a_repeated_wait_is_refused_not_silently_the_last(commands_topology: Settings,  # noqa: F811
+                                                          keys: ApiKeys) -> None:
+    """G10, issue 19 finding 7: ``?wait=0&wait=30`` kept the last value silently; it is a 422."""
+    settings = commands_topology.model_copy(update={"token_secret": SECRET})
+    _key, token = keys.create("limited", ["RegisterCustomer"], [])
+    with serving(gateway_app(settings, authenticate=keys.authenticate)) as url, \
+            httpx.Client(base_url=url, timeout=30, headers=bearer(token)) as http:
+        repeated = http.get("/commands/some-id", params=[("wait", "0"), ("wait", "30")])
+        single = http.get("/commands/some-id", params={"wait": "0"})
+    assert repeated.status_code == 422 and repeated.json()["detail"] == "wait is given more than once"
+    assert single.status_code == 404
