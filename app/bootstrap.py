@@ -169,7 +169,7 @@ def run_process_managers(settings: Settings, partition: int = 0, partitions: int
     import threading
 
     from cqrskit.read_models.partitions import Partition
-    from cqrskit.workers.process_managers import CommandOutlet, ProcessManagers
+    from cqrskit.workers.process_managers import CommandOutlet, ProcessManagers, serve_metrics
 
     if settings.embedded_broker:
         raise ValueError("the process-managers process needs a real broker: set CQRSKIT_BROKER_URL=amqp://...")
@@ -181,6 +181,7 @@ def run_process_managers(settings: Settings, partition: int = 0, partitions: int
     rt = build_runtime(settings, app, pool_size=4)
     outlet = CommandOutlet(settings.broker_url, settings.commands_exchange)
     process = ProcessManagers(rt.engine, rt.reactions, outlet, chosen)
+    metrics = serve_metrics(settings.metrics_port, settings.metrics_host, process)  # None unless the port is set
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -188,6 +189,8 @@ def run_process_managers(settings: Settings, partition: int = 0, partitions: int
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if metrics is not None:
+            metrics.server.shutdown()  # type: ignore[attr-defined]
         outlet.close()
         rt.close()
         tracing.shutdown()  # the last spans are exported

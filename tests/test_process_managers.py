@@ -248,3 +248,19 @@ def test_status_counts_instances_pending_and_overdue_timers_and_the_outbox(shop_
     console.print(render_status(PipelineStatus(taken_at=T0, components={}, process_managers=state)))
     assert "process managers: 2 instances, timers 1 pending, 1 overdue (oldest 1800 s), outbox 1 unpublished" \
         in console.export_text()
+
+
+def test_the_process_serves_its_metrics(shop_store: Any) -> None:
+    """G12, G13: events handled, timers fired and their lateness, lag, timers pending and overdue."""
+    from cqrskit.workers.process_managers import ProcessManagerMetrics, ProcessManagers
+
+    store, reactions = shop_store
+    _append_placed(store, "o1")
+    process = ProcessManagers(store.engine, reactions, publish=lambda _: None)
+    assert process.consume_once() == 1 and process.lag() == 0
+    process.fire_once(datetime.now(UTC) + timedelta(days=1))
+    values = {m.name: m.samples for m in ProcessManagerMetrics(process).collect()}
+    assert values["cqrskit_process_manager_events_handled"][0].value == 1
+    assert values["cqrskit_process_manager_timers_fired"][0].value == 1
+    assert values["cqrskit_process_manager_timers_pending"][0].value == 0
+    assert values["cqrskit_process_manager_lag_events"][0].value == 0

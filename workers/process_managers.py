@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -192,3 +192,57 @@ class CommandOutlet:
 
     def close(self) -> None:
         self.publisher.close()
+
+
+class ProcessManagerMetrics:
+    """A prometheus_client collector over one running ``ProcessManagers``: events reacted to,
+    timers fired and their lateness, this partition's lag, timers pending and overdue."""
+
+    def __init__(self, process: ProcessManagers) -> None:
+        self.process = process
+        self.server: object = None
+
+    def collect(self) -> Iterator[object]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from cqrskit.infra.write_store.reactions import process_manager_state
+
+        p = self.process
+        yield CounterMetricFamily("cqrskit_process_manager_events_handled", "Events reacted to (committed).",
+                                  value=p.handled)
+        yield CounterMetricFamily("cqrskit_process_manager_timers_fired", "Timers fired (committed).",
+                                  value=p.lateness.fired)
+        lateness = GaugeMetricFamily("cqrskit_process_manager_timer_lateness_seconds",
+                                     "How late timers fired lately, by quantile.", labels=["quantile"])
+        for q in (0.5, 0.99):
+            lateness.add_metric([str(q)], p.lateness.quantile(q))
+        yield lateness
+        try:
+            lag = p.lag()
+            with p.engine.connect() as conn:
+                state = process_manager_state(conn)
+        except Exception:  # noqa: BLE001 - the write store is down: report what this process knows
+            return
+        yield GaugeMetricFamily("cqrskit_process_manager_lag_events", "Committed events after this partition's "
+                                "checkpoint.", value=lag)
+        yield GaugeMetricFamily("cqrskit_process_manager_timers_pending", "Timers set, not fired.",
+                                value=state.timers_pending)
+        yield GaugeMetricFamily("cqrskit_process_manager_timers_overdue", "Timers due more than 5 s ago.",
+                                value=state.timers_overdue)
+
+
+def serve_metrics(port: int | None, host: str, process: ProcessManagers) -> ProcessManagerMetrics | None:
+    """Serve ``process``'s metrics on ``port`` from a thread (None: metrics off, or the port is taken)."""
+    if port is None:
+        return None
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    metrics = ProcessManagerMetrics(process)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics)  # type: ignore[arg-type]
+    try:
+        metrics.server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        log.error("metrics.unavailable", port=port, error=str(exc))
+        return None
+    return metrics
