@@ -171,7 +171,10 @@ def test_worker_killed_after_commit_before_ack_redelivers_without_a_second_effec
     worker's log pipe is never read, so each thread blocks on the log line it writes after its
     commit and before its ack; once one is blocked there, the group is killed with -9."""
     tag = uuid.uuid4().hex[:6]
-    commands = [customer(i, tag) for i in range(600)]
+    # Enough commands that their log lines overflow both pipes (the worker's to Dramatiq's parent,
+    # ~64 KB, and the parent's 4 KB stdout) however full the group commit's batches come out: a
+    # batch logs one line for all its commands.
+    commands = [customer(i, tag) for i in range(3000)]
     stalled = workers.start(threads=4, stall_logs=True)
     with producer(workers.settings) as publisher:
         confirmed = publisher.publish_all(commands)
