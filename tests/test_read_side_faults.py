@@ -170,7 +170,10 @@ def test_shuffled_and_duplicated_deliveries_converge(make_stack, search_url: str
     stack.assert_converged()
     indexed = [r for r in indexer.log_records() if is_indexed(r)]
     assert sum(r["events"] for r in indexed) == feed.delivered  # every delivery once, none failed
-    assert sum(r["stale"] for r in indexed) > 0  # the version guard refused writes of older states
+    # older states were refused: by the search server's version guard (stale) or, before it, by the
+    # indexer's coverage of what it already wrote (skipped); which of the two catches them depends
+    # on how the deliveries fall into windows
+    assert sum(r["stale"] + r["skipped"] for r in indexed) > 0
 
 
 # -- G6: indexer killed with SIGKILL while busy ------------------------------------------------------

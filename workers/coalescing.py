@@ -58,6 +58,7 @@ class Coalescer:
         self.linger = linger
         self._arrivals = Arrivals()  # batches submitted per second lately
         self._threads: set[int] = set()  # the threads that ever submitted: how many batches can wait
+        self._first = True  # no window taken yet
 
     def submit(self, events: Batch) -> None:
         """Return once a window holding ``events`` was projected; raise WindowFailed otherwise."""
@@ -108,11 +109,15 @@ class Coalescer:
         return window
 
     def _fill(self) -> None:
-        """With the lock held: wait for a fuller window (module docstring)."""
+        """With the lock held: wait for a fuller window (module docstring). The process's first
+        window waits, within the bound, for a second batch: at a start on a backlog every thread
+        gets one within milliseconds, but no rate or thread count has been seen yet."""
         cap = len(self._threads)
-        wait = linger(self._arrivals.rate(), len(self._waiting), cap, self.linger)
+        first, self._first = self._first, False
+        wait = self.linger if first else linger(self._arrivals.rate(), len(self._waiting), cap, self.linger)
         if wait:
-            self._cond.wait_for(lambda: len(self._waiting) >= cap or self._events() >= self.max_events, timeout=wait)
+            self._cond.wait_for(lambda: len(self._waiting) >= (2 if first else cap) or self._events() >= self.max_events,
+                                timeout=wait)
 
     def _events(self) -> int:
         return sum(len(t.events) for t in self._waiting)
