@@ -246,7 +246,7 @@ def dlq_retry(
     """Publish the commands again (the original bodies, to the commands exchange, confirmed),
     then remove them from the dead-letter queue. A dead outcome is deleted first so that the
     command can run; any other outcome stays, and the command is a duplicate. Each keeps its
-    original producer and issuer (G11): a command someone else sent is retried only when your
+    original producer and issuer: a command someone else sent is retried only when your
     RabbitMQ user is granted --on-behalf, else it is left in place with one line saying so. Bodies
     with no readable command id are left in place: they would be dead-lettered again.
 
