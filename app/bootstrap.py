@@ -9,7 +9,9 @@ import functools
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -131,12 +133,21 @@ def indexer_worker(settings: Settings, threads: int = defaults.INDEXER_THREADS,
     return broker, rt
 
 
+def until_signalled(run: Callable[[threading.Event], None]) -> None:
+    """``run(stop)`` with ``stop`` set by SIGTERM or SIGINT (a long-running process's main loop);
+    the previous handlers are put back when it returns or raises."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_relay(settings: Settings) -> None:
     """Run the relay of ``settings`` until SIGTERM or SIGINT (the Procfile's ``relay``). Needs
     RabbitMQ: the embedded broker lives inside another process. Never migrates the write store."""
-    import signal
-    import threading
-
     from cqrskit.infra.db import make_engine
     from cqrskit.workers.metrics import serve_relay_metrics
     from cqrskit.workers.relay import EventRelay
@@ -147,13 +158,9 @@ def run_relay(settings: Settings) -> None:
     engine = make_engine(settings.database_url, pool_size=2)
     relay = EventRelay.for_rabbitmq(settings, engine)
     metrics = serve_relay_metrics(settings, relay)  # None unless CQRSKIT_METRICS_PORT is set
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        relay.run(stop)
+        until_signalled(relay.run)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if metrics is not None:
             metrics.close()
         relay.close()
@@ -165,9 +172,6 @@ def run_process_managers(settings: Settings, partition: int = 0, partitions: int
     """Run the app's process managers (``cqrskit process-managers``) until SIGTERM or SIGINT: this
     partition's events, every due timer, the outbox. Needs RabbitMQ (the commands go to the
     commands exchange); never migrates the write store. Raises ValueError for a bad partition."""
-    import signal
-    import threading
-
     from cqrskit.read_models.partitions import Partition
     from cqrskit.workers.process_managers import CommandOutlet, ProcessManagers, serve_metrics
 
@@ -182,13 +186,9 @@ def run_process_managers(settings: Settings, partition: int = 0, partitions: int
     outlet = CommandOutlet(settings.broker_url, settings.commands_exchange)
     process = ProcessManagers(rt.engine, rt.reactions, outlet, chosen)
     metrics = serve_metrics(settings.metrics_port, settings.metrics_host, process)  # None unless the port is set
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        process.run(stop)
+        until_signalled(process.run)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if metrics is not None:
             metrics.server.shutdown()  # type: ignore[attr-defined]
         outlet.close()
