@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from cqrskit.domain.model import Aggregate
+from cqrskit.domain.model import Aggregate, restore
 from cqrskit.domain.registry import Registry
 from cqrskit.infra.schema import events, streams
 
@@ -71,6 +71,5 @@ def _fold(conn: sa.Connection, registry: Registry, cls: type[Aggregate[Any]], si
     rows = conn.execute(sa.select(events.c.type, events.c.schema_version, events.c.data)
                         .where(events.c.stream_id == sid, events.c.version <= version)
                         .order_by(events.c.version))
-    aggregate = cls(aggregate_id)
-    aggregate.replay([registry.decode_event(r.type, r.schema_version, r.data) for r in rows], version)
-    return aggregate
+    return restore(cls, aggregate_id, version, None, None,  # no snapshot: folded from the events
+                   lambda: [registry.decode_event(r.type, r.schema_version, r.data) for r in rows])
